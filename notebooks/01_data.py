@@ -1,0 +1,88 @@
+# %% [markdown]
+# # 01 · Data: STAIR Captions in-domain, YJ Captions out-of-domain
+#
+# **STAIR Captions v1.2** gives about five Japanese captions for each MS-COCO 2014 image; it is our
+# in-domain data: *train* comes from STAIR train, *val* and *test* are carved from STAIR val by image id.
+# **YJ Captions 26k** (Yahoo! Japan) captions COCO images too, in another style: our out-of-domain test.
+# Because YJ reuses COCO images, every YJ image that is also a *training* image is removed — otherwise
+# the "out-of-domain" score would be measured on images the model was trained on.
+#
+# Offline (tests, the demo) the same code reads **jp-shapes**, a synthetic set of coloured shapes with
+# templated Japanese captions written in STAIR's exact file format. Its scores measure the pipeline and
+# learning on toy data — never Japanese captioning quality.
+
+# %% tags=["parameters"]
+params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
+run_name = "smoke"
+overrides = {}                           # e.g. {"train.lora_rank": 8}
+jpcap_git_url = "https://github.com/YOUR-ACCOUNT/jpcap.git"  # Colab only: where to clone jpcap from
+
+# %% [markdown]
+# ### Setup
+# In Colab this installs jpcap first (clone + `pip install`); elsewhere it is already installed
+# (`make demo` / `pip install -e .`). Then it validates the params file — an unknown key or a wrong
+# type stops here, before any model or data loads — writes the resolved params into the run folder
+# and reports the GPU and the precision it implies.
+
+# %%
+import importlib.util, os, subprocess, sys
+if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: fetch and install the project
+    if not os.path.isdir("/content/jpcap"):
+        subprocess.run(["git", "clone", "-q", jpcap_git_url, "/content/jpcap"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/jpcap[quant]"], check=True)
+    os.chdir("/content/jpcap/notebooks")
+from jpcap_helpers import colab, params as jp_params
+P = jp_params.start_run(params_file, run_name, overrides)
+env = colab.report_environment(P)
+
+# %% [markdown]
+# ## 1. Raw data
+# `source: stair` downloads the STAIR tarball and the YJ zip (Colab); the COCO images come later, only
+# those the chosen subsets need. `source: jp-shapes` generates the synthetic set (deterministic, seeded).
+
+# %%
+from jpcap_helpers import data, reports
+raw = data.fetch_raw(P)
+raw
+
+# %% [markdown]
+# ## 2. Clean, check and split
+# One normaliser for training captions, references and predictions: NFKC (full-width ASCII → half-width,
+# half-width kana → full-width), unified punctuation, emoji and control characters removed, spaces between
+# Japanese characters removed, captions truncated to `max_caption_tokens` model tokens, empty ones dropped.
+# Unreadable images are skipped and counted with their reason. Every count lands in `report.json`.
+
+# %%
+report = data.prepare_from_params(P)
+data.report_tables(report)["splits"]
+
+# %%
+tables = data.report_tables(report)
+tables["changes"]
+
+# %%
+tables["skipped"]
+
+# %% [markdown]
+# ## 3. Caption lengths
+# In MeCab words (fugashi + unidic-lite, the segmentation the evaluation uses) and in model tokens
+# (what `max_caption_tokens` counts).
+
+# %%
+stats = data.caption_statistics(P)
+reports.length_histograms(stats["mecab_lengths"], "MeCab words per caption", "Caption length (words)");
+
+# %%
+reports.length_histograms(stats["token_lengths"], "model tokens per caption", "Caption length (model tokens)");
+
+# %% [markdown]
+# ## 4. Frequent words (train, MeCab surface forms, punctuation excluded)
+
+# %%
+stats["top_words"]
+
+# %% [markdown]
+# ## 5. A look at the images and their captions
+
+# %%
+reports.image_grid(data.sample_items(P, split="train", n=8), title="train");
