@@ -96,35 +96,41 @@ _register(ModelEntry(
 ))
 _register(ModelEntry(
     key="paligemma-3b", hub_id="google/paligemma-3b-mix-224", revision=None, family="paligemma",
-    loader="native", params_b=2.9, prompt="caption ja\n", licence="Gemma Terms of Use (gated)",
+    loader="native", params_b=2.9, prompt="caption ja", licence="Gemma Terms of Use (gated)",
     trained_on_stair=None, contamination_note="mix checkpoint fine-tuned on multilingual COCO-35L captions "
     "(COCO images, machine-translated captions), not STAIR itself",
-    t4_recipe="fp16", max_new_tokens=40, notes="gated on the hub: accept the licence and log in first",
+    t4_recipe="fp16", max_new_tokens=40,
+    notes="gated on the hub: accept the licence and log in first; the processor adds <image> tokens, "
+    "BOS and the closing newline around the 'caption ja' prefix itself",
 ))
 _register(ModelEntry(
     key="llava-jp-1.3b", hub_id="toshi456/llava-jp-1.3b-v1.1", revision=None, family="llava_jp",
-    loader="remote_code", params_b=1.3,
-    prompt="ユーザー: <image>\nこの画像を日本語の一文で説明してください。 システム: ", licence="Apache-2.0",
-    trained_on_stair=True, contamination_note="v1.0/v1.1 instruction data include Japanese COCO captions "
-    "(STAIR) — STAIR scores are not zero-shot",
-    t4_recipe="fp16", notes="needs the llava-jp code base (remote code)",
+    loader="remote_code", params_b=1.86,
+    prompt="これは好奇心旺盛なユーザーと人工知能システムのチャットです。システムはユーザーの質問に親切、詳細、丁寧に答える。"
+    " ユーザー: <image>\nこの画像を日本語の一文で説明してください。 システム: ",
+    licence="CC-BY-NC-4.0", trained_on_stair=False,
+    contamination_note="v1.1 trained on LLaVA-Pretrain-JA + LLaVA-v1.5-Instruct-620K-JA (no STAIR; v1.0 "
+    "used STAIR). The instruction data covers COCO train2017 images, which include most val2014 "
+    "images: images seen with other (translated) text, not STAIR captions",
+    t4_recipe="fp16", notes="needs the LLaVA-JP code base (github.com/tosiyuki/LLaVA-JP), not transformers classes",
 ))
 _register(ModelEntry(
     key="asagi-2b", hub_id="MIL-UT/Asagi-2B", revision=None, family="asagi", loader="remote_code",
     params_b=2.3, prompt="以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n"
     "### 指示:\n<image>\nこの画像を日本語の一文で説明してください。\n\n### 応答:\n",
     licence="Apache-2.0", trained_on_stair=True,
-    contamination_note="the Asagi paper lists STAIR Captions in its training data — not zero-shot on STAIR",
-    t4_recipe="fp16",
+    contamination_note="STAIR Captions reported in Asagi's training data (model card training-data "
+    "table; YJ Captions reportedly too) — not zero-shot on STAIR or YJ",
+    t4_recipe="fp16", notes="model card pins transformers 4.45.1 (remote code)",
 ))
 _register(ModelEntry(
     key="japanese-stable-vlm", hub_id="stabilityai/japanese-stable-vlm", revision=None, family="stable_vlm",
     loader="remote_code", params_b=7.6, prompt="以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
-    "要求を適切に満たす応答を書きなさい。\n\n### 指示: \n与えられた画像を下に、質問に答えてください。\n\n"
-    "### 入力: \nこの画像を日本語の一文で説明してください。\n\n### 応答: \n",
+    "要求を適切に満たす応答を書きなさい。\n\n### 指示: \n画像を詳細に述べてください。\n\n### 応答: \n",
     licence="Japanese Stable VLM Research License (non-commercial, gated)", trained_on_stair=True,
     contamination_note="trained on Japanese captions incl. STAIR (model card) — not zero-shot on STAIR",
     t4_recipe="4-bit NF4 only (7B language model does not fit a T4 in fp16)",
+    notes="prompt = model card build_prompt(task='caption'); an instruction override uses task='vqa'",
 ))
 
 
@@ -376,3 +382,18 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
         model.eval()
     model.jpcap_commit = getattr(model.config, "_commit_hash", None)
     return model, processor, entry
+
+
+def load_tokenizer(params, name: Optional[str] = None):
+    """The model's tokenizer (what ``data.max_caption_tokens`` counts); builds the tiny model offline."""
+    from transformers import AutoTokenizer
+
+    name = name or params.model.name
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    if entry.key == "tiny-qwen2-vl":
+        ensure_tiny_model(params)
+    revision = params.model.revision or entry.revision
+    kwargs = {"revision": revision} if revision else {}
+    if entry.loader == "remote_code":
+        kwargs["trust_remote_code"] = True
+    return AutoTokenizer.from_pretrained(model_path(params, name), **kwargs)

@@ -133,11 +133,25 @@ def _slots(scene: ShapeScene) -> dict[str, str]:
     )
 
 
-def captions_for(scene: ShapeScene, templates: Sequence[str], rng: np.random.Generator, n: int = 5) -> list[str]:
-    """``n`` distinct paraphrases of the scene from ``templates``."""
+def add_typing_noise(caption: str, rng: np.random.Generator) -> str:
+    """The slips real crowd-sourced captions have (STAIR too), at low rates, for the normaliser to
+    fix: full-width digits, a stray space between Japanese characters, a full-width space at the end."""
+    r = rng.random()
+    if r < 0.04:
+        return caption.translate(str.maketrans("0123456789", "０１２３４５６７８９")) + "　"
+    if r < 0.08:
+        cut = int(rng.integers(1, max(2, len(caption) - 1)))
+        return caption[:cut] + " " + caption[cut:]
+    return caption
+
+
+def captions_for(scene: ShapeScene, templates: Sequence[str], rng: np.random.Generator, n: int = 5,
+                 noise: bool = True) -> list[str]:
+    """``n`` distinct paraphrases of the scene from ``templates`` (with typing noise at low rates)."""
     slots = _slots(scene)
     order = rng.permutation(len(templates))[:n]
-    return [templates[i].format(**slots) for i in order]
+    caps = [templates[i].format(**slots) for i in order]
+    return [add_typing_noise(c, rng) for c in caps] if noise else caps
 
 
 def random_scene(rng: np.random.Generator, sizes: Sequence[Sequence[int]]) -> ShapeScene:
@@ -172,7 +186,7 @@ def generate_jp_shapes(root: str | Path, n_train: int = 480, n_val: int = 160, n
     """Write jp-shapes under ``root``; returns a summary. Skips the work when an identical set exists."""
     root = Path(root)
     spec = dict(n_train=n_train, n_val=n_val, n_yj=n_yj, yj_train_overlap=yj_train_overlap,
-                image_sizes=[list(s) for s in image_sizes], seed=seed, version=1)
+                image_sizes=[list(s) for s in image_sizes], seed=seed, version=2)
     spec_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     stamp = root / "jp_shapes.json"
     if not overwrite and stamp.exists() and json.loads(stamp.read_text()).get("hash") == spec_hash:

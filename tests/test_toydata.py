@@ -67,3 +67,12 @@ def test_yj_reuses_some_train_images_in_another_style(toy_root):
 def test_several_image_sizes(toy_root):
     sizes = {(im["width"], im["height"]) for im in json.loads((toy_root / "stair_captions_v1.2_train.json").read_text())["images"]}
     assert len(sizes) >= 3
+
+
+def test_a_few_captions_carry_typing_noise_that_the_normaliser_removes(toy_root):
+    from jpcap_helpers.text import normalize_caption
+
+    caps = [a["caption"] for a in json.loads((toy_root / "stair_captions_v1.2_train.json").read_text())["annotations"]]
+    noisy = [c for c in caps if normalize_caption(c) != c]
+    assert 0 < len(noisy) < 0.15 * len(caps)
+    assert all(" " not in normalize_caption(c) and "　" not in normalize_caption(c) for c in noisy)
