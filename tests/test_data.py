@@ -443,7 +443,8 @@ def test_prepare_dataset_on_toy_data(toy_root, tmp_path):
     train_ids = set(ids(splits["train"]))
     assert not train_ids & set(ids(splits["yj_test"]))
     assert rep["split_info"]["yj"]["overlap_train_removed"] > 0       # toydata reuses train images
-    assert len(splits["yj_test"]) == 12 - rep["split_info"]["yj"]["overlap_train_removed"]
+    assert len(splits["yj_test"]) == (12 - rep["split_info"]["yj"]["overlap_train_removed"]
+                                      - rep["image_checks"]["removed_per_split"]["yj_test"])
 
     pairs = [json.loads(line) for line in (out / "train_pairs.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(pairs) == rep["splits"]["train"]["captions"]
