@@ -340,6 +340,22 @@ def cpu_safe_4bit(model) -> int:
     return n
 
 
+def load_processor(params, name: Optional[str] = None):
+    """The model's processor; Qwen families get ``model.min_pixels``/``max_pixels`` as their image size
+    bounds (PaliGemma and others keep their own fixed input size)."""
+    from transformers import AutoProcessor
+
+    name = name or params.model.name
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    revision = params.model.revision or entry.revision
+    kwargs: dict = {"revision": revision} if revision else {}
+    if entry.loader == "remote_code":
+        kwargs["trust_remote_code"] = True
+    if entry.family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        kwargs["size"] = {"shortest_edge": params.model.min_pixels, "longest_edge": params.model.max_pixels}
+    return AutoProcessor.from_pretrained(model_path(params, name), **kwargs)
+
+
 def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[bool] = None,
                adapter: Optional[str] = None, for_training: bool = False):
     """(model, processor, entry) for ``name`` per ``params.model``: precision per GPU, optional 4-bit
@@ -371,9 +387,7 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
         cpu_safe_4bit(model)
     if not quant and torch.cuda.is_available():
         model = model.to("cuda")
-    processor = AutoProcessor.from_pretrained(path, **({"revision": revision} if revision else {}),
-                                              min_pixels=params.model.min_pixels,
-                                              max_pixels=params.model.max_pixels)
+    processor = load_processor(params, name)
     processor.tokenizer.padding_side = "left"
     if adapter:
         from peft import PeftModel

@@ -1,0 +1,245 @@
+"""Caption engine on the offline tiny Qwen2-VL (random weights: the captions are junk; only the
+mechanics are tested — batching, padding, resume, error rows, normalisation, zero-shot files)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from jpcap_helpers import engine, io as jio, toydata
+from jpcap_helpers.models import REGISTRY, build_tiny_model
+from jpcap_helpers.params import TinyModelParams, load_params
+from jpcap_helpers.text import normalize_caption
+
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+ENTRY = REGISTRY["tiny-qwen2-vl"]
+
+
+def scramble_weights(model, seed: int = 0, std: float = 0.3) -> None:
+    """Replace matrix weights with larger random values so greedy outputs differ per image (a freshly
+    initialised tiny model emits the same token for every input, which would make comparisons vacuous)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder with jp-shapes, a processed split and the tiny model (built once)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    root = tmp_path_factory.mktemp("proj")
+    data = root / "data"
+    toydata.generate_jp_shapes(data, n_train=16, n_val=12, n_yj=4)
+    model_dir = build_tiny_model(root / "models" / "tiny-qwen2-vl", toydata.all_caption_texts(data),
+                                 TinyModelParams(), MIN_PIXELS, MAX_PIXELS)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    scramble_weights(model)
+    val = json.loads((data / "stair_captions_v1.2_val.json").read_text(encoding="utf-8"))
+    caps: dict[int, list[str]] = {}
+    for a in val["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    records = [{"image_id": im["id"], "file_name": f"val2014/{im['file_name']}", "captions": caps[im["id"]]}
+               for im in val["images"]]
+    return {"root": root, "data": data, "model": model, "processor": processor, "records": records}
+
+
+def _rows(path: Path) -> list[dict]:
+    return list(jio.read_jsonl(path))
+
+
+def test_batched_greedy_equals_per_image(project, tmp_path):
+    model, processor, records = project["model"], project["processor"], project["records"][:8]
+    keys = set()
+    for r in records:
+        with Image.open(project["data"] / r["file_name"]) as im:
+            keys.add(engine._group_key(processor, im.height, im.width))
+    assert len(keys) >= 2, "the images must need different visual-token counts so padding is exercised"
+
+    batched = engine.caption_records(model, processor, ENTRY, records, project["data"], tmp_path / "b.jsonl",
+                                     batch_size=8, max_new_tokens=8, progress=False)
+    single = engine.caption_records(model, processor, ENTRY, records, project["data"], tmp_path / "s.jsonl",
+                                    batch_size=1, max_new_tokens=8, progress=False)
+    assert batched["n_done"] == single["n_done"] == 8 and batched["n_errors"] == 0
+    b = {r["image_id"]: r["caption"] for r in _rows(tmp_path / "b.jsonl")}
+    s = {r["image_id"]: r["caption"] for r in _rows(tmp_path / "s.jsonl")}
+    assert b == s
+    assert len(set(b.values())) > 1, "outputs should depend on the image"
+
+
+def test_batches_group_by_visual_tokens_and_pad_left(project, tmp_path, monkeypatch):
+    seen = []
+    real = engine._generate_batch
+
+    def spy(model, processor, prompts, images, gen_cfg):
+        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        seen.append(inputs["attention_mask"])
+        return real(model, processor, prompts, images, gen_cfg)
+
+    monkeypatch.setattr(engine, "_generate_batch", spy)
+    engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
+                           tmp_path / "p.jsonl", batch_size=3, max_new_tokens=2, progress=False)
+    lengths = [int(m.sum(dim=1).max()) for m in seen]
+    assert lengths == sorted(lengths), "batches come sorted by prompt length"
+    for mask in seen:  # left padding: every row ends with real tokens
+        assert bool(mask[:, -1].all())
+
+
+def test_resume_after_kill_and_partial_line(project, tmp_path, monkeypatch):
+    out = tmp_path / "resume.jsonl"
+    records = project["records"]
+    calls = {"n": 0}
+    real = engine._generate_batch
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_generate_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"], out,
+                               batch_size=4, max_new_tokens=3, progress=False)
+    first = _rows(out)
+    assert len(first) == 4
+    with open(out, "a", encoding="utf-8") as fh:  # a write cut by the kill
+        fh.write('{"image_id": 999, "capt')
+    monkeypatch.setattr(engine, "_generate_batch", real)
+    summary = engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
+                                     out, batch_size=4, max_new_tokens=3, progress=True)
+    rows = _rows(out)  # strict read: the partial line is gone
+    ids = [r["image_id"] for r in rows]
+    assert sorted(ids) == sorted(r["image_id"] for r in records)
+    assert len(ids) == len(set(ids))
+    assert summary["n_skipped_existing"] == 4 and summary["n_done"] == len(records) - 4
+    assert rows[:4] == first, "rows written before the kill are kept as they were"
+
+    again = engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
+                                   out, batch_size=4, progress=False)
+    assert again["n_done"] == 0 and again["n_skipped_existing"] == len(records)
+
+
+def test_bad_images_become_error_rows(project, tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    (images / "val2014").mkdir(parents=True)
+    good = project["records"][:3]
+    for r in good:
+        (images / r["file_name"]).write_bytes((project["data"] / r["file_name"]).read_bytes())
+    (images / "val2014" / "garbage.jpg").write_bytes(b"this is not an image")
+    full = (project["data"] / good[0]["file_name"]).read_bytes()
+    (images / "val2014" / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    Image.new("RGB", (61, 59), (1, 2, 3)).save(images / "val2014" / "poison.png")
+    records = good + [
+        {"image_id": 1, "file_name": "val2014/missing.jpg"},
+        {"image_id": 2, "file_name": "val2014/garbage.jpg"},
+        {"image_id": 3, "file_name": "val2014/truncated.jpg"},
+        {"image_id": 4, "file_name": "val2014/poison.png"},
+    ]
+    real = engine._generate_batch
+
+    def processor_rejects_poison(model, processor, prompts, images_, gen_cfg):
+        if any(im.size == (61, 59) for im in images_):
+            raise RuntimeError("processor error on the poison image")
+        return real(model, processor, prompts, images_, gen_cfg)
+
+    monkeypatch.setattr(engine, "_generate_batch", processor_rejects_poison)
+    summary = engine.caption_records(project["model"], project["processor"], ENTRY, records, images,
+                                     tmp_path / "err.jsonl", batch_size=8, max_new_tokens=3, progress=False)
+    rows = {r["image_id"]: r for r in _rows(tmp_path / "err.jsonl")}
+    assert set(rows) == {r["image_id"] for r in records}
+    assert summary["n_errors"] == 4 and summary["n_captioned"] == 3
+    for bad, word in ((1, "FileNotFound"), (2, "Unidentified"), (3, "truncated"), (4, "poison")):
+        assert rows[bad]["caption"] == "" and word in rows[bad]["error"], rows[bad]
+    for r in good:
+        assert "error" not in rows[r["image_id"]], "the good images in the poisoned batch still get captions"
+
+    # once the culprit is fixed, retry_errors reruns only the error rows
+    Image.new("RGB", (62, 59), (1, 2, 3)).save(images / "val2014" / "poison.png")
+    again = engine.caption_records(project["model"], project["processor"], ENTRY, records, images,
+                                   tmp_path / "err.jsonl", batch_size=8, max_new_tokens=3, progress=False,
+                                   retry_errors=True)
+    rows = _rows(tmp_path / "err.jsonl")
+    assert again["n_skipped_existing"] == 3 and again["n_captioned"] == 1 and again["n_errors"] == 3
+    assert sorted(r["image_id"] for r in rows) == sorted(r["image_id"] for r in records)
+
+
+def test_outputs_are_cleaned_and_normalised(project, tmp_path, monkeypatch):
+    raw = ["assistant\nＡＢＣ　の 犬です。<|im_end|>\n<|im_start|>user\nもう一枚", "ｶﾒﾗ が二台。\n"]
+    monkeypatch.setattr(engine, "_generate_batch", lambda m, p, prompts, images, cfg: raw[: len(prompts)])
+    records = project["records"][:2]
+    engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
+                           tmp_path / "n.jsonl", batch_size=2, progress=False, extra={"split": "val"})
+    rows = _rows(tmp_path / "n.jsonl")
+    assert sorted(r["caption"] for r in rows) == sorted(["ABC の犬です。", "カメラが二台。"])
+    assert all(r["model"] == "tiny-qwen2-vl" and r["split"] == "val" for r in rows)
+
+
+def test_real_outputs_hold_no_special_tokens(project, tmp_path):
+    engine.caption_records(project["model"], project["processor"], ENTRY, project["records"][:4],
+                           project["data"], tmp_path / "r.jsonl", batch_size=4, max_new_tokens=12, progress=False)
+    for row in _rows(tmp_path / "r.jsonl"):
+        assert row["caption"] == normalize_caption(row["caption"])
+        assert "<|" not in row["caption"] and "assistant" not in row["caption"]
+
+
+def test_bad_arguments(project, tmp_path):
+    args = (project["model"], project["processor"], ENTRY)
+    with pytest.raises(ValueError, match="record 0"):
+        engine.caption_records(*args, [{"image_id": "7", "file_name": "x.jpg"}], project["data"],
+                               tmp_path / "x.jsonl", progress=False)
+    with pytest.raises(ValueError, match="extra"):
+        engine.caption_records(*args, [], project["data"], tmp_path / "x.jsonl", extra={"caption": "x"})
+    other = tmp_path / "other.jsonl"
+    jio.append_jsonl(other, [{"image_id": 1, "caption": "x", "model": "another-model"}])
+    with pytest.raises(ValueError, match="another-model"):
+        engine.caption_records(*args, [], project["data"], other, progress=False)
+
+
+def test_run_zero_shot_writes_predictions(project, capsys):
+    root = project["root"]
+    processed = project["data"] / "processed"
+    processed.mkdir(exist_ok=True)
+    jio.atomic_write_jsonl(processed / "test.jsonl", project["records"][:5])
+    (root / "params").mkdir(exist_ok=True)
+    (root / "params" / "zs.yaml").write_text(
+        "run: {name: zs, output_dir: outputs}\n"
+        "data: {root: data}\n"
+        f"model: {{name: tiny-qwen2-vl, precision: fp32, min_pixels: {MIN_PIXELS}, max_pixels: {MAX_PIXELS},"
+        " models_dir: models}\n"
+        "generation: {batch_size: 4, max_new_tokens: 4}\n"
+        "zero_shot: {models: [tiny-qwen2-vl], splits: [test, yj_test], max_images: 3}\n", encoding="utf-8")
+    params = load_params(root / "params" / "zs.yaml")
+    table = engine.run_zero_shot(params)
+    assert "yj_test" in capsys.readouterr().out  # the missing split is reported, not fatal
+    assert list(table["split"]) == ["test"] and int(table.loc[0, "n_done"]) == 3
+    pred = Path(params.run_dir) / "predictions" / "tiny-qwen2-vl__test.jsonl"
+    assert Path(table.loc[0, "pred_path"]) == pred
+    rows = _rows(pred)
+    assert {r["image_id"] for r in rows} == {r["image_id"] for r in project["records"][:3]}
+    assert len(rows) == 3 and all(r["split"] == "test" for r in rows)
+    assert table.loc[0, "contamination"] == "clean"
+
+    meta = json.loads(pred.with_suffix(".meta.json").read_text(encoding="utf-8"))
+    assert meta["model"] == "tiny-qwen2-vl" and meta["contamination"] == "clean" and meta["adapter"] == ""
+    assert meta["last_run"]["n_done"] == 3 and meta["generation"]["max_new_tokens"] == 4
+
+    again = engine.run_zero_shot(params, splits=["test"], max_images=5)  # resumes: only 2 new images
+    assert int(again.loc[0, "n_skipped_existing"]) == 3 and int(again.loc[0, "n_done"]) == 2
+    assert len(_rows(pred)) == 5
+
+    items = engine.sample_items(params, model="tiny-qwen2-vl", split="test", n=3)
+    assert len(items) == 3 and all(Path(path).is_file() and " / " in text for path, text in items)
+    assert engine.sample_items(params, model="tiny-qwen2-vl", split="yj_test") == []
+
+    sample = engine.sample_table(pred, processed / "test.jsonl", n=2)
+    assert list(sample.columns) == ["image_id", "file_name", "prediction", "reference", "error"]
+    assert len(sample) == 2
+    first = next(r for r in project["records"] if r["image_id"] == sample.loc[0, "image_id"])
+    assert sample.loc[0, "reference"] == first["captions"][0] and sample.loc[0, "file_name"] == first["file_name"]
