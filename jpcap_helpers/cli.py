@@ -15,6 +15,9 @@ COMMANDS = {
     "run": ("runner", "execute the notebooks headless with papermill"),
     "prepare": ("data", "clean one COCO-format captions file into a processed JSONL + report"),
     "evaluate": ("evaluate", "score predictions against references (BLEU, ROUGE-L, CIDEr, CIs)"),
+    "train": ("train", "fine-tune (QLoRA / LoRA) as a params file says; resumes from checkpoints"),
+    "sweep": ("ablations", "run 03 + 04 for every ablation setting (resumable, carries on past failures)"),
+    "compare": ("ablations", "tables, figures and paired tests of a sweep's runs"),
     "params": ("cli", "validate a params file and print it resolved"),
     "toy-data": ("cli", "generate the synthetic jp-shapes data set"),
     "models": ("cli", "list the model registry"),
@@ -64,9 +67,10 @@ def add_models_arguments(parser) -> None:
 
 def run_models(args) -> int:
     from .models import registry_table
+    from .reports import markdown_table
 
     table = registry_table()
-    print(table.to_markdown(index=False) if args.markdown else table.to_string(index=False))
+    print(markdown_table(table) if args.markdown else table.to_string(index=False))
     return 0
 
 

@@ -149,6 +149,15 @@ def contamination_flag(entry: ModelEntry) -> str:
 # images
 # ---------------------------------------------------------------------------------------------
 
+def _resolve_image(images_dir: Path, file_name: str) -> Path:
+    """COCO root or flat folder: the same resolution as the data stage."""
+    try:
+        from .data import resolve_image_path
+    except ImportError:  # pragma: no cover - data module always ships
+        return images_dir / file_name
+    return Path(resolve_image_path(images_dir, file_name))
+
+
 def load_image_for_model(path: str | Path):
     """An RGB PIL image with EXIF orientation applied (``data.load_image`` when that module exists)."""
     if _data_load_image is not None:
@@ -367,7 +376,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
             n_dupes += 1
             continue
         seen.add(image_id)
-        pending.append(_Item(image_id, file_name, images_dir / file_name, order=idx))
+        pending.append(_Item(image_id, file_name, _resolve_image(images_dir, file_name), order=idx))
 
     base_row = {"model": entry.key}
     stats = {"n_captioned": 0, "n_errors": 0}
@@ -467,7 +476,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
 # ---------------------------------------------------------------------------------------------
 
 def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", name).strip("_") or "model"
 
 
 def prediction_path(params: Any, model_key: str, split: str) -> Path:
@@ -513,20 +522,13 @@ def run_zero_shot(params: Any, splits: Optional[Sequence[str]] = None, models: O
     model that fails to load gets a row with its ``error`` and the run goes on.
     """
     import pandas as pd
-    import torch
 
     from . import models as model_registry
 
     splits = list(splits if splits is not None else params.zero_shot.splits)
     names = list(models if models is not None else params.zero_shot.models)
     max_images = max_images if max_images is not None else params.zero_shot.max_images
-    split_files = {}
-    for split in splits:
-        path = Path(params.processed_dir) / f"{split}.jsonl"
-        if path.is_file():
-            split_files[split] = path
-        else:
-            print(f"zero-shot: split {split!r} skipped: {path} does not exist (run the data notebook first)")
+    split_files = _split_files(params, splits)
     rows = []
     for name in names:
         if not split_files:
@@ -538,26 +540,119 @@ def run_zero_shot(params: Any, splits: Optional[Sequence[str]] = None, models: O
             rows.append({"model": name, "error": _error_text(exc)})
             continue
         try:
-            for split, path in split_files.items():
-                records = list(jio.read_jsonl(path))
-                if max_images is not None:
-                    records = records[:max_images]
-                out = prediction_path(params, entry.key, split)
-                summary = caption_records(
-                    model, processor, entry, records, params.images_dir, out,
-                    batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
-                    num_beams=params.generation.num_beams, prompt=params.generation.prompt,
-                    extra={"split": split})
-                write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
-                                      revision=params.model.revision or entry.revision or summary.get("commit"))
-                rows.append({"model": entry.key, "split": split, "hub_id": entry.hub_id,
-                             "contamination": contamination_flag(entry), **summary,
-                             "pred_path": str(out), "split_path": str(path)})
+            rows += _caption_splits(params, model, processor, entry, entry.key, split_files, max_images)
         finally:  # free the model before the next one loads
             del model, processor
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
+    return pd.DataFrame(rows)
+
+
+def _split_files(params: Any, splits: Sequence[str]) -> dict[str, Path]:
+    files = {}
+    for split in splits:
+        path = Path(params.processed_dir) / f"{split}.jsonl"
+        if path.is_file():
+            files[split] = path
+        else:
+            print(f"split {split!r} skipped: {path} does not exist (run the data notebook first)")
+    return files
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, system: str,
+                    split_files: Mapping[str, Path], max_images: Optional[int], adapter: str = "") -> list[dict]:
+    """Caption each split into ``predictions/<system>__<split>.jsonl``; one summary row per split."""
+    rows = []
+    for split, path in split_files.items():
+        records = list(jio.read_jsonl(path))
+        if max_images is not None:
+            records = records[:max_images]
+        out = prediction_path(params, system, split)
+        summary = caption_records(
+            model, processor, entry, records, params.images_dir, out,
+            batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
+            num_beams=params.generation.num_beams, prompt=params.generation.prompt,
+            extra={"split": split})
+        write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
+                              revision=params.model.revision or entry.revision or summary.get("commit"),
+                              adapter=adapter)
+        rows.append({"model": system, "split": split, "hub_id": entry.hub_id,
+                     "contamination": contamination_flag(entry), **summary,
+                     "pred_path": str(out), "split_path": str(path)})
+    return rows
+
+
+FINETUNED_SUFFIX = "+ft"
+
+
+def run_finetuned(params: Any, adapter: str | Path, splits: Optional[Sequence[str]] = None,
+                  max_images: Optional[int] = None):
+    """Caption the splits with ``params.model`` + the trained adapter into
+    ``predictions/<model>+ft__<split>.jsonl`` (the fine-tuned rows of 04's table)."""
+    import pandas as pd
+
+    from . import models as model_registry
+
+    splits = list(splits if splits is not None else params.zero_shot.splits)
+    max_images = max_images if max_images is not None else params.zero_shot.max_images
+    split_files = _split_files(params, splits)
+    model, processor, entry = model_registry.load_model(params, adapter=str(adapter))
+    try:
+        rows = _caption_splits(params, model, processor, entry, entry.key + FINETUNED_SUFFIX, split_files,
+                               max_images, adapter=str(adapter))
+    finally:
+        del model, processor
+        _free_memory()
+    return pd.DataFrame(rows)
+
+
+CONSTANT_SYSTEM = "constant-caption"
+
+
+def write_constant_baseline(params: Any, splits: Optional[Sequence[str]] = None) -> str:
+    """The floor to judge learning against: the most frequent training caption, predicted for every
+    image of each split (``predictions/constant-caption__<split>.jsonl``). On templated data such as
+    jp-shapes it scores well above zero; a model that has learned must beat it. Returns the caption."""
+    from collections import Counter
+
+    from .text import normalize_caption
+
+    pairs = Path(params.processed_dir) / "train_pairs.jsonl"
+    counts = Counter(normalize_caption(r["caption"]) for r in jio.read_jsonl(pairs))
+    caption = counts.most_common(1)[0][0]
+    for split, path in _split_files(params, list(splits if splits is not None else params.zero_shot.splits)).items():
+        rows = [{"image_id": r["image_id"], "caption": caption, "model": CONSTANT_SYSTEM, "split": split}
+                for r in jio.read_jsonl(path)]
+        jio.atomic_write_jsonl(prediction_path(params, CONSTANT_SYSTEM, split), rows)
+    return caption
+
+
+def before_after_table(params: Any, split: str = "test", n: int = 8):
+    """Zero-shot vs fine-tuned caption of the same images, with a reference, as a DataFrame."""
+    import pandas as pd
+
+    key = params.model.name
+    before = prediction_path(params, key, split)
+    after = prediction_path(params, key + FINETUNED_SUFFIX, split)
+    refs = Path(params.processed_dir) / f"{split}.jsonl"
+    if not (before.exists() and after.exists() and refs.exists()):
+        return pd.DataFrame()
+    b = {r["image_id"]: r.get("caption", "") for r in jio.read_jsonl(before, tolerate_partial_last=True)}
+    a = {r["image_id"]: r.get("caption", "") for r in jio.read_jsonl(after, tolerate_partial_last=True)}
+    rows = []
+    for rec in jio.read_jsonl(refs):
+        if rec["image_id"] in a and rec["image_id"] in b:
+            rows.append({"image_id": rec["image_id"], "zero-shot": b[rec["image_id"]],
+                         "fine-tuned": a[rec["image_id"]], "reference": rec["captions"][0]})
+        if len(rows) >= n:
+            break
     return pd.DataFrame(rows)
 
 
@@ -601,5 +696,5 @@ def sample_items(params: Any, model: str, split: str, n: int = 8) -> list[tuple[
         if not row.file_name:  # a prediction for an image the split file does not list
             continue
         shown = row.prediction if row.prediction else (f"[error: {row.error}]" if row.error else "(empty)")
-        items.append((Path(params.images_dir) / row.file_name, f"{shown} / {row.reference}"))
+        items.append((_resolve_image(Path(params.images_dir), row.file_name), f"{shown} / {row.reference}"))
     return items

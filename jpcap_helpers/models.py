@@ -147,7 +147,10 @@ def resolve(name: str, trust_remote_code: bool = False) -> ModelEntry:
         if matches:
             entry = matches[0]
         elif (Path(name) / "config.json").is_file():
-            entry = ModelEntry(key=name, hub_id=name, revision=None, family="qwen2_vl", loader="native",
+            model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type", "qwen2_vl")
+            family = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "paligemma": "paligemma"}.get(
+                model_type, "qwen2_vl")
+            entry = ModelEntry(key=name, hub_id=name, revision=None, family=family, loader="native",
                                params_b=0.0, prompt=CAPTION_PROMPT_JA, licence="(local)",
                                trained_on_stair=None, contamination_note="local model", t4_recipe="")
         else:
@@ -381,12 +384,13 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
         kwargs["attn_implementation"] = params.model.attn_implementation
     if quant:
         kwargs["quantization_config"] = quantization_config(dtype if dtype != torch.float32 else torch.float32)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        # one GPU per process: under accelerate/torchrun each rank loads onto its own device
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if quant and not torch.cuda.is_available():
         cpu_safe_4bit(model)
     if not quant and torch.cuda.is_available():
-        model = model.to("cuda")
+        model = model.to(f"cuda:{torch.cuda.current_device()}")
     processor = load_processor(params, name)
     processor.tokenizer.padding_side = "left"
     if adapter:

@@ -149,6 +149,8 @@ class AblationParams:
     top_k_layers: list[Union[int, Literal["all"]]] = field(default_factory=lambda: [2, 6, 12, "all"])
     projector: list[Literal["trainable", "frozen"]] = field(default_factory=lambda: ["trainable", "frozen"])
     max_runs: Optional[int] = None
+    train_max_steps: Optional[int] = None   # cap each sweep run's training (smoke sweeps)
+    eval_max_images: Optional[int] = None   # cap images captioned per split in each sweep run
 
 
 @dataclass

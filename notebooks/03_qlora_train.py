@@ -36,14 +36,24 @@ from jpcap_helpers import colab, params as jp_params
 P = jp_params.start_run(params_file, run_name, overrides)
 env = colab.report_environment(P)
 
+# %% [markdown]
+# ## Plan
+# Trainable parameters, peak memory measured on a probe step, and an ETA for the whole run on this
+# hardware — with a warning and smaller settings when it will not fit a Colab session.
+
 # %%
 from jpcap_helpers import train, engine, reports
 plan = train.plan(P)
-plan
+print(train.format_plan(plan))
+
+# %% [markdown]
+# ## Train
+# Resumes from the last checkpoint in the run folder when there is one (a Colab disconnect costs at most
+# `save_every` steps). Validation every `eval_every` steps: loss and CIDEr on `eval_images` val images.
 
 # %%
 result = train.train(P)
-result
+{k: v for k, v in result.to_dict().items() if k != "losses"}
 
 # %% [markdown]
 # ## Curves
@@ -54,12 +64,12 @@ reports.line_curves(log, "step", [c for c in ("loss", "val_loss", "val_CIDEr") i
 
 # %% [markdown]
 # ## Captions before and after fine-tuning
-# The fine-tuned model captions the test splits into `predictions/<model>+adapter__<split>.jsonl`
-# for 04_eval.
+# The fine-tuned model captions the test splits into `predictions/<model>+ft__<split>.jsonl`, scored
+# next to the zero-shot rows in 04_eval.
 
 # %%
-finetuned = engine.run_finetuned(P, adapter=result.adapter_path)
-finetuned
+finetuned = engine.run_finetuned(P, adapter=result.adapter_dir)
+finetuned[["model", "split", "n_done", "n_errors", "images_per_s"]]
 
 # %%
 engine.before_after_table(P, split="test", n=8)

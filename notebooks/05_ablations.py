@@ -1,9 +1,18 @@
 # %% [markdown]
 # # 05 · Ablations: LoRA rank, layer depth, projector freezing
 #
-# **Not built yet** (issue 7): the sweep runner (`jpcap sweep`), run comparison and figures. This notebook
-# only validates the sweep axes in the params file and lists the runs a sweep would make. No result below
-# is an ablation result.
+# The `ablation` section of the params file names the axes: LoRA rank (`lora_rank`), how many of the top
+# language layers get LoRA (`top_k_layers`) and whether the vision→language projector trains
+# (`projector`). `one_factor` varies one axis at a time around this run's own `train` values (the base
+# setting, run once), `grid` runs every combination. Each sweep run is notebooks 03 + 04 executed
+# headless with papermill on its own resolved params file, into `<run>/sweep/<sweep run>/`; runs already
+# finished with the same params are skipped, a failing run does not stop the others.
+#
+# Then every run's `metrics.csv` is collected into one table, plotted against each axis with 95% CIs, set
+# against its cost (trainable parameters, peak memory, training time) and tested against the base setting
+# with the paired bootstrap on the same images. Offline (`params/smoke.yaml`) this is a mini sweep of the
+# tiny model on jp-shapes with 30 training steps per run: it proves the machinery, its numbers say
+# nothing about Japanese captioning.
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
@@ -29,8 +38,79 @@ from jpcap_helpers import colab, params as jp_params
 P = jp_params.start_run(params_file, run_name, overrides)
 env = colab.report_environment(P)
 
+# %% [markdown]
+# ## 1. The runs
+# One row per sweep run, the base setting first. `max_steps` / `max_images` are the sweep's caps
+# (`ablation.train_max_steps`, `ablation.eval_max_images`); `status` is what is on disk already.
+
 # %%
-axes = {"lora_rank": P.ablation.lora_rank, "top_k_layers": P.ablation.top_k_layers,
-        "projector": P.ablation.projector}
-print(f"mode: {P.ablation.mode}")
-axes
+from IPython.display import display
+from jpcap_helpers import ablations, reports
+ablations.describe_sweep(P)
+
+# %% [markdown]
+# ## 2. Run the sweep
+# Notebooks 03 (train + caption the test splits) and 04 (score) per run. Executed copies land in each
+# run's folder; a failure is listed with its notebook and cell at the end, and the sweep goes on.
+# The same from a shell: `jpcap sweep --params FILE` (add `--dry-run` to only list the runs).
+
+# %%
+sweep_result = ablations.sweep(P)
+import pandas as pd
+pd.DataFrame(sweep_result["runs"])[["run", "status", "seconds"]]
+
+# %% [markdown]
+# ## 3. Results
+# Latest metrics of each run's fine-tuned model, per split, with 95% bootstrap CIs and the run's cost;
+# also written to `reports/ablation_results.{csv,md}` (`jpcap compare --params FILE` rebuilds them).
+
+# %%
+comparison = ablations.compare(P)
+cols = ["label", "split", "n_images", "BLEU-4", "ROUGE-L", "CIDEr", "CIDEr_lo", "CIDEr_hi",
+        "trainable_params", "peak_memory_gib", "train_seconds"]
+comparison["table"][[c for c in cols if c in comparison["table"]]] if len(comparison["table"]) else comparison["missing"]
+
+# %% [markdown]
+# ### Each metric against each axis
+# Each column holds the runs whose other two axes keep their base values; `*` marks the base value.
+
+# %%
+comparison["figures"].get("ablation_metrics_by_axis")
+
+# %%
+comparison["figures"].get("ablation_runs_CIDEr")
+
+# %% [markdown]
+# ### Cost
+# From each run's `train_result.json` (else `train_plan.json`): trainable parameters, peak memory
+# (CUDA `max_memory_allocated` on a GPU, the process's peak RSS on CPU — the label says which) and
+# training seconds.
+
+# %%
+comparison["costs"]
+
+# %%
+comparison["figures"].get("ablation_cost")
+
+# %% [markdown]
+# ### Paired bootstrap against the base setting
+# Same images, same resamples for both runs; `difference` = run − base with its 95% CI and a two-sided
+# p-value. With a handful of runs, a few p < 0.05 are expected by chance alone.
+
+# %%
+comparison["paired"]
+
+# %%
+comparison["figures"].get("ablation_paired")
+
+# %% [markdown]
+# ## 4. Failures
+# Every failed run with its notebook, cell and error (the executed copy holds the traceback). This cell
+# raises when one failed, so `jpcap run` reports it — after the tables above were shown.
+
+# %%
+if sweep_result["failures"]:
+    raise RuntimeError("sweep runs failed:\n" + "\n".join(
+        f"{f['run']} · {f['notebook']} · cell {f['cell']}: {f['error']} ({f['executed']})"
+        for f in sweep_result["failures"]))
+print(f"all {len(sweep_result['runs'])} sweep runs finished")

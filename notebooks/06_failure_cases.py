@@ -1,9 +1,17 @@
 # %% [markdown]
 # # 06 · Failure cases and ethics flags
 #
-# **Not built yet** (issue 7): the ipywidgets failure-case browser, its HTML export and the automatic
-# flags (hallucinated nouns, gendered terms, non-Japanese output, repetition). This notebook only lists
-# the prediction files a browser would read. Nothing below is an analysis result.
+# A browser over every prediction file of this run (zero-shot and fine-tuned side by side): sort and
+# filter by per-image CIDEr, by automatic flag and by model, page through the images with their
+# references and per-image scores. The same view is exported as one static HTML page
+# (`reports/failure_cases.html`, images embedded) for places where widgets do not render (GitHub, a
+# saved notebook).
+#
+# The flags are computed with MeCab (fugashi + unidic-lite): hallucinated nouns (in no reference),
+# gendered terms the references do not support, non-Japanese output, repetition loops, empty and
+# over-long output. They are evidence to look at, not verdicts; the rules and their limits are in
+# `docs/ablations.md`. Offline the images are jp-shapes: no people, so gender and privacy flags have
+# nothing to find there.
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
@@ -29,5 +37,60 @@ from jpcap_helpers import colab, params as jp_params
 P = jp_params.start_run(params_file, run_name, overrides)
 env = colab.report_environment(P)
 
+# %% [markdown]
+# ## 1. The browser
+# `model` picks whose CIDEr and flags drive sorting and filtering (`(any model)`: the lowest CIDEr and
+# every model's flags); `show` picks the models shown side by side. The fine-tuned model is the default
+# focus, worst CIDEr first.
+
 # %%
-sorted(p.name for p in (P.run_dir / "predictions").glob("*.jsonl")) if (P.run_dir / "predictions").exists() else []
+from IPython.display import Markdown, display
+from jpcap_helpers import browser, flags, reports
+from jpcap_helpers.io import atomic_write_text
+split = P.evaluate.splits[0]
+fb = browser.FailureBrowser.from_run(P, split=split)   # include_sweep=True adds the sweep runs' models
+display(fb.widget)
+
+# %% [markdown]
+# Where the widget does not render, the ten worst images of the focus model as a table:
+
+# %%
+fb.table(limit=10)
+
+# %% [markdown]
+# ## 2. Flag rates per model
+# Share of images with each flag (denominator: every image the model captioned on this split). The
+# noun-level hallucination rate is hallucinated noun tokens / content noun tokens.
+
+# %%
+rates = flags.flag_rates(fb.flags)
+nouns = flags.hallucinated_noun_table(fb.flags)
+reports_dir = P.run_dir / "reports"
+atomic_write_text(reports_dir / "flag_rates.csv", rates.to_csv(index=False))
+atomic_write_text(reports_dir / "hallucinated_nouns.csv", nouns.to_csv(index=False))
+rates
+
+# %%
+reports.save_figure(reports.flag_rates_chart(rates), reports_dir / "flag_rates.png");
+
+# %% [markdown]
+# The most frequent hallucinated nouns per model:
+
+# %%
+nouns
+
+# %% [markdown]
+# ## 3. Static export
+# Every image passing the browser's current filters, in its sort order, as one UTF-8 page with
+# base64 thumbnails and the flag-rate table on top.
+
+# %%
+export = fb.export_html(reports_dir / "failure_cases.html", rates=rates)
+print(f"wrote {export} ({export.stat().st_size / 1024:.0f} KiB, {min(len(fb.filtered_items()), 500)} images)")
+
+# %% [markdown]
+# ## 4. Ethics: what the flags show, and what they cannot
+# The four concerns of the project plan, with this run's numbers.
+
+# %%
+display(Markdown(flags.ethics_summary(rates, nouns, split=split, synthetic=P.data.source == "jp-shapes")))

@@ -1,0 +1,130 @@
+"""Caption generation throughput: a per-image ``generate`` loop and plain HF batched generate (the
+baselines) against the project's caption engine with a LoRA adapter applied — same run, same GPU,
+random weights of the real architecture, synthetic 640×480 images, exactly 24 new tokens (greedy; a
+random model practically never emits the end token).
+
+    python benchmarks/bench_generate.py [--arch qwen2-vl-2b] [--images 256] [--batch 64 128]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
+from common import emit, random_model_dir, synthetic_images, versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NEW_TOKENS = 24
+
+
+def make_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter like the trainer's (r32 on the top 6 layers + projector), saved in PEFT format."""
+    if (out / "adapter_config.json").exists():
+        return out
+    from transformers import AutoModelForImageTextToText
+
+    from jpcap_helpers.params import load_params
+    from jpcap_helpers.train import prepare_model
+
+    params = load_params(ROOT / "params/h100.yaml", {"model.name": str(model_dir)}, check_paths=False)
+    m = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
+    peft_model = prepare_model(m, params)
+    for n, p in peft_model.named_parameters():  # non-zero LoRA B so the adapter really changes outputs
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=1e-3)
+    peft_model.save_pretrained(out)
+    del m, peft_model
+    gc.collect()
+    return out
+
+
+def image_records(n: int, root: Path) -> list[dict]:
+    folder = root / "val2014"
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i, im in enumerate(synthetic_images(n)):
+        name = f"val2014/COCO_val2014_{i:012d}.jpg"
+        if not (root / name).exists():
+            im.save(root / name, quality=90)
+        recs.append({"image_id": i, "file_name": name})
+    return recs
+
+
+def params_for(model_dir: Path, **over):
+    from jpcap_helpers.params import load_params
+    return load_params(ROOT / "params/h100.yaml", {"model.name": str(model_dir), "model.load_in_4bit": False, **over},
+                       check_paths=False)
+
+
+def hf_generate_rate(model, processor, prompt, images, batch) -> float:
+    """Images/s of plain HF generate over ``images`` in batches of ``batch`` (1 = per-image loop)."""
+    processor.tokenizer.padding_side = "left"
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        inputs = processor(text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True).to("cuda")
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--loop-images", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    args = ap.parse_args(argv)
+    from jpcap_helpers import engine, models
+
+    emit({"bench": "generate", "versions": versions(), "arch": args.arch})
+    model_dir = random_model_dir(args.arch)
+    adapter = make_adapter(model_dir, Path("/tmp/jpcap-bench") / f"{args.arch}-adapter")
+    root = Path("/tmp/jpcap-bench/images")
+    records = image_records(args.images, root)
+    images = [engine.load_image_for_model(root / r["file_name"]) for r in records]
+
+    params = params_for(model_dir)
+    model, processor, entry = models.load_model(params)
+    prompt = engine.build_prompt(entry, processor)
+    hf_generate_rate(model, processor, prompt, images[:4], 4)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    rate = hf_generate_rate(model, processor, prompt, images[:args.loop_images], 1)
+    emit({"bench": "generate", "row": "per-image generate loop (baseline)", "images_per_s": round(rate, 2),
+          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+    base_rate = rate
+    torch.cuda.reset_peak_memory_stats()
+    rate = hf_generate_rate(model, processor, prompt, images, 64)
+    emit({"bench": "generate", "row": "HF generate, batch 64, no adapter", "images_per_s": round(rate, 2),
+          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "ratio_to_loop": round(rate / base_rate, 1)})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    for merge in (False, True):
+        model, processor, entry = models.load_model(params, adapter=str(adapter))
+        if merge:
+            model = model.merge_and_unload()
+        for bs in args.batch:
+            out = Path(f"/tmp/jpcap-bench/pred-{bs}-{int(merge)}.jsonl")
+            out.unlink(missing_ok=True)
+            torch.cuda.reset_peak_memory_stats()
+            s = engine.caption_records(model, processor, entry, records, root, out, batch_size=bs,
+                                       max_new_tokens=NEW_TOKENS, progress=False)
+            emit({"bench": "generate", "row": f"jpcap engine + adapter ({'merged' if merge else 'unmerged'})",
+                  "batch": bs, "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib"),
+                  "n_errors": s["n_errors"], "ratio_to_loop": round(s["images_per_s"] / base_rate, 1)})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Training throughput and peak memory: the cookbook-style QLoRA baseline and the project's trainer,
+same run, same GPU, same synthetic batches (640×480 images, 20 prompt + 24 caption tokens).
+
+    python benchmarks/bench_train.py [--arch qwen2-vl-2b] [--batch 8 16 32] [--rows all]
+
+Rows: cookbook (prepare_model_for_kbit_training + gradient checkpointing + full-vocabulary loss +
+default max_pixels), jpcap QLoRA with params/h100.yaml defaults, jpcap bf16 LoRA, and the T4 recipe
+(params/colab_t4.yaml: fp16, sdpa, 4-bit, gradient checkpointing) for peak memory.
+Prints one JSON line per measurement (and appends to $BENCH_OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
+from common import (emit, flops_per_sample, peak_tflops, random_model_dir, synthetic_batch,  # noqa: E402
+                    timed_steps, versions)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MAX_PIXELS = 12845056  # Qwen2-VL's preprocessor default
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def cookbook_model(path: Path, top_k: int = 6):
+    """The usual notebook recipe (as in the H100 baseline reference)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16,
+                           llm_int8_skip_modules=["visual", "model.visual", "lm_head"])
+    m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q,
+                                                    device_map={"": 0}, attn_implementation="sdpa")
+    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
+    from jpcap_helpers.train import lora_target_modules
+    cfg = LoraConfig(r=32, lora_alpha=32, lora_dropout=0.05, target_modules=lora_target_modules(m, top_k),
+                     modules_to_save=["merger"], task_type="CAUSAL_LM")
+    return get_peft_model(m, cfg)
+
+
+def jpcap_model(path: Path, params_file: str, method: str, overrides: dict | None = None):
+    from jpcap_helpers import models
+    from jpcap_helpers.params import load_params
+    from jpcap_helpers.train import prepare_model
+
+    over = {"model.name": str(path), "train.method": method, **(overrides or {})}
+    params = load_params(ROOT / params_file, over, check_paths=False)
+    model, _, _ = models.load_model(params, load_in_4bit=(method == "qlora"), for_training=True)
+    model = prepare_model(model, params)
+    if method != "qlora":
+        model.to("cuda")
+    return model, params
+
+
+def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None):
+    batch, n_img = synthetic_batch(arch, bs, max_pixels)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    free()
+
+    def step():
+        if autocast is None:
+            loss = loss_fn(model, batch)
+        else:  # as the trainer runs: autocast over fp32 trainable weights (accelerate mixed precision)
+            with torch.autocast("cuda", dtype=autocast):
+                loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step.loss = float(loss)
+
+    try:
+        sec = timed_steps(step, steps=steps)
+    except torch.OutOfMemoryError:
+        del opt
+        free()
+        emit({"bench": "train", "arch": arch, "row": name, "micro_batch": bs, "error": "OOM"})
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    seq = batch["input_ids"].shape[1]
+    n_patches = int(batch["image_grid_thw"][0].prod())
+    flops = flops_per_sample(model, seq, n_patches)
+    row = {"bench": "train", "arch": arch, "row": name, "micro_batch": bs, "seq": seq, "image_tokens": n_img,
+           "step_s": round(sec, 4), "samples_per_s": round(bs / sec, 2), "peak_gib": round(peak, 2),
+           "mfu": round(flops * bs / sec / (peak_tflops() * 1e12), 4), "loss": round(step.loss, 3),
+           **(extra or {})}
+    emit(row)
+    del opt
+    free()
+    return row
+
+
+def plain(model, batch):
+    return model(**batch).loss
+
+
+def fast(model, batch):
+    from jpcap_helpers.train import caption_loss
+    total, n = caption_loss(model, batch)
+    return total / n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--rows", default="cookbook,qlora,lora,t4")
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args(argv)
+    rows = args.rows.split(",")
+    emit({"bench": "train", "versions": versions(), "arch": args.arch})
+    path = random_model_dir(args.arch)
+    results = {}
+    if "cookbook" in rows:
+        m = cookbook_model(path)
+        results["cookbook"] = measure("cookbook QLoRA (baseline)", m, plain, args.arch, 8, DEFAULT_MAX_PIXELS,
+                                      args.steps)
+        del m
+        free()
+    if "qlora" in rows:
+        m, p = jpcap_model(path, "params/h100.yaml", "qlora")
+        for bs in args.batch:
+            r = measure("jpcap QLoRA (h100.yaml defaults)", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                        {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
+            results.setdefault("qlora", {})[bs] = r
+        del m
+        free()
+    if "lora" in rows:
+        m, p = jpcap_model(path, "params/h100.yaml", "lora")
+        for bs in args.batch:
+            r = measure("jpcap bf16 LoRA", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                        {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
+            results.setdefault("lora", {})[bs] = r
+        del m
+        free()
+    if "t4" in rows:
+        m, p = jpcap_model(path, "params/colab_t4.yaml", "qlora", {"model.precision": "fp16"})
+        measure("T4 recipe (colab_t4.yaml: fp16, 4-bit, grad. checkpointing) — memory", m, fast, args.arch,
+                p.train.micro_batch_size, p.model.max_pixels, args.steps,
+                {"gradient_checkpointing": p.train.gradient_checkpointing, "note": "speed is the H100's, not a T4's"},
+                autocast=torch.float16)
+        del m
+        free()
+    base = results.get("cookbook")
+    if base:
+        for key in ("qlora", "lora"):
+            for bs, r in (results.get(key) or {}).items():
+                if r:
+                    emit({"bench": "train", "ratio_to_cookbook": key, "micro_batch": bs,
+                          "speedup": round(r["samples_per_s"] / base["samples_per_s"], 2),
+                          "memory_ratio": round(r["peak_gib"] / base["peak_gib"], 3)})
+
+
+if __name__ == "__main__":
+    main()

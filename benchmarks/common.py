@@ -1,0 +1,196 @@
+"""Shared pieces of the GPU benchmarks: random-weight models of the real architectures, synthetic
+batches, timing and FLOP accounting. No hub is needed: speed and memory do not depend on weight values.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = json.loads((HERE / "qwen_vl_configs.json").read_text())
+# The real checkpoints' special ids (qwen_vl_configs.json _note) are replaced by those of the small
+# tokenizer saved with the random model, so the processor's <|image_pad|> matches the config (the
+# vocabulary keeps its real size, 151,936 rows).
+ARCHS = {"qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct", "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+         "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct"}
+# dense bf16/fp16 tensor-core peaks (vendor spec sheets), for MFU
+PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "Tesla T4": 65.0}
+
+
+def peak_tflops() -> float:
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return float("nan")
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "peft": peft.__version__}
+    try:
+        import bitsandbytes
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        out["bitsandbytes"] = None
+    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    out["date"] = time.strftime("%Y-%m-%d")
+    return out
+
+
+def special_ids(tok) -> dict:
+    get = tok.convert_tokens_to_ids
+    return dict(bos_token_id=get("<|endoftext|>"), eos_token_id=get("<|im_end|>"),
+                vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
+                image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
+                im_start=get("<|im_start|>"))
+
+
+def build_config(arch: str, ids: dict):
+    ids = {k: v for k, v in ids.items() if k != "im_start"}
+    spec = CONFIGS[ARCHS[arch]]
+    text, vision = dict(spec["text"]), dict(spec["vision"])
+    if arch == "qwen2-vl-2b":
+        from transformers import Qwen2VLConfig
+        section = text.pop("mrope_section")
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": section}
+        vision["in_channels"] = 3
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    if arch == "qwen2.5-vl-3b":
+        from transformers import Qwen2_5_VLConfig
+        section = text.pop("mrope_section")
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": section}
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    from transformers import Qwen3VLConfig
+    section = text.pop("mrope_section")
+    interleaved = text.pop("mrope_interleaved", True)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
+                               "mrope_section": section, "mrope_interleaved": interleaved}
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                         image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+                         vision_start_token_id=ids["vision_start_token_id"],
+                         vision_end_token_id=ids["vision_end_token_id"])
+
+
+def random_model_dir(arch: str, root: str | Path = "/tmp/jpcap-bench") -> Path:
+    """Save a random-weight bf16 model of the real shape with a processor (tiny tokenizer: the
+    batches are synthetic ids, so only the image processor matters)."""
+    from transformers import AutoModelForImageTextToText
+
+    out = Path(root) / f"{arch}-v2"
+    if (out / "config.json").exists():
+        return out
+    processor = processor_for(arch)
+    cfg = build_config(arch, special_ids(processor.tokenizer))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def processor_for(arch: str):
+    """Only ``load_model`` needs it (batches are synthetic ids and pre-processed pixels)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    from jpcap_helpers.models import train_tiny_tokenizer
+    tok = train_tiny_tokenizer(["画像の説明"] * 10, 300)
+    from transformers import Qwen2VLVideoProcessor
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                            video_processor=Qwen2VLVideoProcessor())
+
+
+def synthetic_images(n: int, width: int = 640, height: int = 480, seed: int = 0):
+    from PIL import Image
+    return [Image.fromarray((np.random.default_rng(seed + i).random((height, width, 3)) * 255).astype("uint8"))
+            for i in range(n)]
+
+
+def synthetic_batch(arch: str, bs: int, max_pixels: int, prompt_len: int = 20, cap_len: int = 24, seed: int = 0,
+                    min_pixels: int = 56 * 56, model_dir: Path | None = None):
+    """A training batch like the probe's: 640×480 images, 20 prompt + 24 caption tokens, labels on the
+    caption and the end token."""
+    from transformers import Qwen2VLImageProcessor
+
+    patch = 16 if arch == "qwen3-vl-2b" else 14
+    ip = Qwen2VLImageProcessor(patch_size=patch)
+    out = ip(images=synthetic_images(bs, seed=seed), return_tensors="pt", size={"shortest_edge": min_pixels,
+                                                                              "longest_edge": max_pixels})
+    thw = out["image_grid_thw"]
+    n_img = int(thw[0].prod()) // 4
+    cfg = json.loads((Path(model_dir or random_model_dir(arch)) / "config.json").read_text())
+    IM_START = special_ids(processor_for(arch).tokenizer)["im_start"]
+    IM_END = cfg.get("eos_token_id") or cfg["text_config"]["eos_token_id"]
+    if isinstance(IM_END, list):
+        IM_END = IM_END[0]
+    VISION_START, VISION_END, IMAGE_PAD = cfg["vision_start_token_id"], cfg["vision_end_token_id"], cfg["image_token_id"]
+    g = torch.Generator().manual_seed(seed)
+    seqs, labels = [], []
+    for _ in range(bs):
+        p = torch.randint(1000, 150000, (prompt_len,), generator=g).tolist()  # no special ids
+        c = torch.randint(1000, 150000, (cap_len,), generator=g).tolist()
+        ids = [IM_START] + p[:3] + [VISION_START] + [IMAGE_PAD] * n_img + [VISION_END] + p[3:] + [IM_END, IM_START] + c + [IM_END]
+        seqs.append(ids)
+        labels.append([-100] * (len(ids) - cap_len - 1) + c + [IM_END])
+    ids = torch.tensor(seqs)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor(labels),
+                 pixel_values=out["pixel_values"], image_grid_thw=thw, mm_token_type_ids=(ids == IMAGE_PAD).int())
+    return batch, n_img
+
+
+def count_params(module) -> int:
+    n = 0
+    for p in module.parameters():
+        k = p.numel()
+        if type(p).__name__ == "Params4bit":
+            k *= 2
+        n += k
+    return n
+
+
+def flops_per_sample(model, seq_len: int, n_patches: int) -> float:
+    """Model FLOPs per training sample, stated in RESULTS.md:
+    2·N_vit·patches (frozen ViT: forward only) + 6·N_llm·seq (language model: forward + backward, the
+    usual 6NT; LoRA/frozen layers still back-propagate activations to reach the projector)."""
+    from jpcap_helpers.train import _causal_lm
+    base = _causal_lm(model)
+    n_vit = count_params(base.model.visual)
+    n_llm = count_params(base.model.language_model)
+    return 2 * n_vit * n_patches + 6 * n_llm * seq_len
+
+
+def timed_steps(step_fn, steps: int = 6, warmup: int = 2) -> float:
+    """Median seconds of ``steps`` calls after ``warmup`` calls (CUDA synchronised)."""
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step_fn()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def emit(row: dict, path: str | None = None) -> None:
+    line = json.dumps(row, ensure_ascii=False)
+    print(line, flush=True)
+    path = path or os.environ.get("BENCH_OUT")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
