@@ -134,10 +134,8 @@ def synthetic_batch(arch: str, bs: int, max_pixels: int, prompt_len: int = 20, c
     thw = out["image_grid_thw"]
     n_img = int(thw[0].prod()) // 4
     cfg = json.loads((Path(model_dir or random_model_dir(arch)) / "config.json").read_text())
-    IM_START = special_ids(processor_for(arch).tokenizer)["im_start"]
-    IM_END = cfg.get("eos_token_id") or cfg["text_config"]["eos_token_id"]
-    if isinstance(IM_END, list):
-        IM_END = IM_END[0]
+    tok_ids = special_ids(processor_for(arch).tokenizer)
+    IM_START, IM_END = tok_ids["im_start"], tok_ids["eos_token_id"]
     VISION_START, VISION_END, IMAGE_PAD = cfg["vision_start_token_id"], cfg["vision_end_token_id"], cfg["image_token_id"]
     g = torch.Generator().manual_seed(seed)
     seqs, labels = [], []

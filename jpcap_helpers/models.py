@@ -343,6 +343,33 @@ def cpu_safe_4bit(model) -> int:
     return n
 
 
+def _linear_patch_embed_forward(self, hidden_states):
+    """Conv3d with kernel == stride over pre-cut patches is one matmul: same result, no slow 3-D
+    convolution kernel (cuDNN's bf16 Conv3d is far slower than a GEMM of this shape)."""
+    import torch.nn.functional as F
+
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
+
+
+def use_linear_patch_embed(model) -> int:
+    """Swap the Qwen-VL vision patch embedding's Conv3d for the equivalent matmul; returns how many
+    modules changed (0 for models without such a patch embedding)."""
+    import types
+
+    import torch
+
+    n = 0
+    for module in model.modules():
+        proj = getattr(module, "proj", None)
+        if (type(module).__name__.endswith("PatchEmbed") and isinstance(proj, torch.nn.Conv3d)
+                and tuple(proj.kernel_size) == tuple(proj.stride) and hasattr(module, "embed_dim")):
+            module.forward = types.MethodType(_linear_patch_embed_forward, module)
+            n += 1
+    return n
+
+
 def load_processor(params, name: Optional[str] = None):
     """The model's processor; Qwen families get ``model.min_pixels``/``max_pixels`` as their image size
     bounds (PaliGemma and others keep their own fixed input size)."""
@@ -389,6 +416,7 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if quant and not torch.cuda.is_available():
         cpu_safe_4bit(model)
+    use_linear_patch_embed(model)
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
     processor = load_processor(params, name)
@@ -396,6 +424,10 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter, is_trainable=for_training)
+        if not for_training and not quant:
+            # inference on a full-precision base: fold LoRA into the weights (faster generation,
+            # benchmarks/RESULTS.md); on a 4-bit base merging would change outputs, so it stays separate
+            model = model.merge_and_unload()
     if not for_training:
         model.eval()
     model.jpcap_commit = getattr(model.config, "_commit_hash", None)

@@ -358,6 +358,11 @@ def prepare_model(model, params):
     from peft import LoraConfig, get_peft_model
 
     t = params.train
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise TrainError(f"fine-tuning {model_type or type(model).__name__} is not supported: the fast path "
+                         "covers Qwen2-VL and Qwen2.5-VL (Qwen3-VL's deepstack visual features are not wired "
+                         "in yet); zero-shot captioning of it works")
     for p in model.parameters():
         p.requires_grad_(False)
     for cfg in (model.config, getattr(model.config, "text_config", None)):
@@ -1155,8 +1160,8 @@ def merge_adapter(params, adapter_dir: str | os.PathLike, out_dir: str | os.Path
     if info.get("base_load_in_4bit", params.train.method == "qlora"):
         raise TrainError(f"{adapter_dir}: trained on a 4-bit base (QLoRA); merging changes outputs, so it is "
                          "refused — load it with models.load_model(params, adapter=...) on the 4-bit base")
-    model, processor, _ = models.load_model(params, load_in_4bit=False, adapter=str(adapter_dir))
-    merged = model.merge_and_unload()
+    # load_model folds the adapter into a full-precision base for inference
+    merged, processor, _ = models.load_model(params, load_in_4bit=False, adapter=str(adapter_dir))
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -93,3 +93,16 @@ def test_choose_dtype_on_cpu():
     assert models.choose_dtype("fp16") == torch.float16
     with pytest.raises(ModelError):
         models.choose_dtype("int3")
+
+
+def test_linear_patch_embed_equals_the_conv3d(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    embed = model.model.visual.patch_embed
+    x = torch.randn(48, 3 * 2 * 14 * 14)
+    before = embed(x)
+    assert models.use_linear_patch_embed(model) == 1
+    after = embed(x)
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
