@@ -13,6 +13,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared (Drive, reports)
     try:
         with os.fdopen(fd, "w", encoding=encoding) as fh:
             fh.write(text)
