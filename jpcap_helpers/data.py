@@ -18,11 +18,9 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -39,7 +37,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from .io import atomic_copy_stream, atomic_write_json, atomic_write_jsonl, read_jsonl
 from .text import NormalizeStats, normalize_caption, truncate_to_tokens
 
 __all__ = [
@@ -1132,17 +1130,7 @@ def download_file(url: str, dest: str | os.PathLike, *, expected_size: int | Non
 
 def _extract_member(stream, dest: Path) -> Path:
     """Copy an archive member's stream to ``dest`` atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(stream, out, 1 << 20)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest
+    return atomic_copy_stream(stream, dest)
 
 
 def download_stair(dest_dir: str | os.PathLike, *, url: str = STAIR_URL, progress: bool = True,

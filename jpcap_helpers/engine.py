@@ -26,15 +26,7 @@ from . import io as jio
 from .models import ModelEntry, ModelError
 from .text import normalize_caption
 
-try:  # data.py applies EXIF orientation, RGB conversion and a size cap (max_side)
-    from .data import load_image as _data_load_image
-    try:
-        from .data import DEFAULT_MAX_SIDE as _LOAD_MAX_SIDE
-    except ImportError:  # pragma: no cover
-        _LOAD_MAX_SIDE = None
-except ImportError:  # pragma: no cover - depends on whether data.py exists
-    _data_load_image = None
-    _LOAD_MAX_SIDE = None
+from .data import DEFAULT_MAX_SIDE, load_image, resolve_image_path  # EXIF, RGB, size cap; COCO root or flat
 
 __all__ = [
     "CHAT_FAMILIES", "REMOTE_TEMPLATES", "build_prompt", "clean_output", "load_image_for_model",
@@ -151,22 +143,12 @@ def contamination_flag(entry: ModelEntry) -> str:
 
 def _resolve_image(images_dir: Path, file_name: str) -> Path:
     """COCO root or flat folder: the same resolution as the data stage."""
-    try:
-        from .data import resolve_image_path
-    except ImportError:  # pragma: no cover - data module always ships
-        return images_dir / file_name
     return Path(resolve_image_path(images_dir, file_name))
 
 
 def load_image_for_model(path: str | Path):
-    """An RGB PIL image with EXIF orientation applied (``data.load_image`` when that module exists)."""
-    if _data_load_image is not None:
-        return _data_load_image(path)
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+    """An RGB PIL image with EXIF orientation applied and very large images capped (``data.load_image``)."""
+    return load_image(path)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -178,8 +160,8 @@ def _image_size(path: Path) -> tuple[int, int]:
         orientation = img.getexif().get(0x0112, 1)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    if _data_load_image is not None and _LOAD_MAX_SIDE and max(width, height) > _LOAD_MAX_SIDE:
-        scale = _LOAD_MAX_SIDE / max(width, height)  # load_image thumbnails to max_side (approximately)
+    if max(width, height) > DEFAULT_MAX_SIDE:
+        scale = DEFAULT_MAX_SIDE / max(width, height)  # load_image thumbnails to max_side (approximately)
         width, height = max(1, round(width * scale)), max(1, round(height * scale))
     return height, width
 

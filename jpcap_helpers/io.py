@@ -27,6 +27,25 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return path
 
 
+def atomic_copy_stream(stream, path: str | os.PathLike, chunk: int = 1 << 20) -> Path:
+    """Copy a binary stream to ``path`` atomically (temp file in the same folder, then rename)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(stream, out, chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     """Atomically write ``obj`` as UTF-8 JSON (Japanese kept readable, not \\u-escaped)."""
     return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")

@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .data import load_image
+from .data import resolve_image_path as image_path
 from .io import append_jsonl, atomic_write_json, read_jsonl, repair_jsonl_tail
 
 # A free Colab session ends after at most ~12 h; a free T4 is often reclaimed much earlier, so plan
@@ -64,28 +66,6 @@ class TrainError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
-
-def load_image(path: str | os.PathLike):
-    """RGB image with EXIF orientation applied (the data module's loader when it exists)."""
-    try:
-        from .data import load_image as data_load_image
-    except ImportError:
-        data_load_image = None
-    if data_load_image is not None:
-        return data_load_image(path)
-    from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def image_path(images_dir: str | os.PathLike, file_name: str) -> Path:
-    """Where ``file_name`` lives: under the COCO root or flat in ``images_dir`` (the data module's rule)."""
-    try:
-        from .data import resolve_image_path
-    except ImportError:
-        return Path(images_dir) / file_name
-    return resolve_image_path(images_dir, file_name)
-
 
 def chat_messages(prompt: str, caption: Optional[str] = None) -> list[dict]:
     """The chat the model sees: user = image + prompt; assistant = caption (when training)."""
