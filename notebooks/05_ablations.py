@@ -11,8 +11,8 @@
 # Then every run's `metrics.csv` is collected into one table, plotted against each axis with 95% CIs, set
 # against its cost (trainable parameters, peak memory, training time) and tested against the base setting
 # with the paired bootstrap on the same images. Offline (`params/smoke.yaml`) this is a mini sweep of the
-# tiny model on jp-shapes with 30 training steps per run: it proves the machinery, its numbers say
-# nothing about Japanese captioning.
+# tiny model on jp-shapes with `ablation.train_max_steps` (120) training steps per run: it proves the
+# machinery, its numbers say nothing about Japanese captioning.
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
