@@ -61,7 +61,7 @@ def params_for(model_dir: Path, **over):
                        check_paths=False)
 
 
-def hf_generate_rate(model, processor, prompt, images, batch) -> float:
+def hf_generate_rate(model, processor, prompt, images, batch, **gen_kwargs) -> float:
     """Images/s of plain HF generate over ``images`` in batches of ``batch`` (1 = per-image loop)."""
     processor.tokenizer.padding_side = "left"
     torch.cuda.synchronize()
@@ -70,7 +70,8 @@ def hf_generate_rate(model, processor, prompt, images, batch) -> float:
         chunk = images[i:i + batch]
         inputs = processor(text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True).to("cuda")
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                           **gen_kwargs)
     torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - t)
 
@@ -81,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--loop-images", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--static-cache", action="store_true",
+                    help="also try HF generate with a static KV cache (compiled decoding step)")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
 
@@ -104,9 +107,24 @@ def main(argv=None):
     rate = hf_generate_rate(model, processor, prompt, images, 64)
     emit({"bench": "generate", "row": "HF generate, batch 64, no adapter", "images_per_s": round(rate, 2),
           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "ratio_to_loop": round(rate / base_rate, 1)})
+    if args.static_cache:
+        for bs in args.batch:
+            try:
+                hf_generate_rate(model, processor, prompt, images[:bs], bs, cache_implementation="static")  # compile
+                torch.cuda.reset_peak_memory_stats()
+                rate = hf_generate_rate(model, processor, prompt, images, bs, cache_implementation="static")
+                emit({"bench": "generate", "row": "HF generate, static KV cache (compiled step), no adapter",
+                      "batch": bs, "images_per_s": round(rate, 2),
+                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      "ratio_to_loop": round(rate / base_rate, 1)})
+            except Exception as e:  # record what happened; the other rows still run
+                emit({"bench": "generate", "row": "HF generate, static KV cache", "batch": bs,
+                      "error": f"{type(e).__name__}: {str(e)[:300]}"})
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    if args.static_cache:
+        return
 
     for merge in (False, True):
         model, processor, entry = models.load_model(params, adapter=str(adapter))
