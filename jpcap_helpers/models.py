@@ -79,7 +79,8 @@ _register(ModelEntry(
     prompt=CAPTION_PROMPT_JA, licence="Apache-2.0", trained_on_stair=None,
     contamination_note="training data undisclosed; STAIR use unknown",
     t4_recipe="fp16 (T4 has no bf16), or 4-bit NF4 for QLoRA; vision tower kept fp16",
-    run_here="tiny config: load + batched generate in tests; real shape (random weights): training, fp16 and generation benchmarked on an H100; no real checkpoint (no hub)",
+    run_here=("tiny config: load + batched generate in tests; real shape (random weights): training, "
+              "fp16 and generation benchmarked on an H100; no real checkpoint (no hub)"),
 ))
 _register(ModelEntry(
     key="qwen2.5-vl-3b-instruct", hub_id="Qwen/Qwen2.5-VL-3B-Instruct",
@@ -87,13 +88,17 @@ _register(ModelEntry(
     prompt=CAPTION_PROMPT_JA, licence="Qwen Research License (non-commercial)", trained_on_stair=None,
     contamination_note="training data undisclosed; STAIR use unknown",
     t4_recipe="fp16 or 4-bit NF4",
-    run_here='tiny config: load + batched generate in tests; real shape (random weights): training benchmarked on an H100; no real checkpoint'))
+    run_here=("tiny config: load + batched generate in tests; real shape (random "
+              "weights): training benchmarked on an H100; no real checkpoint"),
+))
 _register(ModelEntry(
     key="qwen3-vl-2b-instruct", hub_id="Qwen/Qwen3-VL-2B-Instruct", revision=None, family="qwen3_vl",
     loader="native", params_b=2.1, prompt=CAPTION_PROMPT_JA, licence="Apache-2.0", trained_on_stair=None,
     contamination_note="training data undisclosed; STAIR use unknown",
     t4_recipe="fp16 or 4-bit NF4",
-    run_here='tiny config: load + batched generate in tests; fine-tuning not supported yet (deepstack); no real checkpoint'))
+    run_here=("tiny config: load + batched generate in tests; fine-tuning not "
+              "supported yet (deepstack); no real checkpoint"),
+))
 _register(ModelEntry(
     key="paligemma-3b", hub_id="google/paligemma-3b-mix-224", revision=None, family="paligemma",
     loader="native", params_b=2.9, prompt="caption ja", licence="Gemma Terms of Use (gated)",
@@ -113,7 +118,9 @@ _register(ModelEntry(
     "used STAIR). The instruction data covers COCO train2017 images, which include most val2014 "
     "images: images seen with other (translated) text, not STAIR captions",
     t4_recipe="fp16", notes="needs the LLaVA-JP code base (github.com/tosiyuki/LLaVA-JP), not transformers classes",
-    run_here='not run here: prompt building and output cleaning tested; captioning needs its own remote code (not built)'))
+    run_here=("not run here: prompt building and output cleaning tested; captioning "
+              "needs its own remote code (not built)"),
+))
 _register(ModelEntry(
     key="asagi-2b", hub_id="MIL-UT/Asagi-2B", revision=None, family="asagi", loader="remote_code",
     params_b=2.3, prompt="以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n"
@@ -122,7 +129,9 @@ _register(ModelEntry(
     contamination_note="STAIR Captions reported in Asagi's training data (model card training-data "
     "table; YJ Captions reportedly too) — not zero-shot on STAIR or YJ",
     t4_recipe="fp16", notes="model card pins transformers 4.45.1 (remote code)",
-    run_here='not run here: prompt building and output cleaning tested; captioning needs its own remote code (not built)'))
+    run_here=("not run here: prompt building and output cleaning tested; captioning "
+              "needs its own remote code (not built)"),
+))
 _register(ModelEntry(
     key="japanese-stable-vlm", hub_id="stabilityai/japanese-stable-vlm", revision=None, family="stable_vlm",
     loader="remote_code", params_b=7.6, prompt="以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
@@ -131,7 +140,9 @@ _register(ModelEntry(
     contamination_note="trained on Japanese captions incl. STAIR (model card) — not zero-shot on STAIR",
     t4_recipe="4-bit NF4 only (7B language model does not fit a T4 in fp16)",
     notes="prompt = model card build_prompt(task='caption'); an instruction override uses task='vqa'",
-    run_here='not run here: prompt building and output cleaning tested; captioning needs its own remote code (not built)'))
+    run_here=("not run here: prompt building and output cleaning tested; captioning "
+              "needs its own remote code (not built)"),
+))
 
 
 class ModelError(ValueError):
