@@ -127,20 +127,14 @@ def main(argv=None):
                                       args.steps)
         del m
         free()
-    if "qlora" in rows:
-        m, p = jpcap_model(path, "params/h100.yaml", "qlora")
+    for key, label in (("qlora", "jpcap QLoRA (h100.yaml defaults)"), ("lora", "jpcap bf16 LoRA")):
+        if key not in rows:
+            continue
+        m, p = jpcap_model(path, "params/h100.yaml", key)
         for bs in args.batch:
-            r = measure("jpcap QLoRA (h100.yaml defaults)", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
-                        {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
-            results.setdefault("qlora", {})[bs] = r
-        del m
-        free()
-    if "lora" in rows:
-        m, p = jpcap_model(path, "params/h100.yaml", "lora")
-        for bs in args.batch:
-            r = measure("jpcap bf16 LoRA", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
-                        {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
-            results.setdefault("lora", {})[bs] = r
+            results.setdefault(key, {})[bs] = measure(
+                label, m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
         del m
         free()
     if "t4" in rows:

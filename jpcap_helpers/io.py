@@ -1,6 +1,7 @@
 """Small file helpers shared by every stage: atomic writes and append-only JSONL."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -8,15 +9,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of it."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temp file beside ``path`` for writing; on success it is fsynced and renamed over ``path``
+    (readers see the old file or the new one, never half of it); on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared (Drive, reports)
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -24,26 +27,22 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "w", encoding) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def atomic_copy_stream(stream, path: str | os.PathLike, chunk: int = 1 << 20) -> Path:
-    """Copy a binary stream to ``path`` atomically (temp file in the same folder, then rename)."""
+    """Copy a binary stream to ``path`` atomically (see :func:`atomic_open`)."""
     import shutil
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(stream, out, chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_open(path, "wb") as out:
+        shutil.copyfileobj(stream, out, chunk)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
