@@ -631,16 +631,12 @@ def prediction_files(run_dir: str | Path) -> list[tuple[str, str, Path]]:
 
 
 def _split_hashes(processed_dir: Path) -> dict[str, str]:
+    """Content hash of each processed split, from the data stage's report.json."""
     report = processed_dir / "report.json"
     if not report.exists():
         return {}
-    data = json.loads(report.read_text(encoding="utf-8"))
-    hashes = data.get("split_hashes") or {}
-    if not hashes:
-        for name, info in (data.get("splits") or {}).items():
-            if isinstance(info, dict) and "hash" in info:
-                hashes[name] = info["hash"]
-    return hashes
+    splits = json.loads(report.read_text(encoding="utf-8")).get("splits") or {}
+    return {name: info["hash"] for name, info in splits.items() if isinstance(info, dict) and "hash" in info}
 
 
 def _system_meta(system: str, path: Path) -> dict[str, Any]:

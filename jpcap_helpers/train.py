@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .data import load_image
+from .data import load_image, load_split
 from .data import resolve_image_path as image_path
 from .io import append_jsonl, atomic_write_json, read_jsonl, repair_jsonl_tail
 
@@ -86,9 +86,9 @@ def _check_row(row: Any, keys: Sequence[str], path: Path, line: int) -> None:
 def read_pairs(params) -> tuple[list[dict], dict[str, int]]:
     """Training pairs ``{"image_id", "file_name", "caption"}`` and counts of skipped rows by reason.
 
-    Reads ``<processed_dir>/train_pairs.jsonl`` (or derives the pairs from ``train.jsonl``), keeps the
-    first ``data.train_subset`` images when the file holds more, and skips (and counts) pairs whose
-    image file is missing or whose caption is empty.
+    Reads ``<processed_dir>/train_pairs.jsonl`` (or derives the pairs from ``train.jsonl``; the data
+    stage already applied ``data.train_subset``) and skips (and counts) pairs whose image file is missing
+    or whose caption is empty.
     """
     processed = Path(params.processed_dir)
     pairs_path, records_path = processed / "train_pairs.jsonl", processed / "train.jsonl"
@@ -98,24 +98,12 @@ def read_pairs(params) -> tuple[list[dict], dict[str, int]]:
             _check_row(row, ("image_id", "file_name", "caption"), pairs_path, i)
             rows.append({"image_id": row["image_id"], "file_name": row["file_name"], "caption": row["caption"]})
     elif records_path.exists():
-        for i, row in enumerate(read_jsonl(records_path), start=1):
-            _check_row(row, ("image_id", "file_name", "captions"), records_path, i)
-            rows += [{"image_id": row["image_id"], "file_name": row["file_name"], "caption": c}
-                     for c in row["captions"]]
+        rows = [{"image_id": r.image_id, "file_name": r.file_name, "caption": c}
+                for r in load_split(records_path) for c in r.captions]
     else:
         raise TrainError(f"no training data: {pairs_path} not found — run the data stage "
                          "(notebook 01 / `jpcap prepare`) first")
     skipped: dict[str, int] = {}
-    subset = params.data.train_subset
-    if subset:
-        keep: dict[Any, None] = {}
-        for r in rows:
-            if r["image_id"] not in keep and len(keep) < subset:
-                keep[r["image_id"]] = None
-        n = len(rows)
-        rows = [r for r in rows if r["image_id"] in keep]
-        if n - len(rows):
-            skipped["beyond data.train_subset"] = n - len(rows)
     images_dir = Path(params.images_dir)
     exists: dict[str, bool] = {}
     out = []
@@ -137,18 +125,13 @@ def read_pairs(params) -> tuple[list[dict], dict[str, int]]:
 
 
 def read_val_records(params, n: int) -> list[dict]:
-    """The first ``n`` records of ``<processed_dir>/val.jsonl`` (empty when the file is missing)."""
+    """The first ``n`` records of ``<processed_dir>/val.jsonl`` whose image exists (empty without the file)."""
     path = Path(params.processed_dir) / "val.jsonl"
     if n <= 0 or not path.exists():
         return []
-    out = []
-    for i, row in enumerate(read_jsonl(path), start=1):
-        _check_row(row, ("image_id", "file_name", "captions"), path, i)
-        if image_path(params.images_dir, row["file_name"]).is_file() and row["captions"]:
-            out.append(row)
-        if len(out) >= n:
-            break
-    return out
+    usable = [r.to_dict() for r in load_split(path)
+              if r.captions and image_path(params.images_dir, r.file_name).is_file()]
+    return usable[:n]
 
 
 def truncate_captions(pairs: list[dict], tokenizer, max_tokens: Optional[int]) -> int:
