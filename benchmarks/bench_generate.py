@@ -3,7 +3,7 @@ baselines) against the project's caption engine with a LoRA adapter applied — 
 random weights of the real architecture, synthetic 640×480 images, exactly 24 new tokens (greedy; a
 random model practically never emits the end token).
 
-    python benchmarks/bench_generate.py [--arch qwen2-vl-2b] [--images 256] [--batch 64 128]
+    python benchmarks/bench_generate.py [--arch qwen2-vl-2b] [--images 1024] [--batch 64 128 256]
 """
 from __future__ import annotations
 
@@ -76,72 +76,113 @@ def hf_generate_rate(model, processor, prompt, images, batch, **gen_kwargs) -> f
     return len(images) / (time.perf_counter() - t)
 
 
+def engine_rate(model, processor, entry, records, root, bs, decoder, tag):
+    out = Path(f"/tmp/jpcap-bench/pred-{tag}-{bs}.jsonl")
+    out.unlink(missing_ok=True)
+    from jpcap_helpers import engine
+    torch.cuda.reset_peak_memory_stats()
+    return engine.caption_records(model, processor, entry, records, root, out, batch_size=bs,
+                                  max_new_tokens=NEW_TOKENS, progress=False, decoder=decoder)
+
+
+def stage_times(model, processor, entry, prompt, images, bs) -> dict:
+    """Where a fast-decoder batch spends its time: preprocessing (CPU), vision tower, prefill, decoding."""
+    from jpcap_helpers import decode, engine
+
+    inputs = engine._prepare_inputs(processor, [prompt] * bs, images[:bs])  # warm
+    t = time.perf_counter()
+    inputs = engine._prepare_inputs(processor, [prompt] * bs, images[:bs])
+    pre = time.perf_counter() - t
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs)
+    dec.generate(inputs, NEW_TOKENS)  # capture
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    dec.generate(inputs, NEW_TOKENS)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t
+    t = time.perf_counter()
+    dec.generate(inputs, 1)  # vision tower + prefill + first token
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - t
+    base = decode._unwrap(model)
+    with torch.no_grad():
+        pv = inputs["pixel_values"].to("cuda", base.model.visual.dtype)
+        grid = inputs["image_grid_thw"].to("cuda")
+        base.model.visual(pv, grid_thw=grid)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        base.model.visual(pv, grid_thw=grid)
+        torch.cuda.synchronize()
+        vit = time.perf_counter() - t
+    ms = lambda x: round(1000 * x, 1)  # noqa: E731
+    return {"batch": bs, "preprocess_cpu_ms": ms(pre), "vit_ms": ms(vit), "prefill_incl_vit_ms": ms(prefill),
+            "decode_ms": ms(total - prefill), "gpu_total_ms": ms(total),
+            "gpu_only_images_per_s": round(bs / total, 1), "cuda_graphs": dec.cuda_graphs}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="qwen2-vl-2b")
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--loop-images", type=int, default=16)
-    ap.add_argument("--batch", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--static-cache", action="store_true",
-                    help="also try HF generate with a static KV cache (compiled decoding step)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--skip-baselines", action="store_true")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
 
-    emit({"bench": "generate", "versions": versions(), "arch": args.arch})
+    emit({"bench": "generate", "versions": versions(), "arch": args.arch, "images": args.images})
     model_dir = random_model_dir(args.arch)
     adapter = make_adapter(model_dir, Path("/tmp/jpcap-bench") / f"{args.arch}-adapter")
     root = Path("/tmp/jpcap-bench/images")
     records = image_records(args.images, root)
-    images = [engine.load_image_for_model(root / r["file_name"]) for r in records]
-
+    images = [engine.load_image_for_model(root / r["file_name"]) for r in records[:max(args.batch)]]
     params = params_for(model_dir)
-    model, processor, entry = models.load_model(params)
-    prompt = engine.build_prompt(entry, processor)
-    hf_generate_rate(model, processor, prompt, images[:4], 4)  # warm-up
-    torch.cuda.reset_peak_memory_stats()
-    rate = hf_generate_rate(model, processor, prompt, images[:args.loop_images], 1)
-    emit({"bench": "generate", "row": "per-image generate loop (baseline)", "images_per_s": round(rate, 2),
-          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
-    base_rate = rate
-    torch.cuda.reset_peak_memory_stats()
-    rate = hf_generate_rate(model, processor, prompt, images, 64)
-    emit({"bench": "generate", "row": "HF generate, batch 64, no adapter", "images_per_s": round(rate, 2),
-          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "ratio_to_loop": round(rate / base_rate, 1)})
-    if args.static_cache:
-        for bs in args.batch:
-            try:
-                hf_generate_rate(model, processor, prompt, images[:bs], bs, cache_implementation="static")  # compile
-                torch.cuda.reset_peak_memory_stats()
-                rate = hf_generate_rate(model, processor, prompt, images, bs, cache_implementation="static")
-                emit({"bench": "generate", "row": "HF generate, static KV cache (compiled step), no adapter",
-                      "batch": bs, "images_per_s": round(rate, 2),
-                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                      "ratio_to_loop": round(rate / base_rate, 1)})
-            except Exception as e:  # record what happened; the other rows still run
-                emit({"bench": "generate", "row": "HF generate, static KV cache", "batch": bs,
-                      "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    if args.static_cache:
-        return
 
-    for merge in (False, True):
-        model, processor, entry = models.load_model(params, adapter=str(adapter))
-        if merge:
-            model = model.merge_and_unload()
-        for bs in args.batch:
-            out = Path(f"/tmp/jpcap-bench/pred-{bs}-{int(merge)}.jsonl")
-            out.unlink(missing_ok=True)
-            torch.cuda.reset_peak_memory_stats()
-            s = engine.caption_records(model, processor, entry, records, root, out, batch_size=bs,
-                                       max_new_tokens=NEW_TOKENS, progress=False)
-            emit({"bench": "generate", "row": f"jpcap engine + adapter ({'merged' if merge else 'unmerged'})",
-                  "batch": bs, "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib"),
-                  "n_errors": s["n_errors"], "ratio_to_loop": round(s["images_per_s"] / base_rate, 1)})
+    base_rate = None
+    if not args.skip_baselines:
+        model, processor, entry = models.load_model(params)
+        prompt = engine.build_prompt(entry, processor)
+        hf_generate_rate(model, processor, prompt, images[:4], 4)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        base_rate = hf_generate_rate(model, processor, prompt, images[:args.loop_images], 1)
+        emit({"bench": "generate", "row": "per-image generate loop (baseline)", "images_per_s": round(base_rate, 2),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+        torch.cuda.reset_peak_memory_stats()
+        rate = hf_generate_rate(model, processor, prompt, images[:256], 64)
+        emit({"bench": "generate", "row": "HF generate, batch 64, no adapter", "images_per_s": round(rate, 2),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "ratio_to_loop": round(rate / base_rate, 1)})
         del model
         gc.collect()
         torch.cuda.empty_cache()
+
+    # the engine as users run it: adapter loaded by models.load_model (merged into the bf16 base)
+    model, processor, entry = models.load_model(params, adapter=str(adapter))
+    prompt = engine.build_prompt(entry, processor)
+    engine_rate(model, processor, entry, records[:64], root, 64, "auto", "warm")  # first call: graph capture
+    for decoder in ("hf", "auto"):
+        for bs in (args.batch if decoder == "auto" else [max(args.batch)]):
+            s = engine_rate(model, processor, entry, records if decoder == "auto" else records[:512], root, bs,
+                            decoder, decoder)
+            row = {"bench": "generate", "row": f"jpcap engine + merged adapter, decoder={s['decoder']}",
+                   "batch": bs, "images": s["n_done"], "images_per_s": s["images_per_s"],
+                   "peak_gib": s.get("peak_gpu_gib"), "n_errors": s["n_errors"]}
+            if base_rate:
+                row["ratio_to_loop"] = round(s["images_per_s"] / base_rate, 1)
+            emit(row)
+    for bs in args.batch:
+        emit({"bench": "generate", "row": "fast decoder stages (merged adapter)", **stage_times(
+            model, processor, entry, prompt, images, bs)})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    # unmerged adapter (what a 4-bit base keeps): the same decoder with LoRA layers in its step
+    model, processor, entry = models.load_model(params, adapter=str(adapter), for_training=True)
+    model.eval()
+    s = engine_rate(model, processor, entry, records[:512], root, max(args.batch), "auto", "unmerged")
+    emit({"bench": "generate", "row": f"jpcap engine + unmerged adapter, decoder={s['decoder']}",
+          "batch": max(args.batch), "images": s["n_done"], "images_per_s": s["images_per_s"],
+          "peak_gib": s.get("peak_gpu_gib")})
 
 
 if __name__ == "__main__":

@@ -62,6 +62,16 @@ def jpcap_model(path: Path, params_file: str, method: str, overrides: dict | Non
     return model, params
 
 
+def compile_blocks(model) -> int:
+    """Lever probe (not a default): regional torch.compile of every ViT block and language layer."""
+    from jpcap_helpers.train import _causal_lm
+    base = _causal_lm(model)
+    blocks = list(base.model.visual.blocks) + list(base.model.language_model.layers)
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
+
+
 def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None):
     batch, n_img = synthetic_batch(arch, bs, max_pixels)
     batch = {k: v.cuda() for k, v in batch.items()}
@@ -116,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--rows", default="cookbook,qlora,lora,t4")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--compile", action="store_true", help="add rows with torch.compile'd blocks (lever probe)")
     args = ap.parse_args(argv)
     rows = args.rows.split(",")
     emit({"bench": "train", "versions": versions(), "arch": args.arch})
@@ -137,6 +148,18 @@ def main(argv=None):
                 {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
         del m
         free()
+        if args.compile:
+            m, p = jpcap_model(path, "params/h100.yaml", key)
+            try:
+                n = compile_blocks(m)
+                for bs in args.batch:
+                    measure(label + " + torch.compile", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                            {"compiled_blocks": n}, autocast=torch.bfloat16)
+            except Exception as e:  # record what happened; the other rows still run
+                emit({"bench": "train", "row": label + " + torch.compile", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            del m
+            torch._dynamo.reset()
+            free()
     if "t4" in rows:
         m, p = jpcap_model(path, "params/colab_t4.yaml", "qlora", {"model.precision": "fp16"})
         measure("T4 recipe (colab_t4.yaml: fp16, 4-bit, grad. checkpointing) — memory", m, fast, args.arch,

@@ -15,8 +15,10 @@ See docs/models.md for the prompts, the model table and the contamination flags.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,27 +254,62 @@ def _generation_config(model: Any, max_new_tokens: int, num_beams: int, eos: lis
     return cfg
 
 
-def _generate_batch(model: Any, processor: Any, prompts: list[str], images: list, gen_cfg: Any) -> list[str]:
-    """Raw decoded continuations (new tokens only) for one batch; raises on any failure."""
-    import torch
-
+def _prepare_inputs(processor: Any, prompts: list[str], images: list):
+    """The processor's tensors for one batch (left-padded when lengths differ), on the CPU."""
     tok = _tokenizer(processor)
     if getattr(tok, "padding_side", "left") != "left":
         tok.padding_side = "left"
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
     inputs.pop("labels", None)  # PaliGemmaProcessor still returns labels (BC); generate must not get them
-    device, dtype = _model_device_dtype(model)
-    moved = {}
-    for key, value in inputs.items():
-        if torch.is_tensor(value):
-            value = value.to(device)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    with torch.no_grad():  # not inference_mode: the trainer goes on training this model afterwards
-        out = model.generate(**moved, generation_config=gen_cfg)
-    new_tokens = out[:, moved["input_ids"].shape[1]:]
-    return tok.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return inputs
+
+
+class _Decoder:
+    """One batch of processor inputs → new token ids: the fast greedy decoder (:mod:`jpcap_helpers.decode`)
+    for Qwen2-VL / Qwen2.5-VL, else HF ``generate`` with ``gen_cfg``."""
+
+    def __init__(self, model: Any, entry: ModelEntry, gen_cfg: Any, batch_size: int, decoder: str):
+        from . import decode
+
+        if decoder not in ("auto", "hf"):
+            raise ValueError(f"decoder must be 'auto' or 'hf', got {decoder!r}")
+        self.model, self.gen_cfg = model, gen_cfg
+        self.fast = None
+        if decoder == "auto" and decode.supports(model, entry.family, gen_cfg.num_beams):
+            eos = gen_cfg.eos_token_id or []
+            self.fast = decode.GreedyDecoder(model, eos_ids=eos if isinstance(eos, list) else [eos],
+                                             pad_id=gen_cfg.pad_token_id, max_batch=batch_size)
+        self.name = "static-cache greedy" if self.fast is not None else "hf generate"
+
+    def __call__(self, inputs) -> Any:
+        import torch
+
+        if self.fast is not None:
+            return self.fast.generate(inputs, self.gen_cfg.max_new_tokens)
+        device, dtype = _model_device_dtype(self.model)
+        moved = {}
+        for key, value in inputs.items():
+            if torch.is_tensor(value):
+                value = value.to(device)
+                if value.is_floating_point():
+                    value = value.to(dtype)
+            moved[key] = value
+        with torch.no_grad():  # not inference_mode: the trainer goes on training this model afterwards
+            out = self.model.generate(**moved, generation_config=self.gen_cfg)
+        return out[:, moved["input_ids"].shape[1]:]
+
+
+def _generate_batch(model: Any, processor: Any, inputs: Any, decoder: _Decoder) -> list[str]:
+    """Raw decoded continuations (new tokens only) for one batch of processor inputs; raises on failure."""
+    new_tokens = decoder(inputs)
+    with _TOKENIZER_LOCK:
+        return _tokenizer(processor).batch_decode(new_tokens.cpu(), skip_special_tokens=True,
+                                                  clean_up_tokenization_spaces=False)
+
+
+# the next batch is prepared in a worker thread; a fast tokenizer must not encode (which may change
+# its padding state) while another thread decodes
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def _record_fields(record: Any, where: str) -> tuple[int, str]:
@@ -303,21 +340,26 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                     images_dir: str | Path, out_path: str | Path, *, batch_size: int = 16,
                     max_new_tokens: int = 40, num_beams: int = 1, prompt: Optional[str] = None,
                     progress: bool = True, extra: Optional[Mapping[str, Any]] = None,
-                    retry_errors: bool = False) -> dict:
+                    retry_errors: bool = False, decoder: str = "auto") -> dict:
     """Caption ``records`` (dicts or objects with ``image_id`` and ``file_name`` relative to
     ``images_dir``) into the JSONL ``out_path``, one ``{"image_id", "caption", "model", **extra}``
     row per image, appended after every batch.
 
     Resumes: ids already in ``out_path`` are skipped (a partial last line left by a kill is dropped
     first); ``retry_errors`` rewrites the file without its error rows so those images run again.
-    Images are sorted by visual-token count and batched with left padding; decoding is greedy
-    (``num_beams`` > 1: beam search) up to ``max_new_tokens``, stopping at the model's end tokens;
-    only new tokens are decoded, then cleaned (:func:`clean_output`) and normalised
-    (``text.normalize_caption``). An image that cannot be read or processed becomes a row with
-    ``"caption": ""`` and ``"error"`` (a failing batch is retried image by image).
+    Images are sorted by visual-token count; decoding is greedy (``num_beams`` > 1: beam search) up
+    to ``max_new_tokens``, stopping at the model's end tokens; only new tokens are decoded, then
+    cleaned (:func:`clean_output`) and normalised (``text.normalize_caption``). ``decoder="auto"``
+    decodes Qwen2-VL / Qwen2.5-VL greedily with :class:`jpcap_helpers.decode.GreedyDecoder` (batches of
+    one visual grid, static KV cache, CUDA-graph steps on GPU); other models, beam search and
+    ``decoder="hf"`` use HF ``generate`` on left-padded batches. The next batch's images are loaded
+    and preprocessed in a worker thread while the current one decodes. An image that cannot be read
+    or processed becomes a row with ``"caption": ""`` and ``"error"`` (a failing batch is retried
+    image by image).
 
     Returns a summary: n_records, n_done (rows written now), n_captioned, n_errors,
-    n_skipped_existing, n_duplicate_records, seconds, images_per_s, peak_gpu_gib (CUDA), commit.
+    n_skipped_existing, n_duplicate_records, seconds, images_per_s, peak_gpu_gib (CUDA), decoder,
+    commit.
     """
     import torch
 
@@ -373,7 +415,6 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
             error_rows.append({"image_id": item.image_id, "caption": "", **base_row, **extra,
                                "error": _error_text(exc)})
     ready.sort(key=lambda it: (it.key, it.order))
-    batches = [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
 
     text_prompt = build_prompt(entry, processor, instruction=prompt)
     tok = _tokenizer(processor)
@@ -382,6 +423,14 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     if pad is None:
         pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else (eos[0] if eos else None)
     gen_cfg = _generation_config(model, max_new_tokens, num_beams, eos, pad)
+    run_decoder = _Decoder(model, entry, gen_cfg, batch_size, decoder)
+    if run_decoder.fast is not None:  # batches of one visual grid: no padding, shared positions
+        batches = []
+        for _, group in itertools.groupby(ready, key=lambda it: it.key):
+            group = list(group)
+            batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    else:
+        batches = [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -401,7 +450,9 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                 bar.update(len(rows))
                 bar.set_postfix(errors=stats["n_errors"], refresh=False)
 
-    def caption_group(items: list[_Item]) -> list[dict]:
+    def prepare(items: list[_Item]) -> tuple[dict, list[_Item], Any]:
+        """Load and preprocess one batch (worker thread): (error rows, loaded items, inputs or the
+        exception the processor raised)."""
         rows: dict[int, dict] = {}
         loaded, images = [], []
         for it in items:
@@ -411,9 +462,22 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
             except Exception as exc:
                 rows[it.image_id] = {"image_id": it.image_id, "caption": "", **base_row, **extra,
                                      "error": _error_text(exc)}
+        inputs: Any = None
         if loaded:
             try:
-                raw = _generate_batch(model, processor, [text_prompt] * len(loaded), images, gen_cfg)
+                with _TOKENIZER_LOCK:
+                    inputs = _prepare_inputs(processor, [text_prompt] * len(loaded), images)
+            except Exception as exc:
+                inputs = exc
+        return rows, loaded, inputs
+
+    def caption_group(items: list[_Item], prepared=None) -> list[dict]:
+        rows, loaded, inputs = prepared if prepared is not None else prepare(items)
+        if loaded:
+            try:
+                if isinstance(inputs, BaseException):
+                    raise inputs
+                raw = _generate_batch(model, processor, inputs, run_decoder)
                 if len(raw) != len(loaded):
                     raise RuntimeError(f"generation returned {len(raw)} texts for {len(loaded)} images")
                 for it, text in zip(loaded, raw):
@@ -429,15 +493,20 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                 else:  # isolate the culprit (or an out-of-memory batch) image by image
                     for it in loaded:
                         rows.update({r["image_id"]: r for r in caption_group([it])})
-            finally:
-                del images
         return [rows[it.image_id] for it in items]
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpcap-prefetch")
     try:
         emit(error_rows)
-        for batch in batches:
-            emit(caption_group(batch))
+        upcoming = pool.submit(prepare, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            prepared = upcoming.result()
+            upcoming = pool.submit(prepare, batches[i + 1]) if i + 1 < len(batches) else None
+            emit(caption_group(batch, prepared))
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
@@ -448,6 +517,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
         "n_skipped_existing": n_skipped, "n_duplicate_records": n_dupes,
         "seconds": round(seconds, 3), "images_per_s": round(n_done / seconds, 3) if seconds > 0 and n_done else 0.0,
         "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
+        "decoder": run_decoder.name,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "commit": getattr(model, "jpcap_commit", None),
     }
@@ -561,7 +631,7 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
             model, processor, entry, records, params.images_dir, out,
             batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
             num_beams=params.generation.num_beams, prompt=params.generation.prompt,
-            extra={"split": split})
+            decoder=params.generation.decoder, extra={"split": split})
         write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
                               revision=params.model.revision or entry.revision or summary.get("commit"),
                               adapter=adapter)

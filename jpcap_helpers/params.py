@@ -102,6 +102,7 @@ class GenerationParams:
     max_new_tokens: int = 40
     num_beams: int = 1
     prompt: Optional[str] = None          # None: the model's registry prompt
+    decoder: Literal["auto", "hf"] = "auto"  # auto: static-cache greedy decoder where supported
 
 
 @dataclass

@@ -971,7 +971,8 @@ def _val_cider(session: _Session, step: int) -> Optional[float]:
     with session.accelerator.autocast():
         engine.caption_records(session.model, session.processor, session.entry, session.val_records,
                                p.images_dir, out_path, batch_size=p.generation.batch_size,
-                               max_new_tokens=p.generation.max_new_tokens, prompt=session.prompt, progress=False)
+                               max_new_tokens=p.generation.max_new_tokens, prompt=session.prompt, progress=False,
+                               decoder=p.generation.decoder)
     preds = {int(r["image_id"]): r.get("caption", "") for r in read_jsonl(out_path, tolerate_partial_last=True)}
     refs = {int(r["image_id"]): list(r["captions"]) for r in session.val_records}
     try:

@@ -75,20 +75,105 @@ def test_batched_greedy_equals_per_image(project, tmp_path):
 
 def test_batches_group_by_visual_tokens_and_pad_left(project, tmp_path, monkeypatch):
     seen = []
-    real = engine._generate_batch
+    real = engine._prepare_inputs
 
-    def spy(model, processor, prompts, images, gen_cfg):
-        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-        seen.append(inputs["attention_mask"])
-        return real(model, processor, prompts, images, gen_cfg)
+    def spy(processor, prompts, images):
+        inputs = real(processor, prompts, images)
+        seen.append(inputs)
+        return inputs
 
-    monkeypatch.setattr(engine, "_generate_batch", spy)
-    engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
-                           tmp_path / "p.jsonl", batch_size=3, max_new_tokens=2, progress=False)
-    lengths = [int(m.sum(dim=1).max()) for m in seen]
+    monkeypatch.setattr(engine, "_prepare_inputs", spy)
+    hf = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
+                                tmp_path / "p.jsonl", batch_size=5, max_new_tokens=2, progress=False, decoder="hf")
+    assert hf["decoder"] == "hf generate"
+    lengths = [int(b["attention_mask"].sum(dim=1).max()) for b in seen]
     assert lengths == sorted(lengths), "batches come sorted by prompt length"
-    for mask in seen:  # left padding: every row ends with real tokens
-        assert bool(mask[:, -1].all())
+    assert any(not bool(b["attention_mask"].all()) for b in seen), "some HF batch mixes grids (padding exercised)"
+    for b in seen:  # left padding: every row ends with real tokens
+        assert bool(b["attention_mask"][:, -1].all())
+
+    seen.clear()
+    fast = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"],
+                                  project["data"], tmp_path / "f.jsonl", batch_size=3, max_new_tokens=2,
+                                  progress=False)
+    assert fast["decoder"] == "static-cache greedy" and fast["n_errors"] == 0
+    for b in seen:  # the fast decoder gets batches of one visual grid: no padding at all
+        assert bool(b["attention_mask"].all()) and bool((b["image_grid_thw"] == b["image_grid_thw"][0]).all())
+    assert sum(len(b["input_ids"]) for b in seen) == len(project["records"])
+
+
+def test_fast_decoder_equals_hf_generate(project, tmp_path):
+    """The static-cache greedy decoder gives HF greedy decoding's captions, end tokens included."""
+    model, processor, records = project["model"], project["processor"], project["records"]
+    kw = dict(batch_size=4, max_new_tokens=10, progress=False)
+    fast = engine.caption_records(model, processor, ENTRY, records, project["data"], tmp_path / "f.jsonl", **kw)
+    hf = engine.caption_records(model, processor, ENTRY, records, project["data"], tmp_path / "h.jsonl",
+                                decoder="hf", **kw)
+    assert (fast["decoder"], hf["decoder"]) == ("static-cache greedy", "hf generate")
+    f = {r["image_id"]: r["caption"] for r in _rows(tmp_path / "f.jsonl")}
+    h = {r["image_id"]: r["caption"] for r in _rows(tmp_path / "h.jsonl")}
+    assert f == h and len(set(f.values())) > 1
+
+
+def test_greedy_decoder_tokens_and_end_tokens(project):
+    from jpcap_helpers import decode
+
+    model, processor = project["model"], project["processor"]
+    by_size: dict = {}
+    for r in project["records"]:
+        im = engine.load_image_for_model(project["data"] / r["file_name"])
+        by_size.setdefault(im.size, []).append(im)
+    images = max(by_size.values(), key=len)[:4]
+    assert len(images) >= 3
+    prompt = engine.build_prompt(ENTRY, processor)
+    inputs = engine._prepare_inputs(processor, [prompt] * len(images), images)
+    pad = model.generation_config.pad_token_id
+    free = engine._generation_config(model, 12, 1, [], pad)  # no end token: all 12 steps
+    with torch.no_grad():
+        ref = model.generate(**inputs, generation_config=free)[:, inputs["input_ids"].shape[1]:]
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8)
+    assert torch.equal(dec.generate(inputs, 12), ref)
+    # declare a token the model emits mid-caption an end token: rows stop there, padded after it
+    stop = int(ref[0, 3])
+    cfg = engine._generation_config(model, 12, 1, [stop], pad)
+    with torch.no_grad():
+        ref_stop = model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
+    got = decode.GreedyDecoder(model, eos_ids=[stop], pad_id=pad, max_batch=8).generate(inputs, 12)
+    assert torch.equal(got[:, :ref_stop.shape[1]], ref_stop) and bool((got[:, ref_stop.shape[1]:] == pad).all())
+    assert int(got[0, 4]) == pad
+    # batches the decoder must not take
+    with pytest.raises(ValueError, match="max_batch"):
+        decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=2).generate(inputs, 4)
+    mixed = engine._prepare_inputs(processor, [prompt] * 2, [images[0], images[0].resize((60, 40))])
+    with pytest.raises(ValueError, match="one visual grid"):
+        dec.generate(mixed, 4)
+
+
+def test_greedy_decoder_with_an_unmerged_adapter(project):
+    """LoRA layers left unmerged (as on a 4-bit base) run inside the decoder's step too."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from jpcap_helpers import decode
+
+    model = copy.deepcopy(project["model"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.eval()
+    processor = project["processor"]
+    im = engine.load_image_for_model(project["data"] / project["records"][0]["file_name"])
+    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 2, [im, im])
+    cfg = engine._generation_config(peft_model, 8, 1, [], model.generation_config.pad_token_id)
+    with torch.no_grad():
+        ref = peft_model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
+        base = project["model"].generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
+    assert not torch.equal(ref, base), "the adapter must change the output for this test to mean anything"
+    assert decode.supports(peft_model, "qwen2_vl")
+    got = decode.GreedyDecoder(peft_model, eos_ids=[], pad_id=0, max_batch=2).generate(inputs, 8)
+    assert torch.equal(got, ref)
 
 
 def test_resume_after_kill_and_partial_line(project, tmp_path, monkeypatch):
@@ -142,14 +227,14 @@ def test_bad_images_become_error_rows(project, tmp_path, monkeypatch):
         {"image_id": 3, "file_name": "val2014/truncated.jpg"},
         {"image_id": 4, "file_name": "val2014/poison.png"},
     ]
-    real = engine._generate_batch
+    real = engine._prepare_inputs
 
-    def processor_rejects_poison(model, processor, prompts, images_, gen_cfg):
+    def processor_rejects_poison(processor, prompts, images_):
         if any(im.size == (61, 59) for im in images_):
             raise RuntimeError("processor error on the poison image")
-        return real(model, processor, prompts, images_, gen_cfg)
+        return real(processor, prompts, images_)
 
-    monkeypatch.setattr(engine, "_generate_batch", processor_rejects_poison)
+    monkeypatch.setattr(engine, "_prepare_inputs", processor_rejects_poison)
     summary = engine.caption_records(project["model"], project["processor"], ENTRY, records, images,
                                      tmp_path / "err.jsonl", batch_size=8, max_new_tokens=3, progress=False)
     rows = {r["image_id"]: r for r in _rows(tmp_path / "err.jsonl")}
@@ -172,10 +257,11 @@ def test_bad_images_become_error_rows(project, tmp_path, monkeypatch):
 
 def test_outputs_are_cleaned_and_normalised(project, tmp_path, monkeypatch):
     raw = ["assistant\nＡＢＣ　の 犬です。<|im_end|>\n<|im_start|>user\nもう一枚", "ｶﾒﾗ が二台。\n"]
-    monkeypatch.setattr(engine, "_generate_batch", lambda m, p, prompts, images, cfg: raw[: len(prompts)])
+    monkeypatch.setattr(engine, "_generate_batch", lambda m, p, inputs, dec: raw[: len(inputs["input_ids"])])
     records = project["records"][:2]
     engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
-                           tmp_path / "n.jsonl", batch_size=2, progress=False, extra={"split": "val"})
+                           tmp_path / "n.jsonl", batch_size=2, progress=False, extra={"split": "val"},
+                           decoder="hf")  # one batch of both images, whatever their grids
     rows = _rows(tmp_path / "n.jsonl")
     assert sorted(r["caption"] for r in rows) == sorted(["ABC の犬です。", "カメラが二台。"])
     assert all(r["model"] == "tiny-qwen2-vl" and r["split"] == "val" for r in rows)
@@ -243,3 +329,63 @@ def test_run_zero_shot_writes_predictions(project, capsys):
     assert len(sample) == 2
     first = next(r for r in project["records"] if r["image_id"] == sample.loc[0, "image_id"])
     assert sample.loc[0, "reference"] == first["captions"][0] and sample.loc[0, "file_name"] == first["file_name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (the lead runs these): the decoder with CUDA graphs against HF generate
+# ---------------------------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_gpu_fast_engine_equals_hf_on_tiny_model(project, tmp_path):
+    import copy
+
+    model = copy.deepcopy(project["model"]).to("cuda")
+    kw = dict(batch_size=4, max_new_tokens=10, progress=False)
+    fast = engine.caption_records(model, project["processor"], ENTRY, project["records"], project["data"],
+                                  tmp_path / "f.jsonl", **kw)
+    hf = engine.caption_records(model, project["processor"], ENTRY, project["records"], project["data"],
+                                tmp_path / "h.jsonl", decoder="hf", **kw)
+    assert fast["decoder"] == "static-cache greedy"
+    assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "f.jsonl")}
+            == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "h.jsonl")})
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_gpu_greedy_decoder_real_shape(project):
+    """Qwen2-VL-2B's shape (random weights), 640×480 images at 448² pixels: CUDA-graph decoding gives
+    HF greedy decoding's tokens (fp32: no rounding differences to flip an argmax)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from conftest import qwen2_vl_2b_config
+    from jpcap_helpers import decode
+
+    processor = copy_processor(project["processor"], 448 * 448)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2VLForConditionalGeneration(qwen2_vl_2b_config(processor.tokenizer)).eval()
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(480, 640, 3, generator=gen) * 255).byte().numpy()) for _ in range(6)]
+    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 6, images)
+    cfg = engine._generation_config(model, 12, 1, [], 0)
+    with torch.no_grad():
+        ref = model.generate(**inputs.to("cuda"), generation_config=cfg)[:, inputs["input_ids"].shape[1]:].cpu()
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8)
+    assert dec.cuda_graphs
+    got = dec.generate(inputs, 12).cpu()
+    assert dec.n_graph_captures == 1
+    assert torch.equal(got, ref), (got, ref)
+    del model
+    torch.cuda.empty_cache()
+
+
+def copy_processor(processor, max_pixels: int):
+    import copy
+
+    proc = copy.deepcopy(processor)
+    proc.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+    return proc

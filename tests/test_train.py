@@ -524,21 +524,12 @@ def test_cli_plan_only_and_bad_params(project, tmp_path, capsys):
 def real_shape_model_dir(out: Path, tokenizer_dir: Path) -> Path:
     """Qwen2-VL-2B-Instruct's architecture (shared/reference/qwen_vl_configs.json) with random fp16
     weights, saved with the tiny tokenizer/processor (special-token ids remapped to that tokenizer)."""
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from conftest import qwen2_vl_2b_config
 
     processor = AutoProcessor.from_pretrained(tokenizer_dir)
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in models.QWEN2_VL_SPECIAL_TOKENS}
-    text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_channels=3, hidden_size=1536,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    cfg = qwen2_vl_2b_config(processor.tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2VLForConditionalGeneration(cfg).to(torch.float16)
