@@ -72,6 +72,19 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
+def undo_lean_activations(model) -> int:
+    """Lever probe: put the plain SwiGLU/RMSNorm forwards back (fastpath.use_lean_activations undone)."""
+    from jpcap_helpers import fastpath
+    lean = {fastpath._lean_mlp_forward, fastpath._lean_rmsnorm_forward}
+    n = 0
+    for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) in lean:
+            del module.forward
+            n += 1
+    return n
+
+
 def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None):
     batch, n_img = synthetic_batch(arch, bs, max_pixels)
     batch = {k: v.cuda() for k, v in batch.items()}
@@ -127,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--rows", default="cookbook,qlora,lora,t4")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="add rows with torch.compile'd blocks (lever probe)")
+    ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
     args = ap.parse_args(argv)
     rows = args.rows.split(",")
     emit({"bench": "train", "versions": versions(), "arch": args.arch})
@@ -146,6 +160,11 @@ def main(argv=None):
             results.setdefault(key, {})[bs] = measure(
                 label, m, fast, args.arch, bs, p.model.max_pixels, args.steps,
                 {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
+        if args.lean_off:
+            n = undo_lean_activations(m)
+            for bs in args.batch:
+                measure(label + ", lean activations off", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                        {"unpatched_modules": n}, autocast=torch.bfloat16)
         del m
         free()
         if args.compile:

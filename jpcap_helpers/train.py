@@ -339,6 +339,9 @@ def prepare_model(model, params):
         warnings.simplefilter("ignore", FutureWarning)   # peft reads a deprecated transformers property
         peft_model = get_peft_model(model, config)
     base = _causal_lm(peft_model)
+    # same outputs, fewer activations kept for backward (SwiGLU, RMSNorm): docs/training.md
+    from .fastpath import use_lean_activations
+    use_lean_activations(base.model.language_model)
     if t.gradient_checkpointing:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

@@ -1,0 +1,207 @@
+"""Exact-math speed and memory patches for an already-loaded Qwen-VL model, applied in place.
+
+``use_batched_vision_attention``: transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention, for
+every non-flash implementation, reads ``cu_seqlens`` back to the host (``lengths.tolist()``: one device
+sync in every block) and calls attention once per image. The patched forward (SDPA only) computes the
+segment plan once per vision forward and caches it on the ``cu_seqlens`` tensor itself (the same object
+reaches every block), groups consecutive segments of equal length into runs and attends each run as one
+batch ``(n_segments, heads, L, head_dim)``. Attention never crosses a segment either way and nothing is
+masked, so the math is the original's; batching only changes how SDPA's kernel is launched. With all
+images the same size it is one SDPA call per block (Qwen2.5-VL's window blocks get a few runs).
+
+``use_lean_activations``: for the language model only, SwiGLU ``silu(gate) * up`` and RMSNorm become
+custom autograd Functions with the same forward ops (bit-identical outputs) that save less for backward:
+SwiGLU keeps ``gate`` and ``up`` (not also ``silu(gate)``) and recomputes the sigmoid; RMSNorm keeps the
+input in its own dtype plus the fp32 ``rstd`` (not the fp32 upcast and the normalised copy). Backward is
+the analytic gradient, computed in fp32 (fp64 for fp64 inputs) and cast back. Only the elementwise part
+is replaced, so LoRA-wrapped or 4-bit projections are untouched.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction"]
+
+# Vision attention classes whose forward was read (transformers 5.24): qkv -> rotary -> per-segment
+# attention -> reshape -> proj. The three are line-for-line the same.
+_VISION_ATTENTION = [
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
+]
+_VISION_SKIP = {"visual", "vision_tower", "vision_model"}
+
+
+def _verified_vision_classes() -> dict[type, tuple]:
+    """{class: (its module's apply_rotary_pos_emb_vision, its original forward)} for the classes present."""
+    found = {}
+    for mod_name, cls_name in _VISION_ATTENTION:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        cls = getattr(mod, cls_name, None)
+        if cls is not None and hasattr(mod, "apply_rotary_pos_emb_vision"):
+            found[cls] = (mod.apply_rotary_pos_emb_vision, cls.forward)
+    return found
+
+
+def _segment_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(start, n_segments, length)] for consecutive equal-length segments, cached on ``cu_seqlens``
+    (one host read per vision forward; recomputed if the tensor was modified in place)."""
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:                                      # inference tensors keep no version counter
+        version = None
+    cached = getattr(cu_seqlens, "_jpcap_runs", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    bounds = cu_seqlens.tolist()
+    runs: list[list[int]] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue                                   # empty window: contributes nothing
+        if runs and runs[-1][2] == b - a and runs[-1][0] + runs[-1][1] * runs[-1][2] == a:
+            runs[-1][1] += 1
+        else:
+            runs.append([a, 1, b - a])
+    plan = [tuple(r) for r in runs]
+    cu_seqlens._jpcap_runs = (version, plan)
+    return plan
+
+
+def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None,
+                                      max_seqlen=None, **kwargs):
+    """The verified VisionAttention forward with one SDPA call per run of equal-length segments."""
+    rope, original = self._jpcap_vision_impl
+    if self.config._attn_implementation != "sdpa":           # switched after patching: original path
+        return original(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rope(q, k, cos, sin)                               # (seq, heads, head_dim) each
+    dropout = 0.0 if not self.training else self.attention_dropout
+    outs = []
+    for start, n, length in _segment_runs(cu_seqlens):
+        end = start + n * length
+        qs, ks, vs = (t[start:end].unflatten(0, (n, length)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=self.scaling, is_causal=False)
+        outs.append(o.transpose(1, 2).reshape(n * length, -1))  # (n*L, heads*head_dim)
+    attn_output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return self.proj(attn_output.reshape(seq_length, -1).contiguous())
+
+
+def use_batched_vision_attention(model: torch.nn.Module) -> int:
+    """Batch the vision tower's per-image SDPA calls (see the module docstring); only modules configured
+    for ``sdpa`` change. Returns how many attention modules were patched."""
+    classes = _verified_vision_classes()
+    n = 0
+    for module in model.modules():
+        impl = classes.get(type(module))
+        if (impl is None or "forward" in module.__dict__
+                or getattr(module.config, "_attn_implementation", None) != "sdpa"):
+            continue
+        module._jpcap_vision_impl = impl
+        module.forward = types.MethodType(_batched_vision_attention_forward, module)
+        n += 1
+    return n
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)          # fp32, or fp64 for fp64 inputs
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` saving only ``gate`` and ``up``; backward recomputes the sigmoid."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        acc = _acc_dtype(torch.promote_types(gate.dtype, up.dtype))
+        g, u, go = gate.to(acc), up.to(acc), grad_out.to(acc)
+        sig = torch.sigmoid(g)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:   # d silu(g)/dg = sig * (1 + g * (1 - sig))
+            grad_gate = (go * u * sig * (1 + g * (1 - sig))).to(gate.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_up = (go * g * sig).to(up.dtype)
+        return grad_gate, grad_up
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """HF's RMSNorm (upcast, ``x * rsqrt(mean(x²) + eps)``, cast back, times weight) saving the input in
+    its own dtype and the fp32 ``rstd`` ([..., 1]). Upcasts to fp32 as HF does (fp64 stays fp64)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.to(_acc_dtype(x.dtype))
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        xhat = x.to(acc) * rstd
+        go = grad_out.to(acc)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gxhat = go * weight.to(acc)
+            grad_x = (rstd * (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (go * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _lean_mlp_forward(self, x):
+    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _lean_rmsnorm_forward(self, hidden_states):
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _text_modules(model: torch.nn.Module):
+    """Modules of the language model: under ``language_model`` when there is one, else all but vision."""
+    named = list(model.named_modules())
+    has_lm = any("language_model" in name.split(".") for name, _ in named)
+    for name, module in named:
+        parts = set(name.split("."))
+        if parts & _VISION_SKIP or (has_lm and "language_model" not in parts):
+            continue
+        yield module
+
+
+def _is_silu(act) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return isinstance(act, (torch.nn.SiLU, SiLUActivation))
+
+
+def use_lean_activations(model: torch.nn.Module) -> int:
+    """Swap the language model's SwiGLU MLPs and RMSNorms for the lean Functions (same outputs, fewer
+    saved bytes). Returns how many modules were patched."""
+    n = 0
+    for module in _text_modules(model):
+        if "forward" in module.__dict__:                      # already patched (or otherwise overridden)
+            continue
+        if (all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+                and _is_silu(getattr(module, "act_fn", None))):
+            module.forward = types.MethodType(_lean_mlp_forward, module)
+        elif (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+              and module.weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float)):
+            module.forward = types.MethodType(_lean_rmsnorm_forward, module)
+        else:
+            continue
+        n += 1
+    return n
