@@ -85,7 +85,7 @@ def engine_rate(model, processor, entry, records, root, bs, decoder, tag):
                                   max_new_tokens=NEW_TOKENS, progress=False, decoder=decoder)
 
 
-def stage_times(model, processor, entry, prompt, images, bs) -> dict:
+def stage_times(model, processor, entry, prompt, images, bs, compile_probe=False) -> dict:
     """Where a fast-decoder batch spends its time: preprocessing (CPU), vision tower, prefill, decoding."""
     from jpcap_helpers import decode, engine
 
@@ -93,6 +93,12 @@ def stage_times(model, processor, entry, prompt, images, bs) -> dict:
     t = time.perf_counter()
     inputs = engine._prepare_inputs(processor, [prompt] * bs, images[:bs])
     pre = time.perf_counter() - t
+    engine._prepare_inputs(processor, [prompt] * bs, images[:bs], device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine._prepare_inputs(processor, [prompt] * bs, images[:bs], device="cuda")
+    torch.cuda.synchronize()
+    pre_gpu = time.perf_counter() - t
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs)
     dec.generate(inputs, NEW_TOKENS)  # capture
     torch.cuda.synchronize()
@@ -124,10 +130,26 @@ def stage_times(model, processor, entry, prompt, images, bs) -> dict:
         vit_per_image = time.perf_counter() - t
         for m, fwd in zip(patched, saved):
             m.forward = fwd
+        vit_compiled = None
+        if compile_probe:  # lever probe: regional torch.compile of the ViT blocks (not a default)
+            for blk in base.model.visual.blocks:
+                blk.compile()
+            t = time.perf_counter()
+            base.model.visual(pv, grid_thw=grid)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t
+            t = time.perf_counter()
+            base.model.visual(pv, grid_thw=grid)
+            torch.cuda.synchronize()
+            vit_compiled = {"vit_compiled_ms": round(1000 * (time.perf_counter() - t), 1),
+                            "first_call_with_compile_s": round(compile_s, 1)}
+            for blk in base.model.visual.blocks:
+                blk._compiled_call_impl = None
+            torch._dynamo.reset()
     ms = lambda x: round(1000 * x, 1)  # noqa: E731
-    return {"batch": bs, "preprocess_cpu_ms": ms(pre), "vit_ms": ms(vit), "vit_per_image_attention_ms": ms(vit_per_image), "prefill_incl_vit_ms": ms(prefill),
+    return {"batch": bs, "preprocess_cpu_ms": ms(pre), "preprocess_gpu_ms": ms(pre_gpu), "vit_ms": ms(vit), "vit_per_image_attention_ms": ms(vit_per_image), "prefill_incl_vit_ms": ms(prefill),
             "decode_ms": ms(total - prefill), "gpu_total_ms": ms(total),
-            "gpu_only_images_per_s": round(bs / total, 1), "cuda_graphs": dec.cuda_graphs}
+            "gpu_only_images_per_s": round(bs / total, 1), "cuda_graphs": dec.cuda_graphs, **(vit_compiled or {})}
 
 
 def main(argv=None):
@@ -137,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--loop-images", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--compile-probe", action="store_true", help="also time the ViT with torch.compile'd blocks")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
 
@@ -182,7 +205,7 @@ def main(argv=None):
             emit(row)
     for bs in args.batch:
         emit({"bench": "generate", "row": "fast decoder stages (merged adapter)", **stage_times(
-            model, processor, entry, prompt, images, bs)})
+            model, processor, entry, prompt, images, bs, compile_probe=args.compile_probe and bs == max(args.batch))})
     del model
     gc.collect()
     torch.cuda.empty_cache()

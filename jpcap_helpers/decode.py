@@ -152,7 +152,9 @@ class GreedyDecoder:
     def _graph(self, bp: int):
         graph = self._graphs.get(bp)
         if graph is None:
-            saved = (self.slot.clone(), self.pos.clone(), self.step_idx.clone())
+            # the warm-up step really runs: point it at valid slots (the next batch overwrites them)
+            for counter in (self.slot, self.pos, self.step_idx):
+                counter.zero_()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -162,8 +164,6 @@ class GreedyDecoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 self._step(bp)
             self._pool = graph.pool()
-            for dst, src in zip((self.slot, self.pos, self.step_idx), saved):
-                dst.copy_(src)
             self._graphs[bp] = graph
             self.n_graph_captures += 1
         return graph

@@ -17,8 +17,8 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,14 +254,22 @@ def _generation_config(model: Any, max_new_tokens: int, num_beams: int, eos: lis
     return cfg
 
 
-def _prepare_inputs(processor: Any, prompts: list[str], images: list):
-    """The processor's tensors for one batch (left-padded when lengths differ), on the CPU."""
+def _prepare_inputs(processor: Any, prompts: list[str], images: list, device: Any = None):
+    """The processor's tensors for one batch (left-padded when lengths differ); with ``device`` the
+    image processor resizes, normalises and patchifies there (the torchvision-based Qwen processors)."""
     tok = _tokenizer(processor)
     if getattr(tok, "padding_side", "left") != "left":
         tok.padding_side = "left"
-    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    kwargs = {"device": str(device)} if device is not None else {}
+    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt", **kwargs)
     inputs.pop("labels", None)  # PaliGemmaProcessor still returns labels (BC); generate must not get them
     return inputs
+
+
+# image preprocessing on the GPU for the fast decoder (CPU preprocessing of 640×480 images costs
+# ≈6.6 ms per image, more than the GPU needs to caption it: benchmarks/RESULTS.md)
+PREPROCESS_ON_GPU = True
+_GPU_IMAGE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast")
 
 
 class _Decoder:
@@ -280,6 +288,9 @@ class _Decoder:
             self.fast = decode.GreedyDecoder(model, eos_ids=eos if isinstance(eos, list) else [eos],
                                              pad_id=gen_cfg.pad_token_id, max_batch=batch_size)
         self.name = "static-cache greedy" if self.fast is not None else "hf generate"
+        self.preprocess_device = None
+        if self.fast is not None and self.fast.device.type == "cuda" and PREPROCESS_ON_GPU:
+            self.preprocess_device = self.fast.device
 
     def __call__(self, inputs) -> Any:
         import torch
@@ -302,14 +313,8 @@ class _Decoder:
 def _generate_batch(model: Any, processor: Any, inputs: Any, decoder: _Decoder) -> list[str]:
     """Raw decoded continuations (new tokens only) for one batch of processor inputs; raises on failure."""
     new_tokens = decoder(inputs)
-    with _TOKENIZER_LOCK:
-        return _tokenizer(processor).batch_decode(new_tokens.cpu(), skip_special_tokens=True,
-                                                  clean_up_tokenization_spaces=False)
-
-
-# the next batch is prepared in a worker thread; a fast tokenizer must not encode (which may change
-# its padding state) while another thread decodes
-_TOKENIZER_LOCK = threading.Lock()
+    return _tokenizer(processor).batch_decode(new_tokens.cpu(), skip_special_tokens=True,
+                                              clean_up_tokenization_spaces=False)
 
 
 def _record_fields(record: Any, where: str) -> tuple[int, str]:
@@ -351,9 +356,9 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     to ``max_new_tokens``, stopping at the model's end tokens; only new tokens are decoded, then
     cleaned (:func:`clean_output`) and normalised (``text.normalize_caption``). ``decoder="auto"``
     decodes Qwen2-VL / Qwen2.5-VL greedily with :class:`jpcap_helpers.decode.GreedyDecoder` (batches of
-    one visual grid, static KV cache, CUDA-graph steps on GPU); other models, beam search and
-    ``decoder="hf"`` use HF ``generate`` on left-padded batches. The next batch's images are loaded
-    and preprocessed in a worker thread while the current one decodes. An image that cannot be read
+    one visual grid, static KV cache, CUDA-graph steps and image preprocessing on the GPU); other
+    models, beam search and ``decoder="hf"`` use HF ``generate`` on left-padded batches. The next
+    batch's images are decoded in threads while the current one is captioned. An image that cannot be read
     or processed becomes a row with ``"caption": ""`` and ``"error"`` (a failing batch is retried
     image by image).
 
@@ -450,33 +455,23 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                 bar.update(len(rows))
                 bar.set_postfix(errors=stats["n_errors"], refresh=False)
 
-    def prepare(items: list[_Item]) -> tuple[dict, list[_Item], Any]:
-        """Load and preprocess one batch (worker thread): (error rows, loaded items, inputs or the
-        exception the processor raised)."""
+    image_processor = type(getattr(processor, "image_processor", None)).__name__
+    preprocess_on = run_decoder.preprocess_device if image_processor in _GPU_IMAGE_PROCESSORS else None
+
+    def caption_group(items: list[_Item], loads: Optional[list] = None) -> list[dict]:
+        """Caption one batch; ``loads`` are the futures of its images (loaded ahead in threads)."""
         rows: dict[int, dict] = {}
         loaded, images = [], []
-        for it in items:
+        for i, it in enumerate(items):
             try:
-                images.append(load_image_for_model(it.path))
+                images.append(loads[i].result() if loads is not None else load_image_for_model(it.path))
                 loaded.append(it)
             except Exception as exc:
                 rows[it.image_id] = {"image_id": it.image_id, "caption": "", **base_row, **extra,
                                      "error": _error_text(exc)}
-        inputs: Any = None
         if loaded:
             try:
-                with _TOKENIZER_LOCK:
-                    inputs = _prepare_inputs(processor, [text_prompt] * len(loaded), images)
-            except Exception as exc:
-                inputs = exc
-        return rows, loaded, inputs
-
-    def caption_group(items: list[_Item], prepared=None) -> list[dict]:
-        rows, loaded, inputs = prepared if prepared is not None else prepare(items)
-        if loaded:
-            try:
-                if isinstance(inputs, BaseException):
-                    raise inputs
+                inputs = _prepare_inputs(processor, [text_prompt] * len(loaded), images, device=preprocess_on)
                 raw = _generate_batch(model, processor, inputs, run_decoder)
                 if len(raw) != len(loaded):
                     raise RuntimeError(f"generation returned {len(raw)} texts for {len(loaded)} images")
@@ -493,18 +488,26 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                 else:  # isolate the culprit (or an out-of-memory batch) image by image
                     for it in loaded:
                         rows.update({r["image_id"]: r for r in caption_group([it])})
+            finally:
+                del images
         return [rows[it.image_id] for it in items]
 
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpcap-prefetch")
+    # JPEG decoding runs in threads (PIL releases the GIL), one batch ahead of the GPU
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                              thread_name_prefix="jpcap-load")
+
+    def load_ahead(items: list[_Item]) -> list:
+        return [pool.submit(load_image_for_model, it.path) for it in items]
+
     try:
         emit(error_rows)
-        upcoming = pool.submit(prepare, batches[0]) if batches else None
+        upcoming = load_ahead(batches[0]) if batches else None
         for i, batch in enumerate(batches):
-            prepared = upcoming.result()
-            upcoming = pool.submit(prepare, batches[i + 1]) if i + 1 < len(batches) else None
-            emit(caption_group(batch, prepared))
+            loads = upcoming
+            upcoming = load_ahead(batches[i + 1]) if i + 1 < len(batches) else None
+            emit(caption_group(batch, loads))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
