@@ -613,7 +613,7 @@ def test_tiny_on_cuda_resume_matches(project, method):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory):
+def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, monkeypatch):
     """Qwen2-VL-2B's shape (random weights, fp32 so rounding cannot hide a difference): the fast path
     (patched model, ViT without autograd, logits at caption positions) gives the plain transformers
     loss and the same LoRA/projector gradients on the same batch."""
@@ -625,6 +625,9 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory):
     params = make_params(project, "gpu-equiv", method="lora", top_k_layers=6, lora_rank=32, lora_alpha=32,
                          projector="trainable")
     params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
+    # the plain model's Conv3d patch embedding would run in TF32 through cuDNN (its default), the fast
+    # path's equivalent matmul in full fp32: compare both in fp32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model, processor, entry = models.load_model(params, for_training=True)
     model = T.prepare_model(model, params)
     model.eval()
@@ -642,7 +645,8 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory):
     assert (s / n).item() == pytest.approx(plain.item(), rel=1e-4)
     ref_grads = dict(reference.named_parameters())
     for k, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=2e-3, atol=1e-6, msg=k)
+        if p.requires_grad:  # relative error of the whole tensor: sums over many tokens cancel elementwise
+            err = (p.grad - ref_grads[k].grad).norm() / ref_grads[k].grad.norm().clamp_min(1e-30)
+            assert err < 1e-3, (k, float(err))
     del model, reference
     torch.cuda.empty_cache()
