@@ -4,8 +4,9 @@ same run, same GPU, same synthetic batches (640×480 images, 20 prompt + 24 capt
     python benchmarks/bench_train.py [--arch qwen2-vl-2b] [--batch 8 16 32] [--rows all]
 
 Rows: cookbook (prepare_model_for_kbit_training + gradient checkpointing + full-vocabulary loss +
-default max_pixels), jpcap QLoRA with params/h100.yaml defaults, jpcap bf16 LoRA, and the T4 recipe
-(params/colab_t4.yaml: fp16, sdpa, 4-bit, gradient checkpointing) for peak memory.
+default max_pixels), jpcap QLoRA with params/h100.yaml defaults (regional torch.compile included),
+jpcap bf16 LoRA, and the T4 recipe (params/colab_t4.yaml: fp16, sdpa, 4-bit, gradient checkpointing,
+no compile) for peak memory. --lean-off / --compile-off add same-run rows with one lever off.
 Prints one JSON line per measurement (and appends to $BENCH_OUT).
 """
 from __future__ import annotations
@@ -60,16 +61,6 @@ def jpcap_model(path: Path, params_file: str, method: str, overrides: dict | Non
     if method != "qlora":
         model.to("cuda")
     return model, params
-
-
-def compile_blocks(model) -> int:
-    """Lever probe (not a default): regional torch.compile of every ViT block and language layer."""
-    from jpcap_helpers.train import _causal_lm
-    base = _causal_lm(model)
-    blocks = list(base.model.visual.blocks) + list(base.model.language_model.layers)
-    for blk in blocks:
-        blk.compile()
-    return len(blocks)
 
 
 def undo_lean_activations(model) -> int:
@@ -139,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--rows", default="cookbook,qlora,lora,t4")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--compile", action="store_true", help="add rows with torch.compile'd blocks (lever probe)")
+    ap.add_argument("--compile-off", action="store_true", help="add rows without torch.compile (lever probe)")
     ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
     args = ap.parse_args(argv)
     rows = args.rows.split(",")
@@ -167,20 +158,16 @@ def main(argv=None):
                         {"unpatched_modules": n}, autocast=torch.bfloat16)
         del m
         free()
-        if args.compile:
-            m, p = jpcap_model(path, "params/h100.yaml", key)
-            try:
-                n = compile_blocks(m)
-                for bs in args.batch:
-                    measure(label + " + torch.compile", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
-                            {"compiled_blocks": n}, autocast=torch.bfloat16)
-            except Exception as e:  # record what happened; the other rows still run
-                emit({"bench": "train", "row": label + " + torch.compile", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        if args.compile_off:
+            m, p = jpcap_model(path, "params/h100.yaml", key, {"model.compile": False})
+            for bs in args.batch:
+                measure(label + ", torch.compile off", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                        autocast=torch.bfloat16)
             del m
-            torch._dynamo.reset()
             free()
     if "t4" in rows:
-        m, p = jpcap_model(path, "params/colab_t4.yaml", "qlora", {"model.precision": "fp16"})
+        # as on a T4: fp16, and no torch.compile (model.compile applies from compute capability 8.0)
+        m, p = jpcap_model(path, "params/colab_t4.yaml", "qlora", {"model.precision": "fp16", "model.compile": False})
         measure("T4 recipe (colab_t4.yaml: fp16, 4-bit, grad. checkpointing) — memory", m, fast, args.arch,
                 p.train.micro_batch_size, p.model.max_pixels, args.steps,
                 {"gradient_checkpointing": p.train.gradient_checkpointing, "note": "speed is the H100's, not a T4's"},

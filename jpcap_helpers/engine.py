@@ -153,6 +153,17 @@ def load_image_for_model(path: str | Path):
     return load_image(path)
 
 
+def _load_image_tensor(path: str | Path, pin: bool = True):
+    """The same image as a (3, H, W) uint8 tensor, in pinned memory for a fast copy to the GPU (the
+    image processor converts a PIL image to exactly this; doing it in the loader threads keeps that
+    work off the thread that drives the GPU)."""
+    import numpy as np
+    import torch
+
+    tensor = torch.from_numpy(np.array(load_image(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return tensor.pin_memory() if pin else tensor
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) as the model will see it (EXIF rotation applied), from the header only."""
     from PIL import Image
@@ -457,6 +468,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
 
     image_processor = type(getattr(processor, "image_processor", None)).__name__
     preprocess_on = run_decoder.preprocess_device if image_processor in _GPU_IMAGE_PROCESSORS else None
+    loader = _load_image_tensor if preprocess_on is not None else load_image_for_model
 
     def caption_group(items: list[_Item], loads: Optional[list] = None) -> list[dict]:
         """Caption one batch; ``loads`` are the futures of its images (loaded ahead in threads)."""
@@ -464,7 +476,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
         loaded, images = [], []
         for i, it in enumerate(items):
             try:
-                images.append(loads[i].result() if loads is not None else load_image_for_model(it.path))
+                images.append(loads[i].result() if loads is not None else loader(it.path))
                 loaded.append(it)
             except Exception as exc:
                 rows[it.image_id] = {"image_id": it.image_id, "caption": "", **base_row, **extra,
@@ -499,7 +511,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                               thread_name_prefix="jpcap-load")
 
     def load_ahead(items: list[_Item]) -> list:
-        return [pool.submit(load_image_for_model, it.path) for it in items]
+        return [pool.submit(loader, it.path) for it in items]
 
     try:
         emit(error_rows)

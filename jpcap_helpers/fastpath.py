@@ -9,6 +9,9 @@ batch ``(n_segments, heads, L, head_dim)``. Attention never crosses a segment ei
 masked, so the math is the original's; batching only changes how SDPA's kernel is launched. With all
 images the same size it is one SDPA call per block (Qwen2.5-VL's window blocks get a few runs).
 
+``compile_blocks``: regional ``torch.compile`` (each vision block / language layer compiled in place) fuses
+the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used.
+
 ``use_lean_activations``: for the language model only, SwiGLU ``silu(gate) * up`` and RMSNorm become
 custom autograd Functions with the same forward ops (bit-identical outputs) that save less for backward:
 SwiGLU keeps ``gate`` and ``up`` (not also ``silu(gate)``) and recomputes ``silu(gate)`` in backward
@@ -25,7 +28,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction"]
+__all__ = ["use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
+           "compile_supported", "compile_blocks"]
 
 # Vision attention classes whose forward was read (transformers 5.24): qkv -> rotary -> per-segment
 # attention -> reshape -> proj. The three are line-for-line the same.
@@ -204,4 +208,21 @@ def use_lean_activations(model: torch.nn.Module) -> int:
         else:
             continue
         n += 1
+    return n
+
+
+def compile_supported() -> bool:
+    """Regional ``torch.compile`` is used on CUDA GPUs of compute capability ≥ 8.0 (measured on H100/H200;
+    not on CPU, where the tests run, nor on a T4, where it was never tried)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def compile_blocks(blocks) -> int:
+    """``Module.compile()`` each block in place (same parameters and state_dict keys; one compiled graph
+    shared by blocks of one class, recompiled once when shapes first change). Returns the count."""
+    n = 0
+    for block in blocks:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile()
+            n += 1
     return n

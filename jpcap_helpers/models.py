@@ -428,8 +428,11 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     if quant and not torch.cuda.is_available():
         cpu_safe_4bit(model)
     use_linear_patch_embed(model)
-    from .fastpath import use_batched_vision_attention
+    from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if params.model.compile and compile_supported() and hasattr(visual, "blocks"):
+        compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
     processor = load_processor(params, name)

@@ -90,6 +90,7 @@ class ModelParams:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     load_in_4bit: bool = False
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    compile: bool = True                  # regional torch.compile on GPUs of compute capability ≥ 8.0
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
     models_dir: str = _path_field("outputs/models")  # where the tiny model is built

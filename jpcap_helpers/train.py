@@ -340,8 +340,10 @@ def prepare_model(model, params):
         peft_model = get_peft_model(model, config)
     base = _causal_lm(peft_model)
     # same outputs, fewer activations kept for backward (SwiGLU, RMSNorm): docs/training.md
-    from .fastpath import use_lean_activations
+    from .fastpath import compile_blocks, compile_supported, use_lean_activations
     use_lean_activations(base.model.language_model)
+    if params.model.compile and compile_supported():
+        compile_blocks(base.model.language_model.layers)
     if t.gradient_checkpointing:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

@@ -149,6 +149,18 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
         dec.generate(mixed, 4)
 
 
+def test_image_tensors_preprocess_like_pil_images(project):
+    """The GPU path hands the processor uint8 tensors decoded in the loader threads: same pixels."""
+    processor = project["processor"]
+    paths = [project["data"] / r["file_name"] for r in project["records"][:3]]
+    prompt = engine.build_prompt(ENTRY, processor)
+    from_pil = engine._prepare_inputs(processor, [prompt] * 3, [engine.load_image_for_model(p) for p in paths])
+    from_tensor = engine._prepare_inputs(processor, [prompt] * 3, [engine._load_image_tensor(p, pin=False)
+                                                                    for p in paths])
+    for key in ("input_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(from_pil[key], from_tensor[key]), key
+
+
 def test_greedy_decoder_with_an_unmerged_adapter(project):
     """LoRA layers left unmerged (as on a 4-bit base) run inside the decoder's step too."""
     import copy

@@ -625,6 +625,7 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, m
     params = make_params(project, "gpu-equiv", method="lora", top_k_layers=6, lora_rank=32, lora_alpha=32,
                          projector="trainable")
     params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
+    params.model.compile = False  # compiled blocks: the next test
     # the plain model's Conv3d patch embedding would run in TF32 through cuDNN (its default), the fast
     # path's equivalent matmul in full fp32: compare both in fp32
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -650,3 +651,41 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, m
             assert err < 1e-3, (k, float(err))
     del model, reference
     torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
+    """model.compile (regional torch.compile of ViT blocks and language layers) on the real shape:
+    the same loss and gradients as without it, within fp32 rounding, over two optimizer steps."""
+    tiny_params = make_params(project, "tok")
+    models.ensure_tiny_model(tiny_params)
+    folder = tmp_path_factory.getbasetemp() / "qwen2vl-2b-random"
+    if not (folder / "config.json").exists():
+        real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
+    runs = {}
+    for compiled in (True, False):
+        params = make_params(project, f"gpu-compile-{compiled}", method="lora", top_k_layers=6, lora_rank=32,
+                             lora_alpha=32, projector="trainable")
+        params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
+        params.model.compile = compiled
+        model, processor, entry = models.load_model(params, for_training=True)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model = T.prepare_model(model, params)
+        model.eval()
+        assert (getattr(model.base_model.model.model.language_model.layers[0], "_compiled_call_impl", None)
+                is not None) == compiled
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for start in (0, 4):
+            batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 4, start=start))
+            batch = {k: v.to("cuda") for k, v in batch.items()}
+            s, n = T.caption_loss(model, batch)
+            (s / n).backward()
+            losses.append((s / n).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[compiled] = losses
+        del model, opt
+        torch.cuda.empty_cache()
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4), runs
