@@ -88,7 +88,7 @@ def random_model_dir(arch: str, root: str | Path = "/tmp/jpcap-bench") -> Path:
     batches are synthetic ids, so only the image processor matters)."""
     from transformers import AutoModelForImageTextToText
 
-    out = Path(root) / f"{arch}-v2"
+    out = Path(root) / f"{arch}-v3"
     if (out / "config.json").exists():
         return out
     processor = processor_for(arch)
@@ -111,7 +111,8 @@ def processor_for(arch: str):
     from jpcap_helpers.models import train_tiny_tokenizer
     tok = train_tiny_tokenizer(["画像の説明"] * 10, 300)
     from transformers import Qwen2VLVideoProcessor
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+    patch = CONFIGS[ARCHS[arch]]["vision"].get("patch_size", 14)  # Qwen3-VL: 16
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=patch), tokenizer=tok,
                             video_processor=Qwen2VLVideoProcessor())
 
 
@@ -127,8 +128,7 @@ def synthetic_batch(arch: str, bs: int, max_pixels: int, prompt_len: int = 20, c
     caption and the end token."""
     from transformers import Qwen2VLImageProcessor
 
-    patch = 16 if arch == "qwen3-vl-2b" else 14
-    ip = Qwen2VLImageProcessor(patch_size=patch)
+    ip = Qwen2VLImageProcessor(patch_size=CONFIGS[ARCHS[arch]]["vision"].get("patch_size", 14))
     out = ip(images=synthetic_images(bs, seed=seed), return_tensors="pt", size={"shortest_edge": min_pixels,
                                                                               "longest_edge": max_pixels})
     thw = out["image_grid_thw"]

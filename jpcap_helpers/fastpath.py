@@ -211,10 +211,16 @@ def use_lean_activations(model: torch.nn.Module) -> int:
     return n
 
 
-def compile_supported() -> bool:
-    """Regional ``torch.compile`` is used on CUDA GPUs of compute capability ≥ 8.0 (measured on H100/H200;
-    not on CPU, where the tests run, nor on a T4, where it was never tried)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+# model types whose compiled blocks were measured on a GPU (speed, and the same losses and captions
+# as eager): benchmarks/RESULTS.md; others run eagerly until measured
+COMPILE_MEASURED = ("qwen2_vl",)
+
+
+def compile_supported(model_type: str) -> bool:
+    """Whether regional ``torch.compile`` is used: a measured model type on a CUDA GPU of compute
+    capability ≥ 8.0 (not on CPU, where the tests run, nor on a T4, where it was never tried)."""
+    return (model_type in COMPILE_MEASURED and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (8, 0))
 
 
 def compile_blocks(blocks) -> int:

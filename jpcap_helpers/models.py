@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -431,7 +431,7 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
     visual = getattr(getattr(model, "model", None), "visual", None)
-    if params.model.compile and compile_supported() and hasattr(visual, "blocks"):
+    if params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"):
         compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")

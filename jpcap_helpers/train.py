@@ -342,7 +342,8 @@ def prepare_model(model, params):
     # same outputs, fewer activations kept for backward (SwiGLU, RMSNorm): docs/training.md
     from .fastpath import compile_blocks, compile_supported, use_lean_activations
     use_lean_activations(base.model.language_model)
-    if params.model.compile and compile_supported():
+    if params.model.compile and compile_supported(model_type) and not t.gradient_checkpointing:
+        # compiled layers inside gradient checkpointing were never measured: those run eagerly
         compile_blocks(base.model.language_model.layers)
     if t.gradient_checkpointing:
         with warnings.catch_warnings():
