@@ -85,7 +85,7 @@ def engine_rate(model, processor, entry, records, root, bs, decoder, tag):
                                   max_new_tokens=NEW_TOKENS, progress=False, decoder=decoder)
 
 
-def stage_times(model, processor, entry, prompt, images, bs) -> dict:
+def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) -> dict:
     """Where a fast-decoder batch spends its time: preprocessing (CPU), vision tower, prefill, decoding."""
     from jpcap_helpers import decode, engine
 
@@ -101,8 +101,9 @@ def stage_times(model, processor, entry, prompt, images, bs) -> dict:
     engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # as the engine does
     torch.cuda.synchronize()
     pre_gpu = time.perf_counter() - t
-    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs)
-    dec.generate(inputs, NEW_TOKENS)  # capture
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs, **decoder_options)
+    dec.generate(inputs, NEW_TOKENS)  # capture (and compile, for the own-prefill probe)
+    dec.generate(inputs, 1)
     torch.cuda.synchronize()
     t = time.perf_counter()
     dec.generate(inputs, NEW_TOKENS)
@@ -135,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--loop-images", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--own-prefill", action="store_true",
+                    help="also time the decoder's own prefill with one torch.compile'd layer function (lever probe)")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
 
@@ -194,6 +197,9 @@ def main(argv=None):
     for bs in (args.batch if fast else []):
         emit({"bench": "generate", "row": f"fast decoder stages ({with_adapter})", **stage_times(
             model, processor, entry, prompt, images, bs)})
+        if args.own_prefill:  # lever probe: the decoder's own prefill, one compiled layer function
+            emit({"bench": "generate", "row": f"fast decoder stages, own compiled prefill ({with_adapter})",
+                  **stage_times(model, processor, entry, prompt, images, bs, prefill="own", compile_prefill=True)})
     del model
     gc.collect()
     torch.cuda.empty_cache()

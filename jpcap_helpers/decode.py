@@ -12,6 +12,10 @@ token. Captions are short and every prompt is the same text around one image, so
    once per batch-size bucket as a CUDA graph and replayed (one launch per token instead of
    hundreds); a 4-bit (bitsandbytes) model runs the same step eagerly.
 
+``prefill="own"`` (with ``compile_prefill``) runs the prompt through one layer function straight into the
+KV buffers instead of the model's forward: a lever tested for exactness on CPU, not yet measured on a
+GPU, so not the engine's default.
+
 Greedy only (beam search stays with HF ``generate``). Rows are cut at their first end token, so the
 tokens equal HF greedy decoding's up to floating-point ties (tests compare both on the tiny model,
 and on the GPU for the real shape).
@@ -62,6 +66,26 @@ def _bucket(n: int, cap: int) -> int:
     return min(b, max(cap, n))
 
 
+def _prefill_layer(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+    """One decoder layer over the whole prompt (causal, no padding), writing its keys/values into the
+    decoder's buffers. The same math as the model's layer; a plain function of its inputs, so one
+    ``torch.compile`` of it serves every layer."""
+    attn = layer.self_attn
+    bsz, length, _ = h.shape
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    k_out.copy_(k)
+    v_out.copy_(v)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(bsz, length, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 class GreedyDecoder:
     """Greedy decoding of one-image caption prompts with a static KV cache (CUDA-graph steps on GPU).
 
@@ -71,7 +95,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model: Any, *, eos_ids: Sequence[int], pad_id: Optional[int], max_batch: int,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, prefill: str = "model", compile_prefill: bool = False):
         self.model = model
         self.base = _unwrap(model)
         self.inner = self.base.model
@@ -87,6 +111,15 @@ class GreedyDecoder:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         attn0 = self.lm.layers[0].self_attn
         self._rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
+        if prefill not in ("model", "own"):
+            raise ValueError(f"prefill must be 'model' or 'own', got {prefill!r}")
+        # "model": the model's own forward, its KV cache copied into the buffers (the default);
+        # "own": _prefill_layer straight into the buffers, optionally compiled (a lever still to be
+        # measured on a GPU: benchmarks/RESULTS.md)
+        self.prefill = prefill
+        self._prefill_fn = _prefill_layer
+        if compile_prefill:
+            self._prefill_fn = torch.compile(_prefill_layer, dynamic=True)
         self.capacity = 0
         self._graphs: dict[int, Any] = {}
         self._pool = None
@@ -181,6 +214,24 @@ class GreedyDecoder:
                              "and one prompt")
         return ids, grid
 
+    def _prompt_embeddings(self, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """Token embeddings with the projector's image features at the image-pad positions."""
+        ids = kwargs["input_ids"]
+        embeds = self.lm.embed_tokens(ids)
+        image = self.inner.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+        features = torch.cat(list(image.pooler_output), dim=0).to(embeds.dtype)
+        mask = (ids == self.base.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, features)
+
+    def _own_prefill(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt through every layer into the KV buffers; returns the first new token per row."""
+        batch, length, _ = h.shape
+        cos, sin = self.lm.rotary_emb(h, position_ids)
+        for i, layer in enumerate(self.lm.layers):
+            h = self._prefill_fn(layer, self._rope, h, cos, sin, self.k[i, :batch, :, :length],
+                                 self.v[i, :batch, :, :length])
+        return self.head(self.lm.norm(h[:, -1:]))[:, -1].argmax(-1)
+
     @torch.no_grad()
     def generate(self, inputs: Mapping[str, Any], max_new_tokens: int) -> torch.Tensor:
         ids, grid = self._check_batch(inputs)
@@ -207,20 +258,28 @@ class GreedyDecoder:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.inner(position_ids=position_ids, use_cache=True, **kwargs)
-            first = self.head(out.last_hidden_state[:, -1]).argmax(-1)
-            cache = out.cache
-            k0 = cache.layers[0].keys
-            self._ensure_capacity(length, max_new_tokens, k0.dtype, k0.shape[1], k0.shape[3])
             bp = _bucket(batch, self.max_batch)
             # under autocast (validation inside training) the step runs eagerly: autocast's cast cache
             # and graph capture do not mix
             use_graph = self.cuda_graphs and max_new_tokens > 1 and not torch.is_autocast_enabled("cuda")
-            graph = self._graph(bp) if use_graph else None
-            for i, layer in enumerate(cache.layers):
-                self.k[i, :batch, :, :length].copy_(layer.keys)
-                self.v[i, :batch, :, :length].copy_(layer.values)
-            del out, cache
+            if self.prefill == "own":
+                attn0 = self.lm.layers[0].self_attn
+                embeds = self._prompt_embeddings(kwargs)
+                self._ensure_capacity(length, max_new_tokens, embeds.dtype,
+                                      attn0.k_proj.out_features // attn0.head_dim, attn0.head_dim)
+                graph = self._graph(bp) if use_graph else None
+                first = self._own_prefill(embeds, position_ids)
+            else:
+                out = self.inner(position_ids=position_ids, use_cache=True, **kwargs)
+                first = self.head(out.last_hidden_state[:, -1]).argmax(-1)
+                cache = out.cache
+                k0 = cache.layers[0].keys
+                self._ensure_capacity(length, max_new_tokens, k0.dtype, k0.shape[1], k0.shape[3])
+                graph = self._graph(bp) if use_graph else None
+                for i, layer in enumerate(cache.layers):
+                    self.k[i, :batch, :, :length].copy_(layer.keys)
+                    self.v[i, :batch, :, :length].copy_(layer.values)
+                del out, cache
             self.tok[:batch, 0].copy_(first)
             self.out[:batch, 0].copy_(first)
             self.slot.fill_(length)

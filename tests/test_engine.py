@@ -133,6 +133,8 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
         ref = model.generate(**inputs, generation_config=free)[:, inputs["input_ids"].shape[1]:]
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8)
     assert torch.equal(dec.generate(inputs, 12), ref)
+    own = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8, prefill="own")
+    assert torch.equal(own.generate(inputs, 12), ref), "the decoder's own prefill is the model's"
     # declare a token the model emits mid-caption an end token: rows stop there, padded after it
     stop = int(ref[0, 3])
     cfg = engine._generation_config(model, 12, 1, [stop], pad)
@@ -159,6 +161,28 @@ def test_image_tensors_preprocess_like_pil_images(project):
                                                                     for p in paths])
     for key in ("input_ids", "pixel_values", "image_grid_thw"):
         assert torch.equal(from_pil[key], from_tensor[key]), key
+
+
+@pytest.mark.slow
+def test_compiled_own_prefill_is_one_graph_and_exact(project):
+    """The prefill lever still to be measured on a GPU: one torch.compile'd layer function serves every
+    layer (one graph, no breaks) and gives the model's tokens (CPU, fp32; ≈30 s of compilation)."""
+    from torch._dynamo.utils import counters
+
+    from jpcap_helpers import decode
+
+    model, processor = project["model"], project["processor"]
+    im = engine.load_image_for_model(project["data"] / project["records"][0]["file_name"])
+    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 2, [im, im])
+    cfg = engine._generation_config(model, 6, 1, [], model.generation_config.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
+    torch._dynamo.reset()
+    counters.clear()
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=2, prefill="own", compile_prefill=True)
+    assert torch.equal(dec.generate(inputs, 6), ref)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch._dynamo.reset()
 
 
 def test_greedy_decoder_with_an_unmerged_adapter(project):

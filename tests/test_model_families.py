@@ -191,6 +191,12 @@ def test_native_family_loads_and_captions_a_batch(family, shapes, tmp_path):
                                     batch_size=2, max_new_tokens=6, progress=False, decoder="hf")
         assert hf["decoder"] == "hf generate"
         assert {r["image_id"]: r["caption"] for r in jio.read_jsonl(tmp_path / "h.jsonl")} == single_rows
+        from jpcap_helpers import decode  # the decoder's own prefill (a lever to measure) on this family too
+        im = engine.load_image_for_model(shapes["data"] / shapes["records"][0]["file_name"])
+        inputs = engine._prepare_inputs(processor, [prompt], [im])
+        model_prefill = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=1).generate(inputs, 6)
+        own_prefill = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=1, prefill="own").generate(inputs, 6)
+        assert torch.equal(model_prefill, own_prefill)
 
 
 def _blank():
