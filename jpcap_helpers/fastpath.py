@@ -1,5 +1,8 @@
 """Exact-math speed and memory patches for an already-loaded Qwen-VL model, applied in place.
 
+``use_linear_patch_embed``: the vision patch embedding's Conv3d (kernel == stride over pre-cut
+patches) as the equivalent matmul; cuDNN's bf16 Conv3d is far slower than a GEMM of this shape.
+
 ``use_batched_vision_attention``: transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention, for
 every non-flash implementation, reads ``cu_seqlens`` back to the host (``lengths.tolist()``: one device
 sync in every block) and calls attention once per image. The patched forward (SDPA only) computes the
@@ -28,7 +31,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
+__all__ = ["use_linear_patch_embed", "use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
            "compile_supported", "compile_blocks"]
 
 # Vision attention classes whose forward was read (transformers 5.24): qkv -> rotary -> per-segment
@@ -39,6 +42,27 @@ _VISION_ATTENTION = [
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
 ]
 _VISION_SKIP = {"visual", "vision_tower", "vision_model"}
+
+
+def _linear_patch_embed_forward(self, hidden_states):
+    """Conv3d with kernel == stride over pre-cut patches is one matmul: same result, no slow 3-D
+    convolution kernel (cuDNN's bf16 Conv3d is far slower than a GEMM of this shape)."""
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
+
+
+def use_linear_patch_embed(model) -> int:
+    """Swap the Qwen-VL vision patch embedding's Conv3d for the equivalent matmul; returns how many
+    modules changed (0 for models without such a patch embedding)."""
+    n = 0
+    for module in model.modules():
+        proj = getattr(module, "proj", None)
+        if (type(module).__name__.endswith("PatchEmbed") and isinstance(proj, torch.nn.Conv3d)
+                and tuple(proj.kernel_size) == tuple(proj.stride) and hasattr(module, "embed_dim")):
+            module.forward = types.MethodType(_linear_patch_embed_forward, module)
+            n += 1
+    return n
 
 
 def _verified_vision_classes() -> dict[type, tuple]:

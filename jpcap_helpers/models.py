@@ -354,33 +354,6 @@ def cpu_safe_4bit(model) -> int:
     return n
 
 
-def _linear_patch_embed_forward(self, hidden_states):
-    """Conv3d with kernel == stride over pre-cut patches is one matmul: same result, no slow 3-D
-    convolution kernel (cuDNN's bf16 Conv3d is far slower than a GEMM of this shape)."""
-    import torch.nn.functional as F
-
-    weight = self.proj.weight
-    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
-    return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
-
-
-def use_linear_patch_embed(model) -> int:
-    """Swap the Qwen-VL vision patch embedding's Conv3d for the equivalent matmul; returns how many
-    modules changed (0 for models without such a patch embedding)."""
-    import types
-
-    import torch
-
-    n = 0
-    for module in model.modules():
-        proj = getattr(module, "proj", None)
-        if (type(module).__name__.endswith("PatchEmbed") and isinstance(proj, torch.nn.Conv3d)
-                and tuple(proj.kernel_size) == tuple(proj.stride) and hasattr(module, "embed_dim")):
-            module.forward = types.MethodType(_linear_patch_embed_forward, module)
-            n += 1
-    return n
-
-
 def load_processor(params, name: Optional[str] = None):
     """The model's processor; Qwen families get ``model.min_pixels``/``max_pixels`` as their image size
     bounds (PaliGemma and others keep their own fixed input size)."""
@@ -427,8 +400,8 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if quant and not torch.cuda.is_available():
         cpu_safe_4bit(model)
+    from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention, use_linear_patch_embed
     use_linear_patch_embed(model)
-    from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
     visual = getattr(getattr(model, "model", None), "visual", None)
     if params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"):

@@ -3,8 +3,10 @@
 #
 # Every model in `zero_shot.models` captions the test splits (`test`: STAIR, in-domain; `yj_test`: YJ,
 # out-of-domain) with its own Japanese prompt in its own format (Qwen chat template, PaliGemma's
-# `caption ja`, ...). Generation is batched (left padding, batches grouped by image size), greedy by
-# default; predictions are appended to `predictions/<model>__<split>.jsonl` after every batch, so a
+# `caption ja`, ...). Generation is batched and greedy by default: Qwen2-VL / Qwen2.5-VL through the
+# project's static-KV-cache decoder (batches of one image size, CUDA-graph steps on a GPU; the same
+# tokens as transformers' greedy `generate`), other models through `generate` with left padding
+# (`generation.decoder` in docs/params.md); predictions are appended to `predictions/<model>__<split>.jsonl` after every batch, so a
 # killed run resumes where it stopped. Failing images are recorded with their error, not fatal.
 #
 # Models trained on STAIR Captions are flagged: their "zero-shot" STAIR score is not zero-shot.

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from jpcap_helpers import models
+from jpcap_helpers import fastpath, models
 from jpcap_helpers.models import QWEN2_VL_SPECIAL_TOKENS, ModelError, resolve
 
 
@@ -102,7 +102,7 @@ def test_linear_patch_embed_equals_the_conv3d(tiny_model_dir):
     embed = model.model.visual.patch_embed
     x = torch.randn(48, 3 * 2 * 14 * 14)
     before = embed(x)
-    assert models.use_linear_patch_embed(model) == 1
+    assert fastpath.use_linear_patch_embed(model) == 1
     after = embed(x)
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
