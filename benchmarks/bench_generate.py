@@ -3,7 +3,7 @@ baselines) against the project's caption engine with a LoRA adapter applied — 
 random weights of the real architecture, synthetic 640×480 images, exactly 24 new tokens (greedy; a
 random model practically never emits the end token).
 
-    python benchmarks/bench_generate.py [--arch qwen2-vl-2b] [--images 1024] [--batch 64 128 256]
+    python benchmarks/bench_generate.py [--arch qwen2-vl-2b] [--images 1024] [--batch 64 128 256] [--headline]
 """
 from __future__ import annotations
 
@@ -43,16 +43,17 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def image_records(n: int, root: Path) -> list[dict]:
+def image_records(n: int, root: Path, files: int = 1024) -> list[dict]:
+    """``n`` records over at most ``files`` JPEG files (record i reads file i mod files: every record
+    is still read and decoded by the engine)."""
     folder = root / "val2014"
     folder.mkdir(parents=True, exist_ok=True)
-    recs = []
-    for i, im in enumerate(synthetic_images(n)):
+    k = min(n, files)
+    for i, im in enumerate(synthetic_images(k)):
         name = f"val2014/COCO_val2014_{i:012d}.jpg"
         if not (root / name).exists():
             im.save(root / name, quality=90)
-        recs.append({"image_id": i, "file_name": name})
-    return recs
+    return [{"image_id": i, "file_name": f"val2014/COCO_val2014_{i % k:012d}.jpg"} for i in range(n)]
 
 
 def params_for(model_dir: Path, **over):
@@ -86,23 +87,25 @@ def engine_rate(model, processor, entry, records, root, bs, decoder, tag):
 
 
 def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) -> dict:
-    """Where a fast-decoder batch spends its time: preprocessing (CPU), vision tower, prefill, decoding."""
+    """Where a fast-decoder batch spends its time: preprocessing (CPU path, and the engine's GPU path),
+    then, from GPU-resident inputs as in the engine, the vision tower, the prefill and decoding."""
     from jpcap_helpers import decode, engine
 
     inputs = engine._prepare_inputs(processor, [prompt] * bs, images[:bs])  # warm
     t = time.perf_counter()
-    inputs = engine._prepare_inputs(processor, [prompt] * bs, images[:bs])
+    engine._prepare_inputs(processor, [prompt] * bs, images[:bs])
     pre = time.perf_counter() - t
     import numpy as np
     tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().pin_memory() for im in images[:bs]]
     engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")
     torch.cuda.synchronize()
     t = time.perf_counter()
-    engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # as the engine does
+    inputs = engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # as the engine does
     torch.cuda.synchronize()
     pre_gpu = time.perf_counter() - t
-    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs, **decoder_options)
-    dec.generate(inputs, NEW_TOKENS)  # capture (and compile, for the own-prefill probe)
+    options = {"compile_prefill": bool(getattr(model, "jpcap_compile", False)), **decoder_options}
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs, **options)
+    dec.generate(inputs, NEW_TOKENS)  # capture (and compile)
     dec.generate(inputs, 1)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -124,8 +127,9 @@ def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) 
         torch.cuda.synchronize()
         vit = time.perf_counter() - t
     ms = lambda x: round(1000 * x, 1)  # noqa: E731
-    return {"batch": bs, "preprocess_cpu_ms": ms(pre), "preprocess_gpu_ms": ms(pre_gpu), "vit_ms": ms(vit), "prefill_incl_vit_ms": ms(prefill),
-            "decode_ms": ms(total - prefill), "gpu_total_ms": ms(total),
+    return {"batch": bs, "prefill": dec.prefill, "compiled_prefill": options["compile_prefill"],
+            "preprocess_cpu_ms": ms(pre), "preprocess_gpu_ms": ms(pre_gpu), "vit_ms": ms(vit),
+            "lm_prefill_ms": ms(prefill - vit), "decode_ms": ms(total - prefill), "gpu_total_ms": ms(total),
             "gpu_only_images_per_s": round(bs / total, 1), "cuda_graphs": dec.cuda_graphs}
 
 
@@ -136,8 +140,9 @@ def main(argv=None):
     ap.add_argument("--loop-images", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--skip-baselines", action="store_true")
-    ap.add_argument("--own-prefill", action="store_true",
-                    help="also time the decoder's own prefill with one torch.compile'd layer function (lever probe)")
+    ap.add_argument("--headline", action="store_true",
+                    help="only the baselines, the default engine (1024 and --images images) and the levers off")
+    ap.add_argument("--headline-levers-all", action="store_true", help="levers off on --images images too")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
 
@@ -179,11 +184,38 @@ def main(argv=None):
     from jpcap_helpers import decode
     t = time.perf_counter()
     engine_rate(model, processor, entry, records[:64], root, 64, "auto", "warm")
-    emit({"bench": "generate", "row": "first engine call, 64 images (torch.compile of the ViT + graph capture where used)",
+    emit({"bench": "generate", "row": "first engine call, 64 images (torch.compile of the ViT and prefill + graph capture where used)",
           "seconds": round(time.perf_counter() - t, 1)})
     for bs in args.batch:  # later shapes: one dynamic-shape recompile, then none
         engine_rate(model, processor, entry, records[:bs], root, bs, "auto", "warm")
-    for decoder in ("hf", "auto") if decode.supports(model, entry.family) else ("hf",):
+    if args.headline:  # the default engine on many images, and each lever switched off, same run
+        bs = max(args.batch)
+        few = min(1024, len(records))
+        for n in sorted({few, len(records)}):
+            s = engine_rate(model, processor, entry, records[:n], root, bs, "auto", "auto")
+            emit({"bench": "generate", "row": f"jpcap engine + {with_adapter}, decoder={s['decoder']}", "batch": bs,
+                  "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib"),
+                  "n_errors": s["n_errors"], **({"ratio_to_loop": round(s["images_per_s"] / base_rate, 1)}
+                                                if base_rate else {})})
+        levers = [("pipelining (next batch prepared while this one runs)", engine, "PIPELINE"),
+                  ("compiled decoding step", engine, "COMPILE_STEP"),
+                  ("compiled prefill layer function (and step, if on)", model, "jpcap_compile")]
+        if not getattr(model, "jpcap_compile", False):  # nothing compiled for this family: no compile levers
+            levers = levers[:1]
+        for n in sorted({few, len(records)}):
+            for name, owner, attr in levers:
+                default = bool(getattr(owner, attr))
+                setattr(owner, attr, not default)  # each lever flipped alone
+                engine_rate(model, processor, entry, records[:bs], root, bs, "auto", "warm")
+                s = engine_rate(model, processor, entry, records[:n], root, bs, "auto", attr)
+                setattr(owner, attr, default)
+                emit({"bench": "generate", "row": f"lever {'off' if default else 'on'}: {name}", "batch": bs,
+                      "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib")})
+            if n == few and not args.headline_levers_all:
+                break
+        return
+    fast = decode.supports(model, entry.family)
+    for decoder in ("hf", "auto") if fast else ("hf",):
         for bs in (args.batch if decoder == "auto" else [max(args.batch)]):
             s = engine_rate(model, processor, entry, records if decoder == "auto" else records[:512], root, bs,
                             decoder, decoder)
@@ -193,13 +225,29 @@ def main(argv=None):
             if base_rate:
                 row["ratio_to_loop"] = round(s["images_per_s"] / base_rate, 1)
             emit(row)
-    fast = decode.supports(model, entry.family)
+    if fast:  # levers, each flipped alone at the largest batch, same run
+        bs = max(args.batch)
+        engine.PIPELINE = False
+        s = engine_rate(model, processor, entry, records[:512], root, bs, "auto", "nopipe")
+        engine.PIPELINE = True
+        emit({"bench": "generate", "row": "lever off: no pipelining (next batch prepared after this one)",
+              "batch": bs, "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib")})
+        if getattr(model, "jpcap_compile", False):
+            model.jpcap_compile = False
+            s = engine_rate(model, processor, entry, records[:512], root, bs, "auto", "eagerprefill")
+            model.jpcap_compile = True
+            emit({"bench": "generate", "row": "lever off: prefill layer function not compiled", "batch": bs,
+                  "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib")})
     for bs in (args.batch if fast else []):
         emit({"bench": "generate", "row": f"fast decoder stages ({with_adapter})", **stage_times(
             model, processor, entry, prompt, images, bs)})
-        if args.own_prefill:  # lever probe: the decoder's own prefill, one compiled layer function
-            emit({"bench": "generate", "row": f"fast decoder stages, own compiled prefill ({with_adapter})",
-                  **stage_times(model, processor, entry, prompt, images, bs, prefill="own", compile_prefill=True)})
+    if fast:
+        emit({"bench": "generate", "row": "fast decoder stages, prefill through the model's forward (previous default)",
+              **stage_times(model, processor, entry, prompt, images, max(args.batch), prefill="model",
+                            compile_prefill=False)})
+        if getattr(model, "jpcap_compile", False):
+            emit({"bench": "generate", "row": "fast decoder stages, compiled decoding step too",
+                  **stage_times(model, processor, entry, prompt, images, max(args.batch), compile_step=True)})
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -6,15 +6,19 @@ token. Captions are short and every prompt is the same text around one image, so
 
 1. takes batches whose images share one visual grid (the engine groups them so): no padding, the
    rotary positions are computed once for one row and shared, attention is plain causal;
-2. prefills with the model's own forward (vision tower, projector, language model — the same code
-   as training and HF generate), then copies the KV cache into fixed buffers;
+2. runs the vision tower and projector (the model's own code; for Qwen2-VL its rotary positions and
+   segment bounds are computed once per batch shape), then prefills the prompt through one
+   layer function, ``_prefill_layer``, that writes keys and values straight into fixed buffers (the
+   language model's layers' math; on GPUs where ``model.compile`` is on, one ``torch.compile`` of it
+   serves every layer). ``prefill="model"`` prefills through the model's forward and copies its cache
+   instead (the previous default; the tests compare both);
 3. decodes token by token with a fixed-shape step over those buffers. On CUDA the step is captured
    once per batch-size bucket as a CUDA graph and replayed (one launch per token instead of
-   hundreds); a 4-bit (bitsandbytes) model runs the same step eagerly.
+   hundreds); a 4-bit (bitsandbytes) model runs the same step eagerly. ``compile_step`` compiles its
+   two layer functions (before and after attention) to fuse their element-wise work.
 
-``prefill="own"`` (with ``compile_prefill``) runs the prompt through one layer function straight into the
-KV buffers instead of the model's forward: a lever tested for exactness on CPU, not yet measured on a
-GPU, so not the engine's default.
+``generate(..., while_busy=fn)`` calls ``fn`` once when the whole prefill has been queued on the GPU, so
+the caller's CPU work (the engine prepares the next batch and writes the last one's rows) overlaps it.
 
 Greedy only (beam search stays with HF ``generate``). Rows are cut at their first end token, so the
 tokens equal HF greedy decoding's up to floating-point ties (tests compare both on the tiny model,
@@ -23,7 +27,7 @@ and on the GPU for the real shape).
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +90,35 @@ def _prefill_layer(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, si
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def _step_layer_in(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A decoding step's layer up to attention: norm, projections, rotary (one new token per row)."""
+    attn = layer.self_attn
+    bsz = h.shape[0]
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    return q, k, v
+
+
+def _step_layer_out(layer: Any, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """A decoding step's layer after attention: output projection, residuals, norm, MLP."""
+    h = h + layer.self_attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled(fn: Any) -> Any:
+    """One ``torch.compile`` of a layer function per process (dynamic shapes: every batch size and
+    prompt length, every layer), shared by all decoders so that each engine run does not recompile."""
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn.__name__]
+
+
 class GreedyDecoder:
     """Greedy decoding of one-image caption prompts with a static KV cache (CUDA-graph steps on GPU).
 
@@ -95,7 +128,8 @@ class GreedyDecoder:
     """
 
     def __init__(self, model: Any, *, eos_ids: Sequence[int], pad_id: Optional[int], max_batch: int,
-                 cuda_graphs: Optional[bool] = None, prefill: str = "model", compile_prefill: bool = False):
+                 cuda_graphs: Optional[bool] = None, prefill: str = "own", compile_prefill: bool = False,
+                 compile_step: bool = False):
         self.model = model
         self.base = _unwrap(model)
         self.inner = self.base.model
@@ -113,14 +147,17 @@ class GreedyDecoder:
         self._rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         if prefill not in ("model", "own"):
             raise ValueError(f"prefill must be 'model' or 'own', got {prefill!r}")
-        # "model": the model's own forward, its KV cache copied into the buffers (the default);
-        # "own": _prefill_layer straight into the buffers, optionally compiled (a lever still to be
-        # measured on a GPU: benchmarks/RESULTS.md)
+        # "own" (default): _prefill_layer straight into the buffers, compiled where the caller asks
+        # (1.39x faster prefill on an H100: benchmarks/RESULTS.md); "model": the model's forward, its
+        # KV cache copied into the buffers
         self.prefill = prefill
-        self._prefill_fn = _prefill_layer
-        if compile_prefill:
-            self._prefill_fn = torch.compile(_prefill_layer, dynamic=True)
+        self._prefill_fn = _compiled(_prefill_layer) if compile_prefill else _prefill_layer
+        # the decoding step's element-wise work fused by torch.compile (the KV writes and attention stay
+        # eager, inside the same CUDA graph)
+        self._step_in = _compiled(_step_layer_in) if compile_step else _step_layer_in
+        self._step_out = _compiled(_step_layer_out) if compile_step else _step_layer_out
         self.capacity = 0
+        self._vision_cache: dict[tuple, dict] = {}
         self._graphs: dict[int, Any] = {}
         self._pool = None
         self.n_graph_captures = 0
@@ -160,11 +197,7 @@ class GreedyDecoder:
         where = self.slot.view(1)
         for i, layer in enumerate(self.lm.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bp, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bp, 1, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(bp, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = self._rope(q, k, cos, sin)
+            q, k, v = self._step_in(layer, self._rope, h, cos, sin)
             kc, vc = self.k[i, :bp], self.v[i, :bp]
             kc.index_copy_(2, where, k)
             vc.index_copy_(2, where, v)
@@ -172,8 +205,7 @@ class GreedyDecoder:
             # grouped-query attention without repeating the cache)
             qg = q.reshape(bp, kc.shape[1], -1, attn.head_dim)
             o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=attn.scaling)
-            h = h + attn.o_proj(o.reshape(bp, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = self._step_out(layer, h, o.reshape(bp, 1, -1))
         logits = self.head(self.lm.norm(h)[:, -1])
         nxt = logits.argmax(-1)
         self.out[:bp].index_copy_(1, self.step_idx.view(1), nxt.view(bp, 1))
@@ -194,7 +226,8 @@ class GreedyDecoder:
                 self._step(bp)  # warm-up outside the graph (library handles, allocator)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: loader threads may pin host memory meanwhile (legal outside this thread)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._step(bp)
             self._pool = graph.pool()
             self._graphs[bp] = graph
@@ -214,14 +247,46 @@ class GreedyDecoder:
                              "and one prompt")
         return ids, grid
 
-    def _prompt_embeddings(self, kwargs: Mapping[str, Any]) -> torch.Tensor:
-        """Token embeddings with the projector's image features at the image-pad positions."""
-        ids = kwargs["input_ids"]
-        embeds = self.lm.embed_tokens(ids)
-        image = self.inner.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+    def _vision_inputs(self, grid: torch.Tensor) -> Optional[dict]:
+        """Qwen2-VL only: the vision tower's rotary positions and segment bounds for a batch of one grid,
+        computed once per (batch, grid) and handed to the tower through transformers' precompute hook
+        (``transformers.vision_utils``), instead of its per-image Python loop and host reads in every
+        batch. The same values: one image's positions repeated, the same ``cu_seqlens``."""
+        if type(self.inner.visual).__name__ != "Qwen2VisionTransformerPretrainedModel":
+            return None
+        try:
+            from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+        except ImportError:
+            return None
+        key = (grid.shape[0], *map(int, grid[0]))
+        cached = self._vision_cache.get(key)
+        if cached is None:
+            visual = self.inner.visual
+            on_device = grid.to(self.device)
+            positions = get_vision_position_ids(on_device[:1], visual.spatial_merge_size)
+            cu_seqlens, _ = get_vision_attention_seqlens(on_device, visual.config)
+            cached = {"position_ids": positions.repeat(grid.shape[0], 1), "cu_seqlens": cu_seqlens}
+            self._vision_cache[key] = cached
+        return cached
+
+    def _prompt_embeddings(self, kwargs: Mapping[str, Any], ids: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the projector's image features at the image-pad positions (``ids`` and
+        ``grid``: the batch's host copies; every row has the same layout, so the positions come from
+        row 0 and nothing here waits for the GPU)."""
+        embeds = self.lm.embed_tokens(kwargs["input_ids"])
+        vision = self._vision_inputs(grid)
+        if vision is None:
+            image = self.inner.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+        else:
+            image = self.inner.get_image_features(kwargs["pixel_values"], grid, return_dict=True, **vision)
         features = torch.cat(list(image.pooler_output), dim=0).to(embeds.dtype)
-        mask = (ids == self.base.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, features)
+        where = torch.nonzero(ids[0] == self.base.config.image_token_id).squeeze(1)
+        if where.numel() * ids.shape[0] != features.shape[0]:
+            raise ValueError(f"{where.numel()} image tokens per prompt but {features.shape[0]} image features "
+                             f"for {ids.shape[0]} rows")
+        if self.device.type == "cuda":  # a blocking copy would wait here for the vision tower to finish
+            where = where.pin_memory().to(self.device, non_blocking=True)
+        return embeds.index_copy(1, where.to(self.device), features.view(ids.shape[0], where.numel(), -1))
 
     def _own_prefill(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The prompt through every layer into the KV buffers; returns the first new token per row."""
@@ -233,14 +298,18 @@ class GreedyDecoder:
         return self.head(self.lm.norm(h[:, -1:]))[:, -1].argmax(-1)
 
     @torch.no_grad()
-    def generate(self, inputs: Mapping[str, Any], max_new_tokens: int) -> torch.Tensor:
+    def generate(self, inputs: Mapping[str, Any], max_new_tokens: int,
+                 while_busy: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """New token ids for one batch; ``while_busy`` (if given) is called once, after the vision tower
+        and the prefill have been queued on the device and before decoding starts."""
         ids, grid = self._check_batch(inputs)
+        ids, grid = ids.cpu(), grid.cpu()  # host copies (the processor's already are): no GPU waits later
         batch, length = ids.shape
         mm = inputs.get("mm_token_type_ids")
         # rotary positions of the shared layout, from one row (the model's own function)
         pos1, _ = self.inner.get_rope_index(
-            input_ids=ids[:1].cpu(), mm_token_type_ids=None if mm is None else mm[:1].cpu(),
-            image_grid_thw=grid[:1].cpu(), attention_mask=None)
+            input_ids=ids[:1], mm_token_type_ids=None if mm is None else mm[:1].cpu(),
+            image_grid_thw=grid[:1], attention_mask=None)
         position_ids = pos1.to(self.device).expand(3, batch, length)
         next_pos = int(pos1.max()) + 1
 
@@ -264,7 +333,7 @@ class GreedyDecoder:
             use_graph = self.cuda_graphs and max_new_tokens > 1 and not torch.is_autocast_enabled("cuda")
             if self.prefill == "own":
                 attn0 = self.lm.layers[0].self_attn
-                embeds = self._prompt_embeddings(kwargs)
+                embeds = self._prompt_embeddings(kwargs, ids, grid)
                 self._ensure_capacity(length, max_new_tokens, embeds.dtype,
                                       attn0.k_proj.out_features // attn0.head_dim, attn0.head_dim)
                 graph = self._graph(bp) if use_graph else None
@@ -285,6 +354,8 @@ class GreedyDecoder:
             self.slot.fill_(length)
             self.pos.fill_(next_pos)
             self.step_idx.fill_(1)
+            if while_busy is not None:
+                while_busy()
             eos = torch.tensor(self.eos, device=self.device) if self.eos else None
             for step in range(1, max_new_tokens):
                 if graph is not None:

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from . import io as jio
 from .models import ModelEntry, ModelError
@@ -272,14 +272,51 @@ def _prepare_inputs(processor: Any, prompts: list[str], images: list, device: An
     if getattr(tok, "padding_side", "left") != "left":
         tok.padding_side = "left"
     kwargs = {"device": str(device)} if device is not None else {}
-    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt", **kwargs)
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        # On a side stream: the processor's blocking copies (and ours, made asynchronous from pinned
+        # memory) then wait only for this preparation, not for the batch the GPU is working on
+        # meanwhile; the current stream waits for the results before it uses them.
+        consumer = torch.cuda.current_stream(device)
+        side = _side_stream(torch.device(device))
+        side.wait_stream(consumer)  # inputs made on the current stream before this call
+        with torch.cuda.stream(side):
+            images = [im.to(device, non_blocking=True) if torch.is_tensor(im) else im for im in images]
+            inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt", **kwargs)
+        consumer.wait_stream(side)
+        for value in inputs.values():
+            if torch.is_tensor(value) and value.is_cuda:
+                value.record_stream(consumer)  # the allocator keeps it until the consumer is done
+    else:
+        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt", **kwargs)
     inputs.pop("labels", None)  # PaliGemmaProcessor still returns labels (BC); generate must not get them
     return inputs
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: Any):
+    """One side CUDA stream per device for input preparation."""
+    import torch
+
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
 
 
 # image preprocessing on the GPU for the fast decoder (CPU preprocessing of 640×480 images costs
 # ≈6.6 ms per image, more than the GPU needs to caption it: benchmarks/RESULTS.md)
 PREPROCESS_ON_GPU = True
+# prepare the next batch (and write the last one's rows) while the GPU works on the current one's
+# prefill; off: one after the other (a benchmark lever, benchmarks/RESULTS.md)
+PIPELINE = True
+# torch.compile the decoding step's layer functions too (where the prefill's is compiled): decoding
+# 256 captions takes 105 instead of 132 ms of GPU time; whole 24-token engine runs were as fast either
+# way (the GPU is not their only limit), longer captions gain more (benchmarks/RESULTS.md)
+COMPILE_STEP = True
 _GPU_IMAGE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast")
 
 
@@ -296,18 +333,26 @@ class _Decoder:
         self.fast = None
         if decoder == "auto" and decode.supports(model, entry.family, gen_cfg.num_beams):
             eos = gen_cfg.eos_token_id or []
+            # the prefill's layer function is compiled where load_model compiled the vision tower
+            # (model.compile on a measured family and GPU), for a plain model (adapter merged, not 4-bit)
+            compile_prefill = (bool(getattr(model, "jpcap_compile", False)) and not hasattr(model, "peft_config")
+                               and not decode._has_4bit(model))
             self.fast = decode.GreedyDecoder(model, eos_ids=eos if isinstance(eos, list) else [eos],
-                                             pad_id=gen_cfg.pad_token_id, max_batch=batch_size)
+                                             pad_id=gen_cfg.pad_token_id, max_batch=batch_size,
+                                             compile_prefill=compile_prefill,
+                                             compile_step=compile_prefill and COMPILE_STEP)
         self.name = "static-cache greedy" if self.fast is not None else "hf generate"
         self.preprocess_device = None
         if self.fast is not None and self.fast.device.type == "cuda" and PREPROCESS_ON_GPU:
             self.preprocess_device = self.fast.device
 
-    def __call__(self, inputs) -> Any:
+    def __call__(self, inputs, while_busy: Optional[Callable[[], None]] = None) -> Any:
+        """New token ids; the fast decoder calls ``while_busy`` while the GPU works on the prefill (HF
+        generate does not: the caller runs it afterwards)."""
         import torch
 
         if self.fast is not None:
-            return self.fast.generate(inputs, self.gen_cfg.max_new_tokens)
+            return self.fast.generate(inputs, self.gen_cfg.max_new_tokens, while_busy=while_busy)
         device, dtype = _model_device_dtype(self.model)
         moved = {}
         for key, value in inputs.items():
@@ -321,9 +366,10 @@ class _Decoder:
         return out[:, moved["input_ids"].shape[1]:]
 
 
-def _generate_batch(model: Any, processor: Any, inputs: Any, decoder: _Decoder) -> list[str]:
+def _generate_batch(model: Any, processor: Any, inputs: Any, decoder: _Decoder,
+                    while_busy: Optional[Callable[[], None]] = None) -> list[str]:
     """Raw decoded continuations (new tokens only) for one batch of processor inputs; raises on failure."""
-    new_tokens = decoder(inputs)
+    new_tokens = decoder(inputs, while_busy)
     return _tokenizer(processor).batch_decode(new_tokens.cpu(), skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
 
@@ -470,21 +516,36 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     preprocess_on = run_decoder.preprocess_device if image_processor in _GPU_IMAGE_PROCESSORS else None
     loader = _load_image_tensor if preprocess_on is not None else load_image_for_model
 
-    def caption_group(items: list[_Item], loads: Optional[list] = None) -> list[dict]:
-        """Caption one batch; ``loads`` are the futures of its images (loaded ahead in threads)."""
-        rows: dict[int, dict] = {}
-        loaded, images = [], []
+    def prepare_group(items: list[_Item], loads: Optional[list] = None) -> dict:
+        """One batch's images (``loads``: their futures, loaded ahead in threads) through the processor.
+        Unreadable images become error rows; a processor failure is kept for :func:`finish_group`."""
+        group = {"items": items, "rows": {}, "loaded": [], "inputs": None, "error": None}
+        images = []
         for i, it in enumerate(items):
             try:
                 images.append(loads[i].result() if loads is not None else loader(it.path))
-                loaded.append(it)
+                group["loaded"].append(it)
             except Exception as exc:
-                rows[it.image_id] = {"image_id": it.image_id, "caption": "", **base_row, **extra,
-                                     "error": _error_text(exc)}
+                group["rows"][it.image_id] = {"image_id": it.image_id, "caption": "", **base_row, **extra,
+                                              "error": _error_text(exc)}
+        if group["loaded"]:
+            try:
+                group["inputs"] = _prepare_inputs(processor, [text_prompt] * len(images), images,
+                                                  device=preprocess_on)
+            except Exception as exc:
+                group["error"] = exc
+        return group
+
+    def finish_group(group: dict, while_busy: Optional[Callable[[], None]] = None) -> list[dict]:
+        """Caption a prepared batch (``while_busy`` runs while the GPU works on it); a failing batch
+        is retried image by image to isolate the culprit (or an out-of-memory batch)."""
+        rows, loaded = group["rows"], group["loaded"]
         if loaded:
             try:
-                inputs = _prepare_inputs(processor, [text_prompt] * len(loaded), images, device=preprocess_on)
-                raw = _generate_batch(model, processor, inputs, run_decoder)
+                if group["error"] is not None:
+                    raise group["error"]
+                raw = _generate_batch(model, processor, group["inputs"], run_decoder,
+                                      while_busy if PIPELINE else None)
                 if len(raw) != len(loaded):
                     raise RuntimeError(f"generation returned {len(raw)} texts for {len(loaded)} images")
                 for it, text in zip(loaded, raw):
@@ -492,35 +553,68 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                                          "caption": normalize_caption(clean_output(entry, text)),
                                          **base_row, **extra}
             except Exception as exc:
+                group["inputs"] = None
                 if cuda:  # after an out-of-memory error, give the cached blocks back before retrying
                     torch.cuda.empty_cache()
                 if len(loaded) == 1:
                     rows[loaded[0].image_id] = {"image_id": loaded[0].image_id, "caption": "", **base_row,
                                                 **extra, "error": _error_text(exc)}
-                else:  # isolate the culprit (or an out-of-memory batch) image by image
+                else:
                     for it in loaded:
-                        rows.update({r["image_id"]: r for r in caption_group([it])})
-            finally:
-                del images
-        return [rows[it.image_id] for it in items]
+                        rows.update({r["image_id"]: r for r in finish_group(prepare_group([it]))})
+        group["inputs"] = None
+        return [rows[it.image_id] for it in group["items"]]
 
     from concurrent.futures import ThreadPoolExecutor
 
-    # JPEG decoding runs in threads (PIL releases the GIL), one batch ahead of the GPU
+    # A two-stage pipeline: JPEG decoding runs in threads (PIL releases the GIL) two batches ahead;
+    # while the GPU works through batch i's vision tower and prefill, this thread writes batch i-1's
+    # rows and prepares batch i+1 (tokenising, image preprocessing queued on the GPU).
     pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
                               thread_name_prefix="jpcap-load")
+    loads: dict[int, list] = {}
+    finished: list[dict] = []   # rows of the last batch, written while the GPU works on the next one
 
-    def load_ahead(items: list[_Item]) -> list:
-        return [pool.submit(loader, it.path) for it in items]
+    def load_ahead(i: int) -> None:
+        if i < len(batches) and i not in loads:
+            loads[i] = [pool.submit(loader, it.path) for it in batches[i]]
 
     try:
         emit(error_rows)
-        upcoming = load_ahead(batches[0]) if batches else None
-        for i, batch in enumerate(batches):
-            loads = upcoming
-            upcoming = load_ahead(batches[i + 1]) if i + 1 < len(batches) else None
-            emit(caption_group(batch, loads))
+        load_ahead(0)
+        load_ahead(1)
+        upcoming = prepare_group(batches[0], loads.pop(0)) if batches else None
+        for i in range(len(batches)):
+            current, upcoming = upcoming, None
+            state: dict[str, Any] = {"ran": False, "exc": None}
+
+            def while_busy(i: int = i, state: dict = state) -> None:
+                nonlocal upcoming, finished
+                if state["ran"]:
+                    return
+                state["ran"] = True
+                try:  # errors here are the engine's (writing), never the batch's: re-raised below
+                    done_rows, finished = finished, []
+                    emit(done_rows)
+                    load_ahead(i + 2)
+                    if i + 1 < len(batches):
+                        upcoming = prepare_group(batches[i + 1], loads.pop(i + 1))
+                except BaseException as exc:
+                    state["exc"] = exc
+
+            rows = finish_group(current, while_busy)
+            while_busy()                    # HF generate and failed batches did not call it
+            if state["exc"] is not None:
+                raise state["exc"]
+            finished = rows
+        done_rows, finished = finished, []
+        emit(done_rows)
     finally:
+        if finished:  # interrupted: keep the rows already captioned (a resumed run skips them)
+            try:
+                emit(finished)
+            except Exception:
+                pass
         pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()

@@ -404,7 +404,8 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     use_linear_patch_embed(model)
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
     visual = getattr(getattr(model, "model", None), "visual", None)
-    if params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"):
+    compiled = bool(params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"))
+    if compiled:
         compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
@@ -420,6 +421,7 @@ def load_model(params, name: Optional[str] = None, *, load_in_4bit: Optional[boo
     if not for_training:
         model.eval()
     model.jpcap_commit = getattr(model.config, "_commit_hash", None)
+    model.jpcap_compile = compiled  # the caption engine compiles its prefill likewise
     return model, processor, entry
 
 

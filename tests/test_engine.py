@@ -132,9 +132,9 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
     with torch.no_grad():
         ref = model.generate(**inputs, generation_config=free)[:, inputs["input_ids"].shape[1]:]
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8)
-    assert torch.equal(dec.generate(inputs, 12), ref)
-    own = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8, prefill="own")
-    assert torch.equal(own.generate(inputs, 12), ref), "the decoder's own prefill is the model's"
+    assert dec.prefill == "own" and torch.equal(dec.generate(inputs, 12), ref)
+    via_model = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8, prefill="model")
+    assert torch.equal(via_model.generate(inputs, 12), ref), "prefill through the model's forward: same tokens"
     # declare a token the model emits mid-caption an end token: rows stop there, padded after it
     stop = int(ref[0, 3])
     cfg = engine._generation_config(model, 12, 1, [stop], pad)
@@ -151,6 +151,28 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
         dec.generate(mixed, 4)
 
 
+def test_precomputed_vision_inputs_equal_the_towers_own(project):
+    """The decoder hands the vision tower its rotary positions and segment bounds, computed once per
+    batch shape: the tower's output is the one it computes itself."""
+    from jpcap_helpers import decode
+
+    model, processor = project["model"], project["processor"]
+    by_size: dict = {}
+    for r in project["records"]:
+        im = engine.load_image_for_model(project["data"] / r["file_name"])
+        by_size.setdefault(im.size, []).append(im)
+    images = max(by_size.values(), key=len)[:3]
+    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * len(images), images)
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=4)
+    vision = dec._vision_inputs(inputs["image_grid_thw"])
+    assert vision is not None and dec._vision_inputs(inputs["image_grid_thw"]) is vision  # cached
+    with torch.no_grad():
+        own = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        given = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], **vision).pooler_output
+    assert len(own) == len(given) == len(images)
+    assert all(torch.equal(a, b) for a, b in zip(own, given))
+
+
 def test_image_tensors_preprocess_like_pil_images(project):
     """The GPU path hands the processor uint8 tensors decoded in the loader threads: same pixels."""
     processor = project["processor"]
@@ -165,7 +187,7 @@ def test_image_tensors_preprocess_like_pil_images(project):
 
 @pytest.mark.slow
 def test_compiled_own_prefill_is_one_graph_and_exact(project):
-    """The prefill lever still to be measured on a GPU: one torch.compile'd layer function serves every
+    """The engine's prefill on GPUs with ``model.compile``: one torch.compile'd layer function serves every
     layer (one graph, no breaks) and gives the model's tokens (CPU, fp32; ≈30 s of compilation)."""
     from torch._dynamo.utils import counters
 
@@ -182,6 +204,10 @@ def test_compiled_own_prefill_is_one_graph_and_exact(project):
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=2, prefill="own", compile_prefill=True)
     assert torch.equal(dec.generate(inputs, 6), ref)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    # the decoding step's two layer functions, compiled likewise: one graph each, the same tokens
+    step = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=2, compile_step=True)
+    assert torch.equal(step.generate(inputs, 6), ref)
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
     torch._dynamo.reset()
 
 
@@ -293,7 +319,7 @@ def test_bad_images_become_error_rows(project, tmp_path, monkeypatch):
 
 def test_outputs_are_cleaned_and_normalised(project, tmp_path, monkeypatch):
     raw = ["assistant\nＡＢＣ　の 犬です。<|im_end|>\n<|im_start|>user\nもう一枚", "ｶﾒﾗ が二台。\n"]
-    monkeypatch.setattr(engine, "_generate_batch", lambda m, p, inputs, dec: raw[: len(inputs["input_ids"])])
+    monkeypatch.setattr(engine, "_generate_batch", lambda m, p, inputs, *rest: raw[: len(inputs["input_ids"])])
     records = project["records"][:2]
     engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
                            tmp_path / "n.jsonl", batch_size=2, progress=False, extra={"split": "val"},
@@ -367,6 +393,64 @@ def test_run_zero_shot_writes_predictions(project, capsys):
     assert sample.loc[0, "reference"] == first["captions"][0] and sample.loc[0, "file_name"] == first["file_name"]
 
 
+def test_next_batch_is_prepared_while_the_current_one_decodes(project, tmp_path, monkeypatch):
+    """The engine's pipeline: batch i+1 is tokenised/preprocessed, and batch i-1's rows are written,
+    inside batch i's generate (while the GPU works on its prefill); rows are those of an unpipelined run."""
+    from jpcap_helpers import decode
+
+    events: list[str] = []
+    real_prepare, real_generate, real_append = engine._prepare_inputs, decode.GreedyDecoder.generate, engine.jio.append_jsonl
+
+    def prepare(processor, prompts, images, **kw):
+        events.append("prepare")
+        return real_prepare(processor, prompts, images, **kw)
+
+    def generate(self, inputs, max_new_tokens, while_busy=None):
+        events.append("generate")
+        out = real_generate(self, inputs, max_new_tokens, while_busy=while_busy)
+        events.append("done")
+        return out
+
+    def append(path, rows):
+        events.append("write")
+        return real_append(path, rows)
+
+    monkeypatch.setattr(engine, "_prepare_inputs", prepare)
+    monkeypatch.setattr(decode.GreedyDecoder, "generate", generate)
+    monkeypatch.setattr(engine.jio, "append_jsonl", append)
+    kw = dict(batch_size=3, max_new_tokens=4, progress=False)
+    s = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
+                               tmp_path / "p.jsonl", **kw)
+    n = events.count("generate")
+    assert s["n_captioned"] == len(project["records"]) and n >= 3
+    expected = ["prepare", "generate", "prepare", "done"]            # batch 0; batch 1 prepared inside it
+    for i in range(1, n - 1):                                        # writes batch i-1, prepares batch i+1
+        expected += ["generate", "write", "prepare", "done"]
+    expected += ["generate", "write", "done", "write"]               # the last batch has none after it
+    assert events == expected
+    monkeypatch.setattr(engine, "_prepare_inputs", real_prepare)
+    monkeypatch.setattr(decode.GreedyDecoder, "generate", real_generate)
+    monkeypatch.setattr(engine.jio, "append_jsonl", real_append)
+    plain = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
+                                   tmp_path / "h.jsonl", decoder="hf", **kw)
+    assert plain["n_captioned"] == s["n_captioned"]
+    assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "p.jsonl")}
+            == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "h.jsonl")})
+
+
+def test_a_write_failure_stops_the_run_instead_of_becoming_error_rows(project, tmp_path, monkeypatch):
+    """Writing happens inside the next batch's generate; a disk error there is the engine's, not the
+    images': it propagates, and no image is recorded as failed."""
+    def disk_full(path, rows):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(engine.jio, "append_jsonl", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
+                               tmp_path / "d.jsonl", batch_size=3, max_new_tokens=2, progress=False)
+    assert not (tmp_path / "d.jsonl").exists() or not _rows(tmp_path / "d.jsonl")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (the lead runs these): the decoder with CUDA graphs against HF generate
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +513,10 @@ def test_gpu_greedy_decoder_real_shape(project):
     got = dec.generate(inputs, 12).cpu()
     assert dec.n_graph_captures == 1
     assert torch.equal(got, ref), (got, ref)
+    # the engine's prefill on such GPUs: one compiled layer function; and the model-forward prefill
+    for options in ({"compile_prefill": True}, {"prefill": "model"}, {"compile_step": True}):
+        other = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, **options).generate(inputs, 12).cpu()
+        assert torch.equal(other, ref), (options, other, ref)
     # a smaller batch next (another batch-size bucket): a second graph, counters reset, same tokens
     fewer = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 3, images[:3], device="cuda")
     again = dec.generate(fewer, 12).cpu()

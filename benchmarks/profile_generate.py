@@ -1,0 +1,177 @@
+"""Where one caption batch spends GPU time (random weights of the real architecture, synthetic
+640×480 images): GPU preprocessing (wall vs kernel time), the vision tower, three language-model
+prefills (the model's forward, the decoder's own layer function eager and compiled), the decoding
+steps, SDPA backends for the ViT's attention shape, and how busy the GPU is during an engine run.
+
+    python benchmarks/profile_generate.py [--arch qwen2-vl-2b] [--batch 256] [--engine-images 512]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
+from bench_generate import NEW_TOKENS, image_records, params_for  # noqa: E402
+from common import emit, random_model_dir, synthetic_images, versions  # noqa: E402
+
+
+def wall_ms(fn, reps: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return round(1000 * (time.perf_counter() - t) / reps, 1)
+
+
+def kernel_ms(fn, table: str | None = None, rows: int = 12) -> float:
+    """Sum of GPU kernel and copy durations of one call (the GPU's busy time), optionally printing the
+    top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if table:
+        print(f"--- top GPU kernels: {table}")
+        try:
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
+        except Exception as e:  # column names differ between torch versions
+            print("table unavailable:", e)
+    return round(busy / 1000, 1)
+
+
+def sdpa_backends(shape, dtype=torch.bfloat16) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    n, h, length, d = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(n, length, h, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2) for _ in range(3))
+    out, ref = {}, None
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, k, v)
+                ms = wall_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=5)
+            ref = o if ref is None else ref
+            out[name] = {"ms": ms, "max_abs_diff_vs_first": round(float((o.float() - ref.float()).abs().max()), 4)}
+        except Exception as e:
+            out[name] = {"error": str(e)[:160]}
+    flops = 4 * n * h * length * length * d
+    for v_ in out.values():
+        if "ms" in v_:
+            v_["tflops"] = round(flops / (v_["ms"] / 1000) / 1e12, 1)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--engine-images", type=int, default=512)
+    args = ap.parse_args(argv)
+    from jpcap_helpers import decode, engine, models
+
+    bs = args.batch
+    emit({"bench": "profile_generate", "versions": versions(), "arch": args.arch, "batch": bs})
+    model_dir = random_model_dir(args.arch)
+    model, processor, entry = models.load_model(params_for(model_dir))
+    prompt = engine.build_prompt(entry, processor)
+    import numpy as np
+    tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().pin_memory()
+               for im in synthetic_images(bs)]
+    prep = lambda: engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # noqa: E731
+    inputs = prep()
+    row = {"bench": "profile_generate", "stage": "preprocess on GPU", "wall_ms": wall_ms(prep),
+           "gpu_busy_ms": kernel_ms(prep, "preprocess")}
+    row["where"] = {k: str(v.device) for k, v in inputs.items() if torch.is_tensor(v)}
+    emit(row)
+
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs)
+    kwargs = {k: (v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items() if k != "attention_mask"}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(dec.inner.visual.dtype)
+    ids, grid, mm = kwargs["input_ids"], kwargs["image_grid_thw"], kwargs.get("mm_token_type_ids")
+    length = ids.shape[1]
+    pos1, _ = dec.inner.get_rope_index(input_ids=ids[:1].cpu(), mm_token_type_ids=None if mm is None else mm[:1].cpu(),
+                                       image_grid_thw=grid[:1].cpu(), attention_mask=None)
+    position_ids = pos1.to("cuda").expand(3, bs, length)
+
+    with torch.no_grad():
+        vit = lambda: dec.inner.visual(kwargs["pixel_values"], grid_thw=kwargs["image_grid_thw"])  # noqa: E731
+        emit({"bench": "profile_generate", "stage": "vision tower (compiled blocks)", "tokens": length,
+              "patches_per_image": int(grid[0].prod()), "wall_ms": wall_ms(vit), "gpu_busy_ms": kernel_ms(vit, "ViT")})
+        ids_cpu, grid_cpu = inputs["input_ids"].cpu(), inputs["image_grid_thw"].cpu()
+        embeds = dec._prompt_embeddings(kwargs, ids_cpu, grid_cpu)
+        emb = lambda: dec._prompt_embeddings(kwargs, ids_cpu, grid_cpu)  # noqa: E731
+        emit({"bench": "profile_generate", "stage": "ViT + projector + embedding scatter", "wall_ms": wall_ms(emb)})
+
+        hf = lambda: dec.lm(inputs_embeds=embeds, position_ids=position_ids, use_cache=True)  # noqa: E731
+        emit({"bench": "profile_generate", "stage": "LM prefill, model forward (eager, HF cache)",
+              "attn_implementation": dec.lm.config._attn_implementation,
+              "wall_ms": wall_ms(hf), "gpu_busy_ms": kernel_ms(hf, "LM prefill (HF forward)")})
+        attn0 = dec.lm.layers[0].self_attn
+        dec._ensure_capacity(length, NEW_TOKENS, embeds.dtype, attn0.k_proj.out_features // attn0.head_dim,
+                             attn0.head_dim)
+        own = lambda: dec._own_prefill(embeds, position_ids)  # noqa: E731
+        emit({"bench": "profile_generate", "stage": "LM prefill, own layer function (eager)",
+              "wall_ms": wall_ms(own), "gpu_busy_ms": kernel_ms(own)})
+        dec._prefill_fn = decode._compiled(decode._prefill_layer)
+        t = time.perf_counter()
+        own()
+        torch.cuda.synchronize()
+        compile_s = round(time.perf_counter() - t, 1)
+        emit({"bench": "profile_generate", "stage": "LM prefill, own layer function (compiled)",
+              "first_call_s": compile_s, "wall_ms": wall_ms(own),
+              "gpu_busy_ms": kernel_ms(own, "LM prefill (own, compiled)")})
+        dec._prefill_fn = decode._prefill_layer
+
+    for mode in ("model", "own"):
+        d = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs, prefill=mode, compile_prefill=mode == "own")
+        full = lambda: d.generate(inputs, NEW_TOKENS)  # noqa: E731
+        first = lambda: d.generate(inputs, 1)  # noqa: E731
+        full()
+        w_full, w_first = wall_ms(full), wall_ms(first)
+        emit({"bench": "profile_generate", "stage": f"GreedyDecoder.generate, prefill={mode}",
+              "total_ms": w_full, "prefill_incl_vit_ms": w_first, "decode_ms": round(w_full - w_first, 1),
+              "gpu_busy_ms": kernel_ms(full), "gpu_only_images_per_s": round(bs / (w_full / 1000), 1)})
+        del d
+
+    head_dim = dec.inner.visual.config.hidden_size // dec.inner.visual.config.num_heads
+    emit({"bench": "profile_generate", "stage": "SDPA backends, ViT attention shape",
+          "shape": [bs, dec.inner.visual.config.num_heads, int(grid[0].prod()), head_dim],
+          "backends": sdpa_backends((bs, dec.inner.visual.config.num_heads, int(grid[0].prod()), head_dim))})
+
+    if args.engine_images:
+        root = Path("/tmp/jpcap-bench/images")
+        records = image_records(args.engine_images, root)
+        out = Path("/tmp/jpcap-bench/profile-engine.jsonl")
+
+        def run():
+            out.unlink(missing_ok=True)
+            return engine.caption_records(model, processor, entry, records, root, out, batch_size=bs,
+                                          max_new_tokens=NEW_TOKENS, progress=False)
+        run()
+        t = time.perf_counter()
+        s = run()
+        wall = time.perf_counter() - t
+        busy = kernel_ms(run)
+        emit({"bench": "profile_generate", "stage": "engine run", "images": s["n_done"],
+              "images_per_s": s["images_per_s"], "wall_ms": round(1000 * wall, 1),
+              "gpu_busy_ms_under_profiler": busy, "decoder": s["decoder"]})
+
+
+if __name__ == "__main__":
+    main()
