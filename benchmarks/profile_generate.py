@@ -50,6 +50,55 @@ def kernel_ms(fn, table: str | None = None, rows: int = 12) -> float:
     return round(busy / 1000, 1)
 
 
+def engine_timeline(run, min_gap_ms: float = 1.0) -> dict:
+    """Run ``run()`` (an engine call) under a CUDA-only profiler (little host overhead) and report the
+    GPU's busy time, and its idle gaps: before the first kernel, between kernels, after the last."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    import gc
+
+    pauses: list[float] = []  # Python garbage-collector pauses during the run (a suspect for idle gaps)
+    started: dict = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            pauses.append(1000 * (time.perf_counter() - started.pop("t")))
+
+    torch.cuda.synchronize()
+    gc.callbacks.append(on_gc)
+    t0 = time.perf_counter()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            summary = run()
+            torch.cuda.synchronize()
+            wall_ms = 1000 * (time.perf_counter() - t0)
+    finally:
+        gc.callbacks.remove(on_gc)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, gaps, end = 0.0, [], None
+    for a, b in spans:  # merge overlapping kernels (several streams)
+        if end is None or a > end:
+            if end is not None:
+                gaps.append((a - end) / 1000)
+            busy += (b - a) / 1000
+            end = b
+        elif b > end:
+            busy += (b - end) / 1000
+            end = b
+    span_ms = (spans[-1][1] - spans[0][0]) / 1000 if spans else 0.0
+    big = sorted((g for g in gaps if g >= min_gap_ms), reverse=True)
+    return {"images": summary["n_done"], "images_per_s": summary["images_per_s"], "wall_ms": round(wall_ms, 1),
+            "gpu_busy_ms": round(busy, 1), "first_to_last_kernel_ms": round(span_ms, 1),
+            "outside_kernel_span_ms": round(wall_ms - span_ms, 1),
+            f"gaps_ge_{min_gap_ms:g}ms": len(big), "gaps_ge_sum_ms": round(sum(big), 1),
+            "small_gaps_sum_ms": round(sum(gaps) - sum(big), 1), "largest_gaps_ms": [round(g, 1) for g in big[:12]],
+            "engine_seconds": summary["seconds"], "gc_pauses": len(pauses), "gc_pause_ms": round(sum(pauses), 1),
+            "largest_gc_pauses_ms": [round(x, 1) for x in sorted(pauses, reverse=True)[:6]]}
+
+
 def sdpa_backends(shape, dtype=torch.bfloat16) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -82,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--arch", default="qwen2-vl-2b")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--engine-images", type=int, default=512)
+    ap.add_argument("--engine-only", action="store_true",
+                    help="only the engine's GPU timeline (busy time and idle gaps) on --engine-images files")
     args = ap.parse_args(argv)
     from jpcap_helpers import decode, engine, models
 
@@ -90,6 +141,20 @@ def main(argv=None):
     model_dir = random_model_dir(args.arch)
     model, processor, entry = models.load_model(params_for(model_dir))
     prompt = engine.build_prompt(entry, processor)
+    if args.engine_only:
+        root = Path("/tmp/jpcap-bench/images")
+        records = image_records(args.engine_images, root)
+        out = Path("/tmp/jpcap-bench/profile-engine.jsonl")
+
+        def run(n=len(records)):
+            out.unlink(missing_ok=True)
+            return engine.caption_records(model, processor, entry, records[:n], root, out, batch_size=bs,
+                                          max_new_tokens=NEW_TOKENS, progress=False)
+        run(bs)  # compilation and graph capture
+        run(bs)
+        emit({"bench": "profile_generate", "stage": "engine timeline (CUDA-only profiler)", "batch": bs,
+              **engine_timeline(run)})
+        return
     import numpy as np
     tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().pin_memory()
                for im in synthetic_images(bs)]

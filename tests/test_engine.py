@@ -115,15 +115,20 @@ def test_fast_decoder_equals_hf_generate(project, tmp_path):
     assert f == h and len(set(f.values())) > 1
 
 
-def test_greedy_decoder_tokens_and_end_tokens(project):
-    from jpcap_helpers import decode
-
-    model, processor = project["model"], project["processor"]
+def _images_of_one_size(project, n: int) -> list:
+    """Up to ``n`` of the toy images sharing the most common size (one visual grid)."""
     by_size: dict = {}
     for r in project["records"]:
         im = engine.load_image_for_model(project["data"] / r["file_name"])
         by_size.setdefault(im.size, []).append(im)
-    images = max(by_size.values(), key=len)[:4]
+    return max(by_size.values(), key=len)[:n]
+
+
+def test_greedy_decoder_tokens_and_end_tokens(project):
+    from jpcap_helpers import decode
+
+    model, processor = project["model"], project["processor"]
+    images = _images_of_one_size(project, 4)
     assert len(images) >= 3
     prompt = engine.build_prompt(ENTRY, processor)
     inputs = engine._prepare_inputs(processor, [prompt] * len(images), images)
@@ -157,11 +162,7 @@ def test_precomputed_vision_inputs_equal_the_towers_own(project):
     from jpcap_helpers import decode
 
     model, processor = project["model"], project["processor"]
-    by_size: dict = {}
-    for r in project["records"]:
-        im = engine.load_image_for_model(project["data"] / r["file_name"])
-        by_size.setdefault(im.size, []).append(im)
-    images = max(by_size.values(), key=len)[:3]
+    images = _images_of_one_size(project, 3)
     inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * len(images), images)
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=4)
     vision = dec._vision_inputs(inputs["image_grid_thw"])
