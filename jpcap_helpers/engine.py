@@ -275,9 +275,11 @@ def _prepare_inputs(processor: Any, prompts: list[str], images: list, device: An
     if device is not None and str(device).startswith("cuda"):
         import torch
 
-        # On a side stream: the processor's blocking copies (and ours, made asynchronous from pinned
-        # memory) then wait only for this preparation, not for the batch the GPU is working on
-        # meanwhile; the current stream waits for the results before it uses them.
+        # Image copies from pinned memory are asynchronous (a blocking copy would make this thread wait
+        # for all the work queued on the GPU; the rest of the Qwen image processor makes none per batch:
+        # its normalisation constants are made once per process). The kernels go to a side stream,
+        # ordered after the work already queued (which may have produced the images), so that they
+        # overlap the current batch's decoding; the current stream waits for the results.
         consumer = torch.cuda.current_stream(device)
         side = _side_stream(torch.device(device))
         side.wait_stream(consumer)  # inputs made on the current stream before this call
