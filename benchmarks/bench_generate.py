@@ -225,19 +225,6 @@ def main(argv=None):
             if base_rate:
                 row["ratio_to_loop"] = round(s["images_per_s"] / base_rate, 1)
             emit(row)
-    if fast:  # levers, each flipped alone at the largest batch, same run
-        bs = max(args.batch)
-        engine.PIPELINE = False
-        s = engine_rate(model, processor, entry, records[:512], root, bs, "auto", "nopipe")
-        engine.PIPELINE = True
-        emit({"bench": "generate", "row": "lever off: no pipelining (next batch prepared after this one)",
-              "batch": bs, "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib")})
-        if getattr(model, "jpcap_compile", False):
-            model.jpcap_compile = False
-            s = engine_rate(model, processor, entry, records[:512], root, bs, "auto", "eagerprefill")
-            model.jpcap_compile = True
-            emit({"bench": "generate", "row": "lever off: prefill layer function not compiled", "batch": bs,
-                  "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib")})
     for bs in (args.batch if fast else []):
         emit({"bench": "generate", "row": f"fast decoder stages ({with_adapter})", **stage_times(
             model, processor, entry, prompt, images, bs)})

@@ -286,7 +286,7 @@ class GreedyDecoder:
                              f"for {ids.shape[0]} rows")
         if self.device.type == "cuda":  # a blocking copy would wait here for the vision tower to finish
             where = where.pin_memory().to(self.device, non_blocking=True)
-        return embeds.index_copy(1, where.to(self.device), features.view(ids.shape[0], where.numel(), -1))
+        return embeds.index_copy(1, where, features.view(ids.shape[0], where.numel(), -1))
 
     def _own_prefill(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The prompt through every layer into the KV buffers; returns the first new token per row."""
