@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: setup demo test test-fast notebooks-sync notebooks-check clean-outputs
+.PHONY: setup demo test test-fast lint notebooks-sync notebooks-check clean-outputs
 
 setup: $(STAMP)
 
@@ -25,8 +25,12 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	$(BIN)/jpcap run --params $(PARAMS)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# style and likely bugs (ruff, configured in pyproject.toml); part of `make test`
+lint: setup
+	$(BIN)/ruff check jpcap_helpers tests benchmarks notebooks
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -104,3 +104,97 @@ def repair_jsonl_tail(path: str | os.PathLike) -> bool:
     cut = data.rfind(b"\n") + 1
     atomic_write_text(path, data[:cut].decode("utf-8"))
     return True
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+LOCK_ENV = "JPCAP_RUN_LOCKS"   # "<lock path>=<token>;..." handed to child processes (papermill kernels)
+
+
+class RunLockedError(OSError):
+    """Another process writes to this run folder; the message names it and the fix."""
+
+
+def _lock_info(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _inherited_tokens() -> dict[str, str]:
+    pairs = (item.rsplit("=", 1) for item in os.environ.get(LOCK_ENV, "").split(";") if "=" in item)
+    return {path: token for path, token in pairs}
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, purpose: str) -> Iterator[None]:
+    """Hold the run folder's advisory lock while writing to it: one writer per run folder.
+
+    Re-entrant in this process and in processes it starts (``jpcap run`` → notebook kernels → train).
+    A second writer gets :class:`RunLockedError` naming the holder's PID, command and start time. The
+    lock is an OS file lock (``filelock``): a killed holder releases it, and the next writer takes over
+    and says so.
+    """
+    import socket
+    import sys
+    import time
+    import uuid
+
+    from filelock import FileLock, Timeout
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = (run_dir / ".jpcap.lock").resolve()
+    info_path = run_dir / ".jpcap.lock.json"
+    inherited = _inherited_tokens().get(str(lock_path))
+    if inherited and _lock_info(info_path).get("token") == inherited:
+        yield    # our parent holds it for us
+        return
+    lock = FileLock(str(lock_path), is_singleton=True, thread_local=False)
+    if lock.is_locked:   # re-entry in this process
+        with lock:
+            yield
+        return
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _lock_info(info_path)
+        raise RunLockedError(
+            f"{run_dir} is in use by PID {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"({holder.get('purpose', '?')}: {holder.get('command', '?')}), since {holder.get('started', '?')}. "
+            "Wait for it to finish, stop it, or use another run name.") from None
+    try:
+        previous = _lock_info(info_path)
+        if previous and previous.get("pid") != os.getpid():
+            print(f"note: {run_dir}: took over the lock of PID {previous.get('pid')} "
+                  f"({previous.get('purpose')}, started {previous.get('started')}), which is no longer running",
+                  file=sys.stderr)
+        token = uuid.uuid4().hex
+        atomic_write_text(info_path, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+            "command": " ".join(sys.argv)[:300], "token": token,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        old_env = os.environ.get(LOCK_ENV)
+        os.environ[LOCK_ENV] = ";".join(filter(None, [old_env, f"{lock_path}={token}"]))
+        try:
+            yield
+        finally:
+            if old_env is None:
+                os.environ.pop(LOCK_ENV, None)
+            else:
+                os.environ[LOCK_ENV] = old_env
+            with contextlib.suppress(OSError):
+                info_path.unlink()
+    finally:
+        lock.release()

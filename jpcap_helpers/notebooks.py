@@ -1,11 +1,50 @@
-"""Keep the committed notebooks clean: py:percent source and .ipynb pair in sync, no outputs, no widget
-state, exactly one ``parameters`` cell. ``python -m jpcap_helpers.notebooks check notebooks``."""
+"""Keep the committed notebooks clean and Colab-ready: py:percent source and .ipynb pair in sync, no
+outputs, no widget state, exactly one ``parameters`` cell, GPU-runtime metadata, and the repository URL
+(``[project.urls] Repository`` in pyproject.toml, the one place it is set) in every install cell and
+"Open in Colab" badge. ``python -m jpcap_helpers.notebooks check notebooks``;
+``python -m jpcap_helpers.notebooks set-repo https://github.com/YOU/jpcap`` after forking."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import nbformat
+
+# what Colab reads to open a notebook on a GPU runtime (a T4 on the free tier)
+COLAB_METADATA = {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []},
+                  "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+_URL_RE = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+?(?=\.git|/blob/|\"|\)|\s|$)")
+_BADGE_RE = re.compile(r"(colab\.research\.google\.com/github/)[\w.-]+/[\w.-]+(?=/blob/)")
+
+
+def repo_url(project: str | Path | None = None) -> str:
+    """The repository URL from pyproject.toml (``[project.urls] Repository``)."""
+    import tomllib
+
+    project = Path(project) if project else Path(__file__).resolve().parent.parent
+    data = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+    return data["project"]["urls"]["Repository"].rstrip("/")
+
+
+def colab_badge(url: str, stem: str) -> str:
+    github = url.removeprefix("https://github.com/")
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"(https://colab.research.google.com/github/{github}/blob/main/notebooks/{stem}.ipynb)")
+
+
+def set_repo(folder: str | Path, url: str) -> list[Path]:
+    """Write ``url`` into pyproject.toml and every notebook source (install cell, badge)."""
+    folder = Path(folder)
+    changed = []
+    url = url.rstrip("/").removesuffix(".git")
+    for path in [folder.parent / "pyproject.toml", *sorted(folder.glob("*.py")), *sorted(folder.glob("*.ipynb"))]:
+        text = path.read_text(encoding="utf-8")
+        new = _BADGE_RE.sub(lambda m: m.group(1) + url.removeprefix("https://github.com/"), _URL_RE.sub(url, text))
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
 
 
 def strip(path: str | Path) -> bool:
@@ -19,6 +58,7 @@ def strip(path: str | Path) -> bool:
             cell.execution_count = None
         cell.metadata.pop("execution", None)
     nb.metadata.pop("widgets", None)
+    nb.metadata.update(COLAB_METADATA)
     after = nbformat.writes(nb)
     if after != before:
         path.write_text(after, encoding="utf-8")
@@ -35,6 +75,7 @@ def check(folder: str | Path) -> list[str]:
     import jupytext
 
     folder = Path(folder)
+    url = repo_url(folder.parent) if (folder.parent / "pyproject.toml").exists() else None
     problems = []
     py = {p.stem for p in folder.glob("*.py")}
     ipynb = {p.stem for p in folder.glob("*.ipynb")}
@@ -56,6 +97,13 @@ def check(folder: str | Path) -> list[str]:
         src = (folder / f"{stem}.py").read_text(encoding="utf-8")
         if "sys.path.append" in src or "sys.path.insert" in src:
             problems.append(f"{stem}.py: sys.path hack (install the package instead)")
+        if any(json_nb.metadata.get(k) != v for k, v in COLAB_METADATA.items() if k != "kernelspec"):
+            problems.append(f"{stem}.ipynb: no Colab GPU-runtime metadata (run `make notebooks-sync`)")
+        if url is not None:
+            found = set(_URL_RE.findall(src))
+            if found != {url} or colab_badge(url, stem) not in src:
+                problems.append(f"{stem}.py: repository URL or Colab badge differs from pyproject.toml's "
+                                f"{url} (run `python -m jpcap_helpers.notebooks set-repo URL`)")
     return problems
 
 
@@ -65,12 +113,17 @@ def main(argv: list[str]) -> int:
             if strip(p):
                 print(f"stripped {p}")
         return 0
+    if len(argv) == 2 and argv[0] == "set-repo":
+        folder = Path(__file__).resolve().parent.parent / "notebooks"
+        for p in set_repo(folder, argv[1]):
+            print(f"updated {p}")
+        return 0
     if len(argv) == 2 and argv[0] == "check":
         problems = check(argv[1])
         for p in problems:
             print(p)
         return 1 if problems else 0
-    print("usage: python -m jpcap_helpers.notebooks strip FILE.ipynb... | check FOLDER", file=sys.stderr)
+    print("usage: python -m jpcap_helpers.notebooks strip FILE.ipynb... | check FOLDER | set-repo URL", file=sys.stderr)
     return 2
 
 

@@ -6,12 +6,12 @@ papermill cannot read ``.py`` notebooks, so each is converted in memory with jup
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .io import run_lock
 from .params import load_params, save_resolved
 
 NOTEBOOKS = ["01_data", "02_zero_shot", "03_qlora_train", "04_eval", "05_ablations", "06_failure_cases"]
@@ -104,53 +104,16 @@ def run_notebooks(params_file: str | os.PathLike, only: Optional[str | Sequence[
         over["run.name"] = run_name
     params = load_params(params_file, over)       # validate before any notebook starts
     out_dir = params.run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(params)
-    echo(f"jpcap run: {len(names)} notebook(s) on {params_file} → {out_dir}")
     results = []
-    for name in names:
-        echo(f"▶ {name}")
-        res = run_notebook(name, params_file, params.run.name, out_dir, overrides, log_output=log_output,
-                           progress_bar=progress_bar, folder=folder)
-        echo(f"✔ {name} in {res.seconds:.0f}s → {res.output}")
-        results.append(res)
+    with run_lock(out_dir, "jpcap run"):          # the notebooks' kernels inherit the lock
+        save_resolved(params)
+        echo(f"jpcap run: {len(names)} notebook(s) on {params_file} → {out_dir}")
+        for name in names:
+            echo(f"▶ {name}")
+            res = run_notebook(name, params_file, params.run.name, out_dir, overrides, log_output=log_output,
+                               progress_bar=progress_bar, folder=folder)
+            echo(f"✔ {name} in {res.seconds:.0f}s → {res.output}")
+            results.append(res)
     total = sum(r.seconds for r in results)
     echo(f"done: {len(results)} notebook(s) in {total:.0f}s; executed notebooks in {out_dir}")
     return results
-
-
-def add_run_arguments(parser) -> None:
-    parser.add_argument("--params", required=True, help="params YAML (e.g. params/smoke.yaml)")
-    parser.add_argument("--only", default=None, help="comma-separated notebooks, e.g. 01,03")
-    parser.add_argument("--run-name", default=None, help="run folder name (default: run.name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. --set train.max_steps=10 (YAML value)")
-    parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the log")
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.lora_rank=8"]`` → ``{"train.lora_rank": 8}`` (values parsed as YAML)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def run_run(args) -> int:
-    from .params import ParamsError
-
-    try:
-        run_notebooks(args.params, args.only, args.run_name, parse_overrides(args.overrides),
-                      log_output=args.log_output)
-    except (ParamsError, ValueError, FileNotFoundError) as e:
-        print(f"jpcap run: {e}", file=sys.stderr)
-        return 2
-    except NotebookFailed as e:
-        print(f"jpcap run: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -20,7 +20,7 @@ def project_root() -> Path:
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """A small jp-shapes data set shared by the tests of a session."""
-    from jpcap_helpers.toydata import generate_jp_shapes
+    from jpcap_helpers.data import generate_jp_shapes
 
     root = tmp_path_factory.mktemp("jp-shapes")
     generate_jp_shapes(root, n_train=60, n_val=30, n_yj=20, seed=0)
@@ -30,8 +30,8 @@ def toy_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, toy_root) -> Path:
     """The tiny Qwen2-VL built from the toy captions (saved, loadable with from_pretrained)."""
+    from jpcap_helpers.data import all_caption_texts
     from jpcap_helpers.models import build_tiny_model
-    from jpcap_helpers.toydata import all_caption_texts
 
     out = tmp_path_factory.mktemp("tiny-model") / "tiny-qwen2-vl"
     return build_tiny_model(out, all_caption_texts(toy_root), max_pixels=112 * 112)

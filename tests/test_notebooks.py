@@ -32,9 +32,26 @@ def test_every_notebook_starts_with_the_same_setup_cell(project_root):
     for name in NOTEBOOKS:
         nb = jupytext.read(project_root / "notebooks" / f"{name}.py")
         code = [c.source for c in nb.cells if c.cell_type == "code"]
-        assert "start_run(params_file, run_name, overrides)" in code[1]
+        assert "P = jpcap_helpers.setup(params_file, run_name, overrides)" in code[1]
         setups.add(code[1])
     assert len(setups) == 1
+
+
+def test_set_repo_rewrites_every_url_in_one_go(tmp_path, project_root):
+    import shutil
+
+    from jpcap_helpers.notebooks import repo_url, set_repo
+
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(project_root / "pyproject.toml", tmp_path)
+    for name in ("02_zero_shot.py", "02_zero_shot.ipynb"):
+        shutil.copy(project_root / "notebooks" / name, tmp_path / "notebooks")
+    set_repo(tmp_path / "notebooks", "https://github.com/student/jpcap-fork.git")
+    assert repo_url(tmp_path) == "https://github.com/student/jpcap-fork"
+    src = (tmp_path / "notebooks" / "02_zero_shot.py").read_text()
+    assert "colab.research.google.com/github/student/jpcap-fork/blob/main/notebooks/02_zero_shot.ipynb" in src
+    assert '"https://github.com/student/jpcap-fork", "/content/jpcap"' in src
+    assert "YOUR-ACCOUNT" not in src
 
 
 def test_check_reports_outputs_and_unpaired(tmp_path, project_root):

@@ -1,17 +1,19 @@
 """The params schema: every shipped file validates; bad input fails naming file and key."""
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jpcap_helpers.params import Params, ParamsError, field_docs, load_params, start_run
+from jpcap_helpers.params import Params, ParamsError, field_docs, load_params, parse_overrides
+from jpcap_helpers.session import setup
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "colab_t4.yaml", "h100.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "colab_t4.yaml", "colab_t4_ablations.yaml", "h100.yaml"])
 def test_shipped_params_validate(project_root, name):
     p = load_params(project_root / "params" / name)
     assert p.run.name
-    assert len(p.hash()) == 12
+    assert len(p.fingerprint()) == 12
 
 
 def write(tmp_path, body: str) -> Path:
@@ -70,21 +72,55 @@ def test_relative_paths_resolve_against_project_folder(tmp_path):
     assert p.processed_dir == tmp_path / "d" / "processed"
 
 
-def test_hash_ignores_run_name_but_not_training_settings(project_root):
+def test_fingerprint_ignores_run_location_but_not_training_settings(project_root):
     base = load_params(project_root / "params" / "smoke.yaml")
-    renamed = load_params(project_root / "params" / "smoke.yaml", {"run.name": "other"})
+    renamed = load_params(project_root / "params" / "smoke.yaml", {"run.name": "other", "run.mount_drive": True})
     changed = load_params(project_root / "params" / "smoke.yaml", {"train.lora_rank": 4})
-    assert base.hash() == renamed.hash()
-    assert base.hash() != changed.hash()
+    assert base.fingerprint() == renamed.fingerprint()
+    assert base.fingerprint() != changed.fingerprint()
+    assert base.fingerprint(exclude=["train.lora_rank"]) == changed.fingerprint(exclude=["train.lora_rank"])
+    assert base.fingerprint(exclude=["train"]) == changed.fingerprint(exclude=["train"])
 
 
-def test_start_run_writes_resolved_params(tmp_path, project_root):
+def test_with_overrides_returns_a_new_validated_params(project_root):
+    base = load_params(project_root / "params" / "smoke.yaml")
+    rank8 = base.with_overrides({"train.lora_rank": 8})
+    assert (rank8.train.lora_rank, base.train.lora_rank) == (8, 32)
+    assert rank8.run.output_dir == base.run.output_dir          # paths resolve against the same project
+    assert base.with_overrides(["train.lora_rank=8"]) == rank8
+    with pytest.raises(ParamsError, match=r"smoke\.yaml: train\.lora_rank: must be ≥ 1"):
+        base.with_overrides({"train.lora_rank": 0})
+    twice = rank8.with_overrides({"train.top_k_layers": "all"})
+    assert (twice.train.lora_rank, twice.train.top_k_layers) == (8, "all")
+
+
+def test_from_dict_validates_like_a_file():
+    p = Params.from_dict({"train": {"lora_rank": 4}}, source="sweep run 3")
+    assert p.train.lora_rank == 4 and p.train_method == "lora"
+    with pytest.raises(ParamsError, match="sweep run 3: unknown key train.nope"):
+        Params.from_dict({"train": {"nope": 1}}, source="sweep run 3")
+
+
+def test_removed_keys_say_what_replaced_them(tmp_path):
+    with pytest.raises(ParamsError, match="train.method .*model.load_in_4bit"):
+        load_params(write(tmp_path, "train:\n  method: qlora\n"))
+    assert load_params(write(tmp_path, "model:\n  load_in_4bit: true\n")).train_method == "qlora"
+
+
+def test_parse_overrides_reads_yaml_values():
+    assert parse_overrides(["train.lora_rank=8", "train.top_k_layers=all", "x.y=[1, 2]"]) == {
+        "train.lora_rank": 8, "train.top_k_layers": "all", "x.y": [1, 2]}
+    with pytest.raises(ParamsError, match="KEY=VALUE"):
+        parse_overrides(["oops"])
+
+
+def test_setup_writes_resolved_params(tmp_path, project_root):
     (tmp_path / "params").mkdir()
     src = (project_root / "params" / "smoke.yaml").read_text()
     (tmp_path / "params" / "s.yaml").write_text(src)
-    p = start_run(tmp_path / "params" / "s.yaml", "unit")
+    p = setup(tmp_path / "params" / "s.yaml", "unit", report=False)
     saved = (tmp_path / "outputs" / "unit" / "params.yaml").read_text()
-    assert f"params hash: {p.hash()}" in saved
+    assert f"params fingerprint: {p.fingerprint()}" in saved
     resolved = yaml.safe_load(saved)
     assert resolved["run"]["name"] == "unit"
     assert resolved["train"]["lora_rank"] == p.train.lora_rank
@@ -96,3 +132,41 @@ def test_every_key_is_documented_once(project_root):
     doc = (project_root / "docs" / "params.md").read_text(encoding="utf-8")
     missing = [k for k in field_docs() if f"`{k}`" not in doc]
     assert not missing, f"keys not documented in docs/params.md: {missing}"
+
+
+# Every range the schema promises: (override, value). Each must fail at load, naming the key, before
+# any model loads (issue 16: 11 of 28 bad values used to pass silently).
+BAD_VALUES = [
+    ("train.max_steps", -3), ("train.max_steps", 0), ("train.lora_rank", 0), ("train.lora_rank", -8),
+    ("train.lora_alpha", 0), ("train.learning_rate", 0), ("train.learning_rate", -1e-4),
+    ("train.learning_rate", 5.0), ("train.weight_decay", -0.1), ("train.epochs", -1), ("train.epochs", 0),
+    ("train.warmup_ratio", 2), ("train.warmup_ratio", -0.1), ("train.lora_dropout", 1.0),
+    ("train.eval_every", -5), ("train.save_every", -1), ("train.eval_images", -1),
+    ("train.max_grad_norm", -1.0), ("train.max_grad_norm", 0), ("train.micro_batch_size", 0),
+    ("train.effective_batch_size", 0), ("train.top_k_layers", 0), ("generation.batch_size", 0),
+    ("generation.max_new_tokens", 0), ("generation.num_beams", 0), ("evaluate.bootstrap_samples", -10),
+    ("evaluate.bootstrap_samples", 5), ("evaluate.confidence", 1.5), ("evaluate.max_images", 0),
+    ("model.max_pixels", 10), ("model.min_pixels", -1), ("data.max_caption_tokens", 0),
+    ("data.train_subset", 0), ("data.toy.yj_train_overlap", 1.5), ("zero_shot.max_images", -1),
+    ("ablation.lora_rank", [8, 0]), ("ablation.top_k_layers", [2, -1]), ("ablation.train_max_steps", 0),
+    ("run.seed", -1), ("model.tiny.num_attention_heads", 3),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_every_bad_value_is_caught_naming_the_key(project_root, key, value, capsys):
+    from jpcap_helpers.cli import main
+
+    with pytest.raises(ParamsError, match=re.escape(key)):
+        load_params(project_root / "params" / "smoke.yaml", {key: value})
+    # the command line says it in one line, exit code 2, no traceback
+    assert main(["params", str(project_root / "params" / "smoke.yaml"), "--set", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert key.split(".")[-1] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_scientific_notation_is_accepted(project_root):
+    p = load_params(project_root / "params" / "smoke.yaml", ["train.learning_rate=3e-4"])
+    assert p.train.learning_rate == pytest.approx(3e-4)
+    with pytest.raises(ParamsError, match="train.learning_rate: expected float, got str 'fast'"):
+        load_params(project_root / "params" / "smoke.yaml", ["train.learning_rate=fast"])

@@ -17,13 +17,6 @@ def test_select_by_number_or_name_keeps_run_order():
         select("07")
 
 
-def test_parse_overrides_reads_yaml_values():
-    assert runner.parse_overrides(["train.lora_rank=8", "train.top_k_layers=all", "x.y=[1, 2]"]) == {
-        "train.lora_rank": 8, "train.top_k_layers": "all", "x.y": [1, 2]}
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        runner.parse_overrides(["oops"])
-
-
 def _project(tmp_path, project_root, cells: str):
     (tmp_path / "params").mkdir()
     shutil.copy(project_root / "params" / "smoke.yaml", tmp_path / "params" / "smoke.yaml")
@@ -44,8 +37,8 @@ def test_runs_notebook_injects_params_and_writes_executed_copy(tmp_path, project
     params_file, nbdir = _project(tmp_path, project_root, PARAMS_CELL + '''
 # %%
 import json
-from jpcap_helpers.params import start_run
-P = start_run(params_file, run_name, overrides)
+import jpcap_helpers
+P = jpcap_helpers.setup(params_file, run_name, overrides, report=False)
 print(json.dumps({"run": P.run.name, "rank": P.train.lora_rank}))
 ''')
     results = run_notebooks(params_file, only="01", run_name="unit", overrides={"train.lora_rank": 4},
