@@ -1,8 +1,8 @@
 """Offline tests of jpcap_helpers.data: loaders, image checks, cleaning, splits, prepare, CLI."""
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from jpcap_helpers import data as D
+from jpcap_helpers.cli import main as jpcap_main
 from jpcap_helpers.data import DataError, ImageRecord
+from jpcap_helpers.data import prepare as data_prepare
+from jpcap_helpers.models.image_rules import processor_rejection
 
 # --------------------------------------------------------------------------- fixture builders
 
@@ -162,6 +165,139 @@ def test_missing_captions_file(tmp_path):
         D.load_coco_captions(tmp_path / "nope.json")
 
 
+def test_absolute_and_backslash_names_are_kept_for_the_path_check(tmp_path):
+    """The loader does not repair escaping names (``/etc/passwd`` stays absolute): the lookup refuses them."""
+    images = [{"id": 1, "file_name": "/etc/passwd"}, {"id": 2, "file_name": "..\\outside\\secret.png"},
+              {"id": 3, "file_name": "C:\\x.png"}]
+    anns = [{"id": i, "image_id": i, "caption": "x"} for i in (1, 2, 3)]
+    records, _ = D.load_coco_captions(write_json(tmp_path / "mixed.json", {"images": images, "annotations": anns}))
+    assert [r.file_name for r in records] == ["/etc/passwd", "../outside/secret.png", "C:/x.png"]
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\xff\xfe{\x00\"images\x00", "not UTF-8 text"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),
+    (b"hello, not json", "not valid JSON (line 1, column 1"),
+    (b"", "not valid JSON (the file is empty)"),
+    (b"  \n", "not valid JSON (the file is empty)"),
+])
+def test_unreadable_captions_file_is_one_error_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "stair_captions_v1.2_val.json"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as exc:
+        D.load_coco_captions(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: ") and needle in msg and "\n" not in msg
+
+
+def test_bom_is_accepted_and_folder_is_named(tmp_path):
+    path = tmp_path / "caps.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": [], "annotations": []}).encode())
+    assert D.load_coco_captions(path)[0] == []
+    with pytest.raises(DataError, match="captions file not found \\(it is a folder\\)"):
+        D.load_coco_captions(tmp_path)
+
+
+def test_non_utf8_split_and_karpathy_files_name_the_file(tmp_path):
+    split = tmp_path / "val.jsonl"
+    split.write_bytes(b'{"image_id": 1, "file_name": "a.jpg", "captions": ["\xff"]}\n')
+    with pytest.raises(DataError, match="val.jsonl: not UTF-8 text"):
+        D.load_split(split)
+    kp = tmp_path / "dataset_coco.json"
+    kp.write_bytes(b"\xff\xfe")
+    with pytest.raises(DataError, match="dataset_coco.json: not UTF-8 text"):
+        D.make_splits([], [], karpathy_path=kp)
+
+
+# --------------------------------------------------------------------------- image paths stay inside the images folder
+
+
+@pytest.fixture
+def escape_case(tmp_path):
+    """An images root with one legal image, and a valid image *outside* it that no name may reach."""
+    root = tmp_path / "images"
+    save_jpeg(root / "ok.png")
+    save_jpeg(root / "sub" / "inner.png")
+    outside = tmp_path / "outside"
+    secret = save_jpeg(outside / "secret.png")
+    save_jpeg(tmp_path / "x.png")
+    os.symlink(secret, root / "link.png")                     # a file symlink inside, pointing outside
+    os.symlink(outside, root / "linkdir")                     # a folder symlink inside, pointing outside
+    os.symlink(root / "sub" / "inner.png", root / "inner_link.png")   # a symlink that stays inside
+    return root, secret
+
+
+ESCAPING = ["../outside/secret.png", "..\\outside\\secret.png", "sub/../../x.png", "/etc/passwd", "C:\\x.png",
+            "C:x.png", "\\\\server\\share\\x.png", "link.png", "linkdir/secret.png", "sub/../linkdir/secret.png",
+            "..", "nul\0byte.png"]
+
+
+@pytest.mark.parametrize("name", ESCAPING)
+def test_escaping_image_names_are_refused(escape_case, name):
+    root, _ = escape_case
+    for fn in (D.safe_image_path, D.resolve_image_path):
+        with pytest.raises(D.ImageLoadError) as exc:
+            fn(root, name)
+        assert exc.value.reason == "outside_images_root"
+
+
+def test_names_that_stay_inside_are_fine(escape_case):
+    root, _ = escape_case
+    assert D.resolve_image_path(root, "sub/../ok.png") == root / "sub/../ok.png"
+    assert D.resolve_image_path(root, "sub\\inner.png") == root / "sub" / "inner.png"
+    assert D.resolve_image_path(root, "inner_link.png") == root / "inner_link.png"
+    assert D.resolve_image_path(root, "train2014/ok.png") == root / "ok.png"     # the flat layout
+    assert D.resolve_image_path(root, "val2014/absent.png") == root / "val2014/absent.png"
+    link_root = root.parent / "root_link"                     # the images folder itself may be a symlink
+    os.symlink(root, link_root)
+    assert D.resolve_image_path(link_root, "ok.png") == link_root / "ok.png"
+    assert D.check_image(D.resolve_image_path(root, "sub/../ok.png")) is None
+
+
+def test_flat_fallback_through_an_outside_symlink_is_refused(escape_case):
+    root, _ = escape_case
+    with pytest.raises(D.ImageLoadError, match="outside_images_root"):
+        D.resolve_image_path(root, "train2014/link.png")    # absent in the COCO layout; flat is the symlink
+
+
+def test_prepare_file_skips_escaping_names_without_reading_them(escape_case, tmp_path, monkeypatch):
+    root, secret = escape_case
+    names = ESCAPING[:-2] + [str(secret), "sub/../ok.png", "sub\\inner.png"]
+    images = [{"id": i, "file_name": n} for i, n in enumerate(names, start=1)]
+    anns = [{"id": i, "image_id": i, "caption": f"画像{i}"} for i in range(1, len(names) + 1)]
+    captions = write_json(tmp_path / "mixed.json", {"images": images, "annotations": anns})
+    from jpcap_helpers.data import images as data_images
+
+    opened = []
+    real_load = data_images.load_image
+    monkeypatch.setattr(data_images, "load_image", lambda p, *a, **k: opened.append(Path(p)) or real_load(p, *a, **k))
+    rep = D.prepare_file(captions, root, tmp_path / "out", progress=False)
+    n_bad = len(names) - 2
+    assert rep["images"]["skipped_by_reason"] == {"outside_images_root": n_bad}
+    assert rep["images"]["kept"] == 2 and rep["captions"]["skipped_by_reason"] == {"image_skipped": n_bad}
+    kept = D.load_split(tmp_path / "out" / "mixed.jsonl")
+    assert [r.file_name for r in kept] == ["sub/../ok.png", "sub/inner.png"]
+    assert opened and all(os.path.realpath(p).startswith(str(root.resolve()) + os.sep) for p in opened)
+    assert sum("outside_images_root" in line for line in rep["problems"]) == n_bad
+    skipped = {s["file_name"]: s for s in rep["skipped_images"]}
+    assert "outside" in skipped["../outside/secret.png"]["detail"]
+
+
+def test_prepare_dataset_skips_escaping_names(toy_root, tmp_path):
+    train_json = toy_root / "stair_captions_v1.2_train.json"
+    data = json.loads(train_json.read_text(encoding="utf-8"))
+    outside = save_jpeg(tmp_path / "outside" / "secret.jpg")
+    data["images"][0]["file_name"] = "../outside/secret.jpg"          # a valid image, one folder up
+    data["images"][1]["file_name"] = str(outside)
+    write_json(train_json, data)
+    rep = D.prepare_dataset(toy_root, toy_root, tmp_path / "p", val_size=8, test_size=16, progress=False)
+    assert rep["image_checks"]["skipped_by_reason"] == {"outside_images_root": 2}
+    assert rep["image_checks"]["removed_per_split"]["train"] == 2
+    assert {e["image_id"] for e in rep["image_checks"]["examples"]["outside_images_root"]} == {
+        data["images"][0]["id"], data["images"][1]["id"]}
+    assert len(D.load_split(tmp_path / "p" / "train.jsonl")) == 30 - 2
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -216,15 +352,15 @@ def test_check_image_reasons(odd_images):
                 "text": "not_an_image", "wide": "aspect_ratio", "tall_ok": None, "cmyk": None, "gray": None,
                 "palette": None, "rgba": None, "png_named_jpg": None, "gray16": None, "exif": None,
                 "one": None}
-    got = {name: D.check_image(odd_images[name]) for name in expected}
+    got = {name: D.check_image(odd_images[name], reject=processor_rejection) for name in expected}
     assert got == expected
 
 
 def test_processor_rejection_follows_transformers():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    assert D.processor_rejection(300, 1) == "aspect_ratio"
-    assert D.processor_rejection(1, 1) is None
+    assert processor_rejection(300, 1) == "aspect_ratio"
+    assert processor_rejection(1, 1) is None
     with pytest.raises(ValueError):          # the very function we rely on refuses it
         smart_resize(1, 300)
 
@@ -414,10 +550,8 @@ def test_karpathy_split_honoured(tmp_path):
 
 @pytest.fixture
 def toy_root(tmp_path):
-    from jpcap_helpers.toydata import generate_jp_shapes
-
     root = tmp_path / "jp-shapes"
-    generate_jp_shapes(root, n_train=30, n_val=24, n_yj=12, image_sizes=((56, 56), (70, 56)))
+    D.generate_jp_shapes(root, n_train=30, n_val=24, n_yj=12, image_sizes=((56, 56), (70, 56)))
     return root
 
 
@@ -442,7 +576,7 @@ def test_prepare_dataset_on_toy_data(toy_root, tmp_path):
         assert all(r.captions and (toy_root / r.file_name).exists() for r in recs)
     train_ids = set(ids(splits["train"]))
     assert not train_ids & set(ids(splits["yj_test"]))
-    assert rep["split_info"]["yj"]["overlap_train_removed"] > 0       # toydata reuses train images
+    assert rep["split_info"]["yj"]["overlap_train_removed"] > 0       # jp-shapes reuses train images
     assert len(splits["yj_test"]) == (12 - rep["split_info"]["yj"]["overlap_train_removed"]
                                       - rep["image_checks"]["removed_per_split"]["yj_test"])
 
@@ -473,7 +607,7 @@ def test_prepare_dataset_is_atomic(toy_root, tmp_path, monkeypatch):
         yield {"image_id": 1, "file_name": "x", "caption": "y"}
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(D, "_pairs", broken_pairs)
+    monkeypatch.setattr(data_prepare, "_pairs", broken_pairs)
     with pytest.raises(RuntimeError, match="simulated"):
         D.prepare_dataset(toy_root, toy_root, out, val_size=8, test_size=16, seed=3, progress=False,
                           check_images=False)
@@ -496,10 +630,9 @@ def test_load_split_errors(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(prog="jpcap prepare")
-    D.add_prepare_arguments(parser)
-    return parser.parse_args(argv)
+def prepare_cli(argv) -> int:
+    """``jpcap prepare ARGV`` through the real command line."""
+    return jpcap_main(["prepare", *argv])
 
 
 @pytest.fixture
@@ -515,8 +648,7 @@ def cli_case(messy_stair, tmp_path):
 def test_cli_prepare_counts_every_skip(cli_case, tmp_path, capsys):
     path, root = cli_case
     out = tmp_path / "out"
-    rc = D.run_prepare(parse(["--captions", str(path), "--images", str(root), "--out", str(out),
-                              "--no-progress"]))
+    rc = prepare_cli(["--captions", str(path), "--images", str(root), "--out", str(out), "--no-progress"])
     assert rc == 0
     rows = [json.loads(x) for x in (out / "stair_captions_v1.2_train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rows == [{"image_id": 1, "file_name": "train2014/" + coco_name("train2014", 1), "captions": ["犬が走っている。"]},
@@ -537,8 +669,8 @@ def test_cli_prepare_counts_every_skip(cli_case, tmp_path, capsys):
 
 def test_cli_strict_lists_problems(cli_case, tmp_path, capsys):
     path, root = cli_case
-    rc = D.run_prepare(parse(["--captions", str(path), "--images", str(root), "--out", str(tmp_path / "o"),
-                              "--strict", "--no-progress"]))
+    rc = prepare_cli(["--captions", str(path), "--images", str(root), "--out", str(tmp_path / "o"),
+                      "--strict", "--no-progress"])
     assert rc == 1
     err = capsys.readouterr().err
     for needle in ("caption 2 (image 1): caption_null", "caption 7 (image 999): unknown_image_id",
@@ -557,8 +689,8 @@ def test_cli_clean_input_strict_passes_with_flat_folder_and_tokenizer(tmp_path, 
         "annotations": [{"id": 1, "image_id": 1, "caption": "犬が走っている。" * 10},
                         {"id": 2, "image_id": 2, "caption": "猫"}]})
     out = tmp_path / "out"
-    rc = D.run_prepare(parse(["--captions", str(path), "--images", str(flat), "--out", str(out), "--strict",
-                              "--tokenizer", str(tiny_tokenizer_dir), "--max-caption-tokens", "6", "--no-progress"]))
+    rc = prepare_cli(["--captions", str(path), "--images", str(flat), "--out", str(out), "--strict",
+                      "--tokenizer", str(tiny_tokenizer_dir), "--max-caption-tokens", "6", "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["layout"] == {"flat": 2} and rep["images"]["kept"] == 2 and rep["problems"] == []
@@ -588,6 +720,6 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys, case):
         needle = "no_tok: tokenizer folder not found"
     else:
         needle = "caps.json: not valid JSON"
-    assert D.run_prepare(parse(argv)) == 2
+    assert prepare_cli(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err

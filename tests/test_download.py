@@ -253,12 +253,23 @@ def test_unsafe_names_are_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_escaping_names_are_refused_like_in_prepare(tmp_path):
+    """The same path rule as the image lookup: backslashes, drive letters and symlinks out are refused."""
+    root = tmp_path / "coco"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "linkdir")
+    bad = ["..\\evil.jpg", "C:\\evil.jpg", "sub/../../evil.jpg", "linkdir/evil.jpg", "", "."]
+    result = D.download_coco_images(bad, root, base_url="http://127.0.0.1:9", progress=False)
+    assert result["failed"] == {name: "unsafe file name" for name in bad}
+    assert os.listdir(outside) == [] and os.listdir(root) == ["linkdir"]
+
+
 def test_colab_route_fetches_only_the_selected_images(server, tmp_path):
     """prepare without checks -> split_file_names -> download_coco_images -> prepare with checks."""
-    from jpcap_helpers.toydata import generate_jp_shapes
-
     src = tmp_path / "jp-shapes"
-    generate_jp_shapes(src, n_train=30, n_val=24, n_yj=12, image_sizes=((56, 56),))
+    D.generate_jp_shapes(src, n_train=30, n_val=24, n_yj=12, image_sizes=((56, 56),))
     for folder in ("train2014", "val2014"):
         for f in (src / folder).iterdir():
             server.files[f"/coco/{folder}/{f.name}"] = f.read_bytes()

@@ -5,7 +5,7 @@ import re
 
 from PIL import Image
 
-from jpcap_helpers.toydata import generate_jp_shapes
+from jpcap_helpers.data import generate_jp_shapes
 
 
 def digest(root):
