@@ -77,30 +77,33 @@ def hf_generate_rate(model, processor, prompt, images, batch, **gen_kwargs) -> f
     return len(images) / (time.perf_counter() - t)
 
 
-def engine_rate(model, processor, entry, records, root, bs, decoder, tag):
+def engine_rate(model, processor, entry, records, root, bs, decoder, tag, options=None):
+    """The engine's summary for ``records`` (``options``: its levers, default EngineOptions())."""
+    from jpcap_helpers.engine import EngineOptions, caption_records
+
     out = Path(f"/tmp/jpcap-bench/pred-{tag}-{bs}.jsonl")
     out.unlink(missing_ok=True)
-    from jpcap_helpers import engine
     torch.cuda.reset_peak_memory_stats()
-    return engine.caption_records(model, processor, entry, records, root, out, batch_size=bs,
-                                  max_new_tokens=NEW_TOKENS, progress=False, decoder=decoder)
+    return caption_records(model, processor, entry, records, root, out, batch_size=bs, max_new_tokens=NEW_TOKENS,
+                           progress=False, decoder=decoder, options=options or EngineOptions())
 
 
 def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) -> dict:
     """Where a fast-decoder batch spends its time: preprocessing (CPU path, and the engine's GPU path),
     then, from GPU-resident inputs as in the engine, the vision tower, the prefill and decoding."""
-    from jpcap_helpers import decode, engine
+    from jpcap_helpers.engine import decode
+    from jpcap_helpers.engine.generation import prepare_inputs
 
-    inputs = engine._prepare_inputs(processor, [prompt] * bs, images[:bs])  # warm
+    inputs = prepare_inputs(processor, [prompt] * bs, images[:bs])  # warm
     t = time.perf_counter()
-    engine._prepare_inputs(processor, [prompt] * bs, images[:bs])
+    prepare_inputs(processor, [prompt] * bs, images[:bs])
     pre = time.perf_counter() - t
     import numpy as np
     tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().pin_memory() for im in images[:bs]]
-    engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")
+    prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")
     torch.cuda.synchronize()
     t = time.perf_counter()
-    inputs = engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # as the engine does
+    inputs = prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # as the engine does
     torch.cuda.synchronize()
     pre_gpu = time.perf_counter() - t
     options = {"compile_prefill": bool(getattr(model, "jpcap_compile", False)), **decoder_options}
@@ -116,7 +119,7 @@ def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) 
     dec.generate(inputs, 1)  # vision tower + prefill + first token
     torch.cuda.synchronize()
     prefill = time.perf_counter() - t
-    base = decode._unwrap(model)
+    base = decode.unwrap(model)
     with torch.no_grad():
         pv = inputs["pixel_values"].to("cuda", base.model.visual.dtype)
         grid = inputs["image_grid_thw"].to("cuda")
@@ -145,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--headline-levers-all", action="store_true", help="levers off on --images images too")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
+    from jpcap_helpers.engine import EngineOptions, decode
 
     emit({"bench": "generate", "versions": versions(), "arch": args.arch, "images": args.images})
     model_dir = random_model_dir(args.arch)
@@ -181,7 +185,6 @@ def main(argv=None):
     # the engine as users run it: adapter loaded by models.load_model (merged into the bf16 base)
     model, processor, entry = models.load_model(params, adapter=str(adapter) if adapter else None)
     prompt = engine.build_prompt(entry, processor)
-    from jpcap_helpers import decode
     t = time.perf_counter()
     engine_rate(model, processor, entry, records[:64], root, 64, "auto", "warm")
     emit({"bench": "generate", "row": "first engine call, 64 images (torch.compile of the ViT and prefill + graph capture where used)",
@@ -197,19 +200,16 @@ def main(argv=None):
                   "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib"),
                   "n_errors": s["n_errors"], **({"ratio_to_loop": round(s["images_per_s"] / base_rate, 1)}
                                                 if base_rate else {})})
-        levers = [("pipelining (next batch prepared while this one runs)", engine, "PIPELINE"),
-                  ("compiled decoding step", engine, "COMPILE_STEP"),
-                  ("compiled prefill layer function (and step, if on)", model, "jpcap_compile")]
+        levers = [("pipelining (next batch prepared while this one runs)", EngineOptions(pipeline=False)),
+                  ("compiled decoding step", EngineOptions(compile_step=False)),
+                  ("compiled prefill layer function (and step, if on)", EngineOptions(compile_prefill=False))]
         if not getattr(model, "jpcap_compile", False):  # nothing compiled for this family: no compile levers
             levers = levers[:1]
         for n in sorted({few, len(records)}):
-            for name, owner, attr in levers:
-                default = bool(getattr(owner, attr))
-                setattr(owner, attr, not default)  # each lever flipped alone
-                engine_rate(model, processor, entry, records[:bs], root, bs, "auto", "warm")
-                s = engine_rate(model, processor, entry, records[:n], root, bs, "auto", attr)
-                setattr(owner, attr, default)
-                emit({"bench": "generate", "row": f"lever {'off' if default else 'on'}: {name}", "batch": bs,
+            for k, (name, options) in enumerate(levers):  # each lever switched off alone
+                engine_rate(model, processor, entry, records[:bs], root, bs, "auto", "warm", options)
+                s = engine_rate(model, processor, entry, records[:n], root, bs, "auto", f"lever{k}", options)
+                emit({"bench": "generate", "row": f"lever off: {name}", "batch": bs,
                       "images": s["n_done"], "images_per_s": s["images_per_s"], "peak_gib": s.get("peak_gpu_gib")})
             if n == few and not args.headline_levers_all:
                 break

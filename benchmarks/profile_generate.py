@@ -53,10 +53,10 @@ def kernel_ms(fn, table: str | None = None, rows: int = 12) -> float:
 def engine_timeline(run, min_gap_ms: float = 1.0) -> dict:
     """Run ``run()`` (an engine call) under a CUDA-only profiler (little host overhead) and report the
     GPU's busy time, and its idle gaps: before the first kernel, between kernels, after the last."""
+    import gc
+
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-
-    import gc
 
     pauses: list[float] = []  # Python garbage-collector pauses during the run (a suspect for idle gaps)
     started: dict = {}
@@ -100,8 +100,8 @@ def engine_timeline(run, min_gap_ms: float = 1.0) -> dict:
 
 
 def sdpa_backends(shape, dtype=torch.bfloat16) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     n, h, length, d = shape
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -134,7 +134,9 @@ def main(argv=None):
     ap.add_argument("--engine-only", action="store_true",
                     help="only the engine's GPU timeline (busy time and idle gaps) on --engine-images files")
     args = ap.parse_args(argv)
-    from jpcap_helpers import decode, engine, models
+    from jpcap_helpers import engine, models
+    from jpcap_helpers.engine import decode
+    from jpcap_helpers.engine.generation import prepare_inputs
 
     bs = args.batch
     emit({"bench": "profile_generate", "versions": versions(), "arch": args.arch, "batch": bs})
@@ -158,7 +160,7 @@ def main(argv=None):
     import numpy as np
     tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().pin_memory()
                for im in synthetic_images(bs)]
-    prep = lambda: engine._prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # noqa: E731
+    prep = lambda: prepare_inputs(processor, [prompt] * bs, tensors, device="cuda")  # noqa: E731
     inputs = prep()
     row = {"bench": "profile_generate", "stage": "preprocess on GPU", "wall_ms": wall_ms(prep),
            "gpu_busy_ms": kernel_ms(prep, "preprocess")}
@@ -193,26 +195,29 @@ def main(argv=None):
         own = lambda: dec._own_prefill(embeds, position_ids)  # noqa: E731
         emit({"bench": "profile_generate", "stage": "LM prefill, own layer function (eager)",
               "wall_ms": wall_ms(own), "gpu_busy_ms": kernel_ms(own)})
-        dec._prefill_fn = decode._compiled(decode._prefill_layer)
+        compiled = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs, compile_prefill=True)
+        compiled._ensure_capacity(length, NEW_TOKENS, embeds.dtype, attn0.k_proj.out_features // attn0.head_dim,
+                                  attn0.head_dim)
+        own_compiled = lambda: compiled._own_prefill(embeds, position_ids)  # noqa: E731
         t = time.perf_counter()
-        own()
+        own_compiled()
         torch.cuda.synchronize()
         compile_s = round(time.perf_counter() - t, 1)
         emit({"bench": "profile_generate", "stage": "LM prefill, own layer function (compiled)",
-              "first_call_s": compile_s, "wall_ms": wall_ms(own),
-              "gpu_busy_ms": kernel_ms(own, "LM prefill (own, compiled)")})
-        dec._prefill_fn = decode._prefill_layer
+              "first_call_s": compile_s, "wall_ms": wall_ms(own_compiled),
+              "gpu_busy_ms": kernel_ms(own_compiled, "LM prefill (own, compiled)")})
+        compiled = own_compiled = None  # free its buffers
 
     for mode in ("model", "own"):
         d = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=bs, prefill=mode, compile_prefill=mode == "own")
-        full = lambda: d.generate(inputs, NEW_TOKENS)  # noqa: E731
-        first = lambda: d.generate(inputs, 1)  # noqa: E731
+        full = lambda d=d: d.generate(inputs, NEW_TOKENS)  # noqa: E731
+        first = lambda d=d: d.generate(inputs, 1)  # noqa: E731
         full()
         w_full, w_first = wall_ms(full), wall_ms(first)
         emit({"bench": "profile_generate", "stage": f"GreedyDecoder.generate, prefill={mode}",
               "total_ms": w_full, "prefill_incl_vit_ms": w_first, "decode_ms": round(w_full - w_first, 1),
               "gpu_busy_ms": kernel_ms(full), "gpu_only_images_per_s": round(bs / (w_full / 1000), 1)})
-        del d
+        d = full = first = None  # free its buffers before the next one
 
     head_dim = dec.inner.visual.config.hidden_size // dec.inner.visual.config.num_heads
     emit({"bench": "profile_generate", "stage": "SDPA backends, ViT attention shape",

@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from jpcap_helpers import engine, io as jio, toydata
+from jpcap_helpers import engine
+from jpcap_helpers import io as jio
+from jpcap_helpers.data import toy as toydata
+from jpcap_helpers.engine import EngineOptions, decode, generation, images, pipeline
 from jpcap_helpers.models import REGISTRY, build_tiny_model
 from jpcap_helpers.params import TinyModelParams, load_params
 from jpcap_helpers.text import normalize_caption
@@ -59,7 +62,7 @@ def test_batched_greedy_equals_per_image(project, tmp_path):
     keys = set()
     for r in records:
         with Image.open(project["data"] / r["file_name"]) as im:
-            keys.add(engine._group_key(processor, im.height, im.width))
+            keys.add(images.group_key(processor, im.height, im.width))
     assert len(keys) >= 2, "the images must need different visual-token counts so padding is exercised"
 
     batched = engine.caption_records(model, processor, ENTRY, records, project["data"], tmp_path / "b.jsonl",
@@ -75,14 +78,14 @@ def test_batched_greedy_equals_per_image(project, tmp_path):
 
 def test_batches_group_by_visual_tokens_and_pad_left(project, tmp_path, monkeypatch):
     seen = []
-    real = engine._prepare_inputs
+    real = generation.prepare_inputs
 
     def spy(processor, prompts, images, **kw):
         inputs = real(processor, prompts, images, **kw)
         seen.append(inputs)
         return inputs
 
-    monkeypatch.setattr(engine, "_prepare_inputs", spy)
+    monkeypatch.setattr(pipeline, "prepare_inputs", spy)
     hf = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
                                 tmp_path / "p.jsonl", batch_size=5, max_new_tokens=2, progress=False, decoder="hf")
     assert hf["decoder"] == "hf generate"
@@ -125,15 +128,13 @@ def _images_of_one_size(project, n: int) -> list:
 
 
 def test_greedy_decoder_tokens_and_end_tokens(project):
-    from jpcap_helpers import decode
-
     model, processor = project["model"], project["processor"]
     images = _images_of_one_size(project, 4)
     assert len(images) >= 3
     prompt = engine.build_prompt(ENTRY, processor)
-    inputs = engine._prepare_inputs(processor, [prompt] * len(images), images)
+    inputs = generation.prepare_inputs(processor, [prompt] * len(images), images)
     pad = model.generation_config.pad_token_id
-    free = engine._generation_config(model, 12, 1, [], pad)  # no end token: all 12 steps
+    free = generation.generation_config(model, 12, 1, [], pad)  # no end token: all 12 steps
     with torch.no_grad():
         ref = model.generate(**inputs, generation_config=free)[:, inputs["input_ids"].shape[1]:]
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=8)
@@ -142,7 +143,7 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
     assert torch.equal(via_model.generate(inputs, 12), ref), "prefill through the model's forward: same tokens"
     # declare a token the model emits mid-caption an end token: rows stop there, padded after it
     stop = int(ref[0, 3])
-    cfg = engine._generation_config(model, 12, 1, [stop], pad)
+    cfg = generation.generation_config(model, 12, 1, [stop], pad)
     with torch.no_grad():
         ref_stop = model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
     got = decode.GreedyDecoder(model, eos_ids=[stop], pad_id=pad, max_batch=8).generate(inputs, 12)
@@ -151,7 +152,7 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
     # batches the decoder must not take
     with pytest.raises(ValueError, match="max_batch"):
         decode.GreedyDecoder(model, eos_ids=[], pad_id=pad, max_batch=2).generate(inputs, 4)
-    mixed = engine._prepare_inputs(processor, [prompt] * 2, [images[0], images[0].resize((60, 40))])
+    mixed = generation.prepare_inputs(processor, [prompt] * 2, [images[0], images[0].resize((60, 40))])
     with pytest.raises(ValueError, match="one visual grid"):
         dec.generate(mixed, 4)
 
@@ -159,11 +160,9 @@ def test_greedy_decoder_tokens_and_end_tokens(project):
 def test_precomputed_vision_inputs_equal_the_towers_own(project):
     """The decoder hands the vision tower its rotary positions and segment bounds, computed once per
     batch shape: the tower's output is the one it computes itself."""
-    from jpcap_helpers import decode
-
     model, processor = project["model"], project["processor"]
     images = _images_of_one_size(project, 3)
-    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * len(images), images)
+    inputs = generation.prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * len(images), images)
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=4)
     vision = dec._vision_inputs(inputs["image_grid_thw"])
     assert vision is not None and dec._vision_inputs(inputs["image_grid_thw"]) is vision  # cached
@@ -179,8 +178,8 @@ def test_image_tensors_preprocess_like_pil_images(project):
     processor = project["processor"]
     paths = [project["data"] / r["file_name"] for r in project["records"][:3]]
     prompt = engine.build_prompt(ENTRY, processor)
-    from_pil = engine._prepare_inputs(processor, [prompt] * 3, [engine.load_image_for_model(p) for p in paths])
-    from_tensor = engine._prepare_inputs(processor, [prompt] * 3, [engine._load_image_tensor(p, pin=False)
+    from_pil = generation.prepare_inputs(processor, [prompt] * 3, [engine.load_image_for_model(p) for p in paths])
+    from_tensor = generation.prepare_inputs(processor, [prompt] * 3, [images.load_image_tensor(p, pin=False)
                                                                     for p in paths])
     for key in ("input_ids", "pixel_values", "image_grid_thw"):
         assert torch.equal(from_pil[key], from_tensor[key]), key
@@ -192,12 +191,10 @@ def test_compiled_own_prefill_is_one_graph_and_exact(project):
     layer (one graph, no breaks) and gives the model's tokens (CPU, fp32; ≈30 s of compilation)."""
     from torch._dynamo.utils import counters
 
-    from jpcap_helpers import decode
-
     model, processor = project["model"], project["processor"]
     im = engine.load_image_for_model(project["data"] / project["records"][0]["file_name"])
-    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 2, [im, im])
-    cfg = engine._generation_config(model, 6, 1, [], model.generation_config.pad_token_id)
+    inputs = generation.prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 2, [im, im])
+    cfg = generation.generation_config(model, 6, 1, [], model.generation_config.pad_token_id)
     with torch.no_grad():
         ref = model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
     torch._dynamo.reset()
@@ -218,8 +215,6 @@ def test_greedy_decoder_with_an_unmerged_adapter(project):
 
     from peft import LoraConfig, get_peft_model
 
-    from jpcap_helpers import decode
-
     model = copy.deepcopy(project["model"])
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     for n, p in peft_model.named_parameters():
@@ -228,8 +223,8 @@ def test_greedy_decoder_with_an_unmerged_adapter(project):
     peft_model.eval()
     processor = project["processor"]
     im = engine.load_image_for_model(project["data"] / project["records"][0]["file_name"])
-    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 2, [im, im])
-    cfg = engine._generation_config(peft_model, 8, 1, [], model.generation_config.pad_token_id)
+    inputs = generation.prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 2, [im, im])
+    cfg = generation.generation_config(peft_model, 8, 1, [], model.generation_config.pad_token_id)
     with torch.no_grad():
         ref = peft_model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
         base = project["model"].generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
@@ -243,7 +238,7 @@ def test_resume_after_kill_and_partial_line(project, tmp_path, monkeypatch):
     out = tmp_path / "resume.jsonl"
     records = project["records"]
     calls = {"n": 0}
-    real = engine._generate_batch
+    real = pipeline.generate_batch
 
     def dies_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -251,7 +246,7 @@ def test_resume_after_kill_and_partial_line(project, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_generate_batch", dies_on_second_batch)
+    monkeypatch.setattr(pipeline, "generate_batch", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"], out,
                                batch_size=4, max_new_tokens=3, progress=False)
@@ -259,7 +254,7 @@ def test_resume_after_kill_and_partial_line(project, tmp_path, monkeypatch):
     assert len(first) == 4
     with open(out, "a", encoding="utf-8") as fh:  # a write cut by the kill
         fh.write('{"image_id": 999, "capt')
-    monkeypatch.setattr(engine, "_generate_batch", real)
+    monkeypatch.setattr(pipeline, "generate_batch", real)
     summary = engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
                                      out, batch_size=4, max_new_tokens=3, progress=True)
     rows = _rows(out)  # strict read: the partial line is gone
@@ -290,14 +285,14 @@ def test_bad_images_become_error_rows(project, tmp_path, monkeypatch):
         {"image_id": 3, "file_name": "val2014/truncated.jpg"},
         {"image_id": 4, "file_name": "val2014/poison.png"},
     ]
-    real = engine._prepare_inputs
+    real = generation.prepare_inputs
 
     def processor_rejects_poison(processor, prompts, images_, **kw):
         if any(im.size == (61, 59) for im in images_):
             raise RuntimeError("processor error on the poison image")
         return real(processor, prompts, images_, **kw)
 
-    monkeypatch.setattr(engine, "_prepare_inputs", processor_rejects_poison)
+    monkeypatch.setattr(pipeline, "prepare_inputs", processor_rejects_poison)
     summary = engine.caption_records(project["model"], project["processor"], ENTRY, records, images,
                                      tmp_path / "err.jsonl", batch_size=8, max_new_tokens=3, progress=False)
     rows = {r["image_id"]: r for r in _rows(tmp_path / "err.jsonl")}
@@ -320,7 +315,7 @@ def test_bad_images_become_error_rows(project, tmp_path, monkeypatch):
 
 def test_outputs_are_cleaned_and_normalised(project, tmp_path, monkeypatch):
     raw = ["assistant\nＡＢＣ　の 犬です。<|im_end|>\n<|im_start|>user\nもう一枚", "ｶﾒﾗ が二台。\n"]
-    monkeypatch.setattr(engine, "_generate_batch", lambda m, p, inputs, *rest: raw[: len(inputs["input_ids"])])
+    monkeypatch.setattr(pipeline, "generate_batch", lambda p, inputs, *rest: raw[: len(inputs["input_ids"])])
     records = project["records"][:2]
     engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
                            tmp_path / "n.jsonl", batch_size=2, progress=False, extra={"split": "val"},
@@ -394,13 +389,84 @@ def test_run_zero_shot_writes_predictions(project, capsys):
     assert sample.loc[0, "reference"] == first["captions"][0] and sample.loc[0, "file_name"] == first["file_name"]
 
 
+def test_run_finetuned_reads_the_evaluate_keys_and_the_adapters_record(project):
+    """Fine-tuned captioning: evaluate.splits / evaluate.max_images (not zero_shot's), and the base loads
+    as the adapter's record says (full precision here), with a warning when model.load_in_4bit disagrees."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from jpcap_helpers.models import ADAPTER_INFO_FILE
+
+    root = project["root"]
+    processed = project["data"] / "processed"
+    processed.mkdir(exist_ok=True)
+    jio.atomic_write_jsonl(processed / "test.jsonl", project["records"][:5])
+    (root / "params").mkdir(exist_ok=True)
+    (root / "params" / "ft.yaml").write_text(
+        "run: {name: ft, output_dir: outputs}\n"
+        "data: {root: data}\n"
+        f"model: {{name: tiny-qwen2-vl, precision: fp32, min_pixels: {MIN_PIXELS}, max_pixels: {MAX_PIXELS},"
+        " models_dir: models, load_in_4bit: true}\n"
+        "generation: {batch_size: 4, max_new_tokens: 4}\n"
+        "zero_shot: {splits: [yj_test], max_images: 5}\n"
+        "evaluate: {splits: [test], max_images: 2}\n", encoding="utf-8")
+    params = load_params(root / "params" / "ft.yaml")
+    adapter = root / "ft-adapter"
+    base = AutoModelForImageTextToText.from_pretrained(root / "models" / "tiny-qwen2-vl")
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    jio.atomic_write_json(adapter / ADAPTER_INFO_FILE, {"base_model": "tiny-qwen2-vl", "base_load_in_4bit": False})
+
+    with pytest.warns(UserWarning, match="load_in_4bit"):
+        table = engine.run_finetuned(params, adapter)
+    assert list(table["split"]) == ["test"] and int(table.loc[0, "n_done"]) == 2
+    pred = Path(params.run_dir) / "predictions" / "tiny-qwen2-vl+ft__test.jsonl"
+    assert Path(table.loc[0, "pred_path"]) == pred and len(_rows(pred)) == 2
+    meta = json.loads(pred.with_suffix(".meta.json").read_text(encoding="utf-8"))
+    assert meta["adapter"] == str(adapter)
+
+
+def test_engine_options_unpipelined_prepares_after_each_batch(project, tmp_path, monkeypatch):
+    """EngineOptions(pipeline=False): nothing is prepared or written while a batch decodes; same rows."""
+    events: list[str] = []
+    real_prepare, real_generate, real_append = generation.prepare_inputs, decode.GreedyDecoder.generate, jio.append_jsonl
+
+    def prepare(processor, prompts, images, **kw):
+        events.append("prepare")
+        return real_prepare(processor, prompts, images, **kw)
+
+    def generate(self, inputs, max_new_tokens, while_busy=None):
+        assert while_busy is None
+        events.append("generate")
+        out = real_generate(self, inputs, max_new_tokens, while_busy=while_busy)
+        events.append("done")
+        return out
+
+    def append(path, rows):
+        events.append("write")
+        return real_append(path, rows)
+
+    monkeypatch.setattr(pipeline, "prepare_inputs", prepare)
+    monkeypatch.setattr(decode.GreedyDecoder, "generate", generate)
+    monkeypatch.setattr(jio, "append_jsonl", append)
+    kw = dict(batch_size=3, max_new_tokens=4, progress=False)
+    s = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
+                               tmp_path / "u.jsonl", options=EngineOptions(pipeline=False), **kw)
+    assert s["n_captioned"] == len(project["records"]) and events.count("generate") >= 3
+    text = " ".join(events)
+    assert "generate done" in text and "generate prepare" not in text and "generate write" not in text
+    monkeypatch.undo()
+    piped = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"],
+                                   project["data"], tmp_path / "p.jsonl", **kw)
+    assert piped["n_captioned"] == s["n_captioned"]
+    assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "u.jsonl")}
+            == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "p.jsonl")})
+
+
 def test_next_batch_is_prepared_while_the_current_one_decodes(project, tmp_path, monkeypatch):
     """The engine's pipeline: batch i+1 is tokenised/preprocessed, and batch i-1's rows are written,
     inside batch i's generate (while the GPU works on its prefill); rows are those of an unpipelined run."""
-    from jpcap_helpers import decode
-
     events: list[str] = []
-    real_prepare, real_generate, real_append = engine._prepare_inputs, decode.GreedyDecoder.generate, engine.jio.append_jsonl
+    real_prepare, real_generate, real_append = generation.prepare_inputs, decode.GreedyDecoder.generate, jio.append_jsonl
 
     def prepare(processor, prompts, images, **kw):
         events.append("prepare")
@@ -416,22 +482,22 @@ def test_next_batch_is_prepared_while_the_current_one_decodes(project, tmp_path,
         events.append("write")
         return real_append(path, rows)
 
-    monkeypatch.setattr(engine, "_prepare_inputs", prepare)
+    monkeypatch.setattr(pipeline, "prepare_inputs", prepare)
     monkeypatch.setattr(decode.GreedyDecoder, "generate", generate)
-    monkeypatch.setattr(engine.jio, "append_jsonl", append)
+    monkeypatch.setattr(jio, "append_jsonl", append)
     kw = dict(batch_size=3, max_new_tokens=4, progress=False)
     s = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
                                tmp_path / "p.jsonl", **kw)
     n = events.count("generate")
     assert s["n_captioned"] == len(project["records"]) and n >= 3
     expected = ["prepare", "generate", "prepare", "done"]            # batch 0; batch 1 prepared inside it
-    for i in range(1, n - 1):                                        # writes batch i-1, prepares batch i+1
+    for _ in range(1, n - 1):                                        # writes batch i-1, prepares batch i+1
         expected += ["generate", "write", "prepare", "done"]
     expected += ["generate", "write", "done", "write"]               # the last batch has none after it
     assert events == expected
-    monkeypatch.setattr(engine, "_prepare_inputs", real_prepare)
+    monkeypatch.setattr(pipeline, "prepare_inputs", real_prepare)
     monkeypatch.setattr(decode.GreedyDecoder, "generate", real_generate)
-    monkeypatch.setattr(engine.jio, "append_jsonl", real_append)
+    monkeypatch.setattr(jio, "append_jsonl", real_append)
     plain = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
                                    tmp_path / "h.jsonl", decoder="hf", **kw)
     assert plain["n_captioned"] == s["n_captioned"]
@@ -445,7 +511,7 @@ def test_a_write_failure_stops_the_run_instead_of_becoming_error_rows(project, t
     def disk_full(path, rows):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(engine.jio, "append_jsonl", disk_full)
+    monkeypatch.setattr(jio, "append_jsonl", disk_full)
     with pytest.raises(OSError, match="No space"):
         engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
                                tmp_path / "d.jsonl", batch_size=3, max_new_tokens=2, progress=False)
@@ -461,30 +527,28 @@ CUDA = torch.cuda.is_available()
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.gpu
-def test_gpu_fast_engine_equals_hf_on_tiny_model(project, tmp_path, monkeypatch):
+def test_gpu_fast_engine_equals_hf_on_tiny_model(project, tmp_path):
     import copy
 
     model = copy.deepcopy(project["model"]).to("cuda")
     kw = dict(batch_size=4, max_new_tokens=10, progress=False)
     # GPU image preprocessing rounds a little differently from the CPU's (compared below): for the
     # decoders' equality both read CPU-preprocessed pixels here
-    monkeypatch.setattr(engine, "PREPROCESS_ON_GPU", False)
     fast = engine.caption_records(model, project["processor"], ENTRY, project["records"], project["data"],
-                                  tmp_path / "f.jsonl", **kw)
-    hf = engine.caption_records(model, project["processor"], ENTRY, project["records"], project["data"],
-                                tmp_path / "h.jsonl", decoder="hf", **kw)
+                                  tmp_path / "f.jsonl", options=EngineOptions(preprocess_on_gpu=False), **kw)
+    engine.caption_records(model, project["processor"], ENTRY, project["records"], project["data"],
+                           tmp_path / "h.jsonl", decoder="hf", **kw)
     assert fast["decoder"] == "static-cache greedy"
     assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "f.jsonl")}
             == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "h.jsonl")})
     # batches of several sizes reuse one decoder: graphs per batch-size bucket, counters reset
-    monkeypatch.setattr(engine, "PREPROCESS_ON_GPU", True)
     gpu = engine.caption_records(model, project["processor"], ENTRY, project["records"], project["data"],
-                                 tmp_path / "g.jsonl", **kw)
+                                 tmp_path / "g.jsonl", options=EngineOptions(preprocess_on_gpu=True), **kw)
     assert gpu["n_errors"] == 0 and gpu["n_captioned"] == len(project["records"])
     images = [engine.load_image_for_model(project["data"] / r["file_name"]) for r in project["records"][:3]]
     prompt = engine.build_prompt(ENTRY, project["processor"])
-    on_cpu = engine._prepare_inputs(project["processor"], [prompt] * 3, images)
-    on_gpu = engine._prepare_inputs(project["processor"], [prompt] * 3, images, device="cuda")
+    on_cpu = generation.prepare_inputs(project["processor"], [prompt] * 3, images)
+    on_gpu = generation.prepare_inputs(project["processor"], [prompt] * 3, images, device="cuda")
     assert on_gpu["pixel_values"].is_cuda and torch.equal(on_gpu["input_ids"].cpu(), on_cpu["input_ids"])
     torch.testing.assert_close(on_gpu["pixel_values"].cpu(), on_cpu["pixel_values"], atol=0.05, rtol=0)
 
@@ -494,19 +558,16 @@ def test_gpu_fast_engine_equals_hf_on_tiny_model(project, tmp_path, monkeypatch)
 def test_gpu_greedy_decoder_real_shape(project):
     """Qwen2-VL-2B's shape (random weights), 640×480 images at 448² pixels: CUDA-graph decoding gives
     HF greedy decoding's tokens (fp32: no rounding differences to flip an argmax)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
     from conftest import qwen2_vl_2b_config
-    from jpcap_helpers import decode
-
+    from transformers import Qwen2VLForConditionalGeneration
     processor = copy_processor(project["processor"], 448 * 448)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2VLForConditionalGeneration(qwen2_vl_2b_config(processor.tokenizer)).eval()
     gen = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(480, 640, 3, generator=gen) * 255).byte().numpy()) for _ in range(6)]
-    inputs = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 6, images)
-    cfg = engine._generation_config(model, 12, 1, [], 0)
+    inputs = generation.prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 6, images)
+    cfg = generation.generation_config(model, 12, 1, [], 0)
     with torch.no_grad():
         ref = model.generate(**inputs.to("cuda"), generation_config=cfg)[:, inputs["input_ids"].shape[1]:].cpu()
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8)
@@ -519,7 +580,7 @@ def test_gpu_greedy_decoder_real_shape(project):
         other = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, **options).generate(inputs, 12).cpu()
         assert torch.equal(other, ref), (options, other, ref)
     # a smaller batch next (another batch-size bucket): a second graph, counters reset, same tokens
-    fewer = engine._prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 3, images[:3], device="cuda")
+    fewer = generation.prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 3, images[:3], device="cuda")
     again = dec.generate(fewer, 12).cpu()
     assert dec.n_graph_captures == 2
     agree = (again == ref[:3]).float().mean().item()  # GPU-preprocessed pixels: tiny rounding differences

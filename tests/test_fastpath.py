@@ -6,8 +6,7 @@ import copy
 import pytest
 import torch
 
-from jpcap_helpers import fastpath
-from jpcap_helpers.models import CAPTION_PROMPT_JA
+from jpcap_helpers.models import CAPTION_PROMPT_JA, fastpath
 
 
 def _load(model_dir, attn="sdpa", dtype=torch.float32):

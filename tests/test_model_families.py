@@ -8,9 +8,19 @@ import json
 import pytest
 import torch
 
-from jpcap_helpers import engine, io as jio, toydata
-from jpcap_helpers.models import (CAPTION_PROMPT_JA, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS, REGISTRY,
-                                  ModelError, resolve, train_tiny_tokenizer)
+from jpcap_helpers import engine
+from jpcap_helpers import io as jio
+from jpcap_helpers.data import toy as toydata
+from jpcap_helpers.engine import decode, generation
+from jpcap_helpers.models import (
+    CAPTION_PROMPT_JA,
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN2_VL_SPECIAL_TOKENS,
+    REGISTRY,
+    ModelError,
+    resolve,
+    train_tiny_tokenizer,
+)
 
 NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma")
 REMOTE_FAMILIES = ("llava_jp", "asagi", "stable_vlm")
@@ -175,8 +185,8 @@ def test_native_family_loads_and_captions_a_batch(family, shapes, tmp_path):
 
     batched = engine.caption_records(model, processor, entry, shapes["records"], shapes["data"],
                                      tmp_path / "b.jsonl", batch_size=2, max_new_tokens=6, progress=False)
-    single = engine.caption_records(model, processor, entry, shapes["records"], shapes["data"],
-                                    tmp_path / "s.jsonl", batch_size=1, max_new_tokens=6, progress=False)
+    engine.caption_records(model, processor, entry, shapes["records"], shapes["data"],
+                           tmp_path / "s.jsonl", batch_size=1, max_new_tokens=6, progress=False)
     assert batched["n_captioned"] == 2 and batched["n_errors"] == 0
     rows = list(jio.read_jsonl(tmp_path / "b.jsonl"))
     assert sorted(r["image_id"] for r in rows) == sorted(r["image_id"] for r in shapes["records"])
@@ -191,9 +201,9 @@ def test_native_family_loads_and_captions_a_batch(family, shapes, tmp_path):
                                     batch_size=2, max_new_tokens=6, progress=False, decoder="hf")
         assert hf["decoder"] == "hf generate"
         assert {r["image_id"]: r["caption"] for r in jio.read_jsonl(tmp_path / "h.jsonl")} == single_rows
-        from jpcap_helpers import decode  # the decoder's own prefill (a lever to measure) on this family too
+        # the decoder's own prefill (a lever to measure) on this family too
         im = engine.load_image_for_model(shapes["data"] / shapes["records"][0]["file_name"])
-        inputs = engine._prepare_inputs(processor, [prompt], [im])
+        inputs = generation.prepare_inputs(processor, [prompt], [im])
         model_prefill = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=1).generate(inputs, 6)
         own_prefill = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=1, prefill="own").generate(inputs, 6)
         assert torch.equal(model_prefill, own_prefill)

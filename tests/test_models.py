@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from jpcap_helpers import fastpath, models
-from jpcap_helpers.models import QWEN2_VL_SPECIAL_TOKENS, ModelError, resolve
+from jpcap_helpers import models
+from jpcap_helpers.models import QWEN2_VL_SPECIAL_TOKENS, ModelError, fastpath, resolve
 
 
 def test_round_trip_forward_backward_generate(tiny_model_dir, toy_root):
@@ -52,7 +52,7 @@ def test_tokenizer_round_trips_japanese(tiny_model_dir):
 
 
 def test_build_is_cached_and_deterministic(tmp_path, toy_root):
-    from jpcap_helpers.toydata import all_caption_texts
+    from jpcap_helpers.data import all_caption_texts
 
     texts = all_caption_texts(toy_root)
     a = models.build_tiny_model(tmp_path / "a", texts, max_pixels=112 * 112)
@@ -106,3 +106,102 @@ def test_linear_patch_embed_equals_the_conv3d(tiny_model_dir):
     after = embed(x)
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+# --- precision from the compute capability (issue 13) ------------------------------------------------
+
+def _fake_gpu(monkeypatch, capability):
+    """A CUDA GPU of ``capability`` as torch reports it; is_bf16_supported says yes (as on a T4,
+    where it counts emulation) and must not be what decides."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_t4_gets_fp16_and_refuses_bf16(monkeypatch):
+    _fake_gpu(monkeypatch, (7, 5))
+    assert models.bf16_native() is False
+    assert models.choose_dtype("auto") == torch.float16
+    with pytest.raises(ModelError, match=r"model\.precision.*use fp16 or auto"):
+        models.choose_dtype("bf16")
+    assert models.choose_dtype("fp16") == torch.float16
+
+
+def test_ampere_and_newer_get_bf16(monkeypatch):
+    for capability in ((8, 0), (8, 9), (9, 0)):
+        _fake_gpu(monkeypatch, capability)
+        assert models.bf16_native() is True
+        assert models.choose_dtype("auto") == models.choose_dtype("bf16") == torch.bfloat16
+
+
+def test_cpu_is_fp32_and_not_bf16_native(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.bf16_native() is False
+    assert models.choose_dtype("auto") == torch.float32
+
+
+# --- registry → family modules, remote-code revisions (issue 16) --------------------------------------
+
+def test_every_family_has_a_module_with_the_protocol():
+    for entry in models.REGISTRY.values():
+        module = models.family_module(entry.family)
+        for name in ("build_prompt", "processor_kwargs", "ANSWER_MARKER", "ECHO", "STOP_PATTERNS", "STOP_TOKENS"):
+            assert hasattr(module, name), (entry.family, name)
+        assert entry.family in module.FAMILIES
+    with pytest.raises(ModelError, match="no module"):
+        models.family_module("gpt_vision")
+
+
+def test_remote_code_refuses_an_unpinned_revision():
+    remote = [e for e in models.REGISTRY.values() if e.loader == "remote_code"]
+    for entry in remote:
+        if entry.revision is None:
+            with pytest.raises(ModelError, match="allow_unpinned_remote_code"):
+                models.pinned_revision(entry)
+            assert models.pinned_revision(entry, allow_unpinned=True) is None  # explicit yes
+        assert models.pinned_revision(entry, "0123abc") == "0123abc"          # model.revision pins it
+    native = models.REGISTRY["qwen2-vl-2b-instruct"]
+    assert models.pinned_revision(native) == native.revision                   # native code: no pin needed
+
+
+def test_loading_a_remote_code_model_checks_the_pin_before_the_hub(tmp_path):
+    from jpcap_helpers.params import Params
+
+    base = {"run": {"output_dir": str(tmp_path)},
+            "model": {"name": "asagi-2b", "trust_remote_code": True}}
+    params = Params.from_dict(base, check_paths=False)
+    for load in (models.load_tokenizer, models.load_processor):
+        with pytest.raises(ModelError, match="model.revision"):
+            load(params)
+    with pytest.raises(ModelError, match="allow_unpinned_remote_code"):
+        models.load_model(params)
+    allowed = params.with_overrides({"model.allow_unpinned_remote_code": True})
+    assert models.loading._hub_kwargs(allowed, models.REGISTRY["asagi-2b"]) == {"trust_remote_code": True}
+    pinned = params.with_overrides({"model.revision": "0123abc"})
+    assert models.loading._hub_kwargs(pinned, models.REGISTRY["asagi-2b"]) == {
+        "revision": "0123abc", "trust_remote_code": True}
+
+
+# --- adapters: the base loads as it was trained -------------------------------------------------------
+
+def test_adapter_record_decides_4bit_and_warns_on_disagreement(tmp_path):
+    import json
+
+    from jpcap_helpers.params import Params
+
+    params = Params.from_dict({"run": {"output_dir": str(tmp_path)}}, check_paths=False)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert models.adapter_load_in_4bit(params, adapter) is False                 # no record: model.load_in_4bit
+    (adapter / models.ADAPTER_INFO_FILE).write_text(json.dumps(
+        {"base_model": params.model.name, "base_load_in_4bit": True}), encoding="utf-8")
+    with pytest.warns(UserWarning, match="load_in_4bit"):
+        assert models.adapter_load_in_4bit(params, adapter) is True
+    quantized = params.with_overrides({"model.load_in_4bit": True})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models.adapter_load_in_4bit(quantized, adapter) is True           # agreeing: silent
+    (adapter / models.ADAPTER_INFO_FILE).write_text(json.dumps({"base_model": "another-model"}), encoding="utf-8")
+    with pytest.warns(UserWarning, match="another-model"):
+        assert models.adapter_load_in_4bit(quantized, adapter) is True

@@ -32,13 +32,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SUPPORTED_FAMILIES", "supports", "GreedyDecoder"]
+__all__ = ["SUPPORTED_FAMILIES", "supports", "unwrap", "has_4bit", "GreedyDecoder"]
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 _CACHE_ROUND = 64  # KV capacity is rounded up to this many positions (fewer re-allocations)
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
     """The ``*ForConditionalGeneration`` under a PEFT wrapper (LoRA layers stay injected)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -49,7 +49,7 @@ def supports(model: Any, family: str, num_beams: int = 1) -> bool:
     with full attention in every layer, greedy decoding."""
     if family not in SUPPORTED_FAMILIES or num_beams != 1:
         return False
-    base = _unwrap(model)
+    base = unwrap(model)
     inner = getattr(base, "model", None)
     lm = getattr(inner, "language_model", None)
     if lm is None or not hasattr(base, "lm_head") or not hasattr(inner, "get_rope_index"):
@@ -58,7 +58,7 @@ def supports(model: Any, family: str, num_beams: int = 1) -> bool:
     return types_ == {"full_attention"} and getattr(lm.config, "_attn_implementation", "sdpa") != "flex_attention"
 
 
-def _has_4bit(model: Any) -> bool:
+def has_4bit(model: Any) -> bool:
     return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
@@ -131,7 +131,7 @@ class GreedyDecoder:
                  cuda_graphs: Optional[bool] = None, prefill: str = "own", compile_prefill: bool = False,
                  compile_step: bool = False):
         self.model = model
-        self.base = _unwrap(model)
+        self.base = unwrap(model)
         self.inner = self.base.model
         self.lm = self.inner.language_model
         self.head = self.base.lm_head
@@ -141,7 +141,7 @@ class GreedyDecoder:
         first = next(p for p in self.lm.parameters())
         self.device = first.device
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and not _has_4bit(model)
+            cuda_graphs = self.device.type == "cuda" and not has_4bit(model)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         attn0 = self.lm.layers[0].self_attn
         self._rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb

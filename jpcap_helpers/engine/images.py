@@ -1,0 +1,65 @@
+"""Images for the caption engine: loading (as the data stage does), image sizes from the file
+headers, and the key that groups images of equal visual-token count into batches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data import DEFAULT_MAX_SIDE, load_image, resolve_image_path  # EXIF, RGB, size cap; COCO root or flat
+
+__all__ = ["resolve_image", "load_image_for_model", "load_image_tensor", "image_size", "group_key"]
+
+
+def resolve_image(images_dir: str | Path, file_name: str) -> Path:
+    """COCO root or flat folder: the same resolution as the data stage."""
+    return Path(resolve_image_path(Path(images_dir), file_name))
+
+
+def load_image_for_model(path: str | Path) -> Any:
+    """An RGB PIL image with EXIF orientation applied and very large images capped (``data.load_image``)."""
+    return load_image(path)
+
+
+def load_image_tensor(path: str | Path, pin: bool = True) -> Any:
+    """The same image as a (3, H, W) uint8 tensor, in pinned memory for a fast copy to the GPU (the
+    image processor converts a PIL image to exactly this; doing it in the loader threads keeps that
+    work off the thread that drives the GPU)."""
+    import numpy as np
+    import torch
+
+    tensor = torch.from_numpy(np.array(load_image(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return tensor.pin_memory() if pin else tensor
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) as the model will see it (EXIF rotation applied), from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    if max(width, height) > DEFAULT_MAX_SIDE:
+        scale = DEFAULT_MAX_SIDE / max(width, height)  # load_image thumbnails to max_side (approximately)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    return height, width
+
+
+def group_key(processor: Any, height: int, width: int) -> tuple[int, ...]:
+    """Sort key grouping images whose prompts get the same number of visual tokens: for the Qwen
+    image processors the resized grid (smart_resize), else a fixed count (PaliGemma) or nothing."""
+    ip = getattr(processor, "image_processor", None)
+    patch = getattr(ip, "patch_size", None)
+    merge = getattr(ip, "merge_size", None)
+    size = getattr(ip, "size", None) or {}
+    if patch and merge and hasattr(ip, "get_number_of_image_patches"):
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        factor = patch * merge
+        min_pixels = size.get("shortest_edge", size.get("min_pixels", 56 * 56))
+        max_pixels = size.get("longest_edge", size.get("max_pixels", 28 * 28 * 1280))
+        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return ((h // patch) * (w // patch) // (merge * merge), h, w)
+    seq = getattr(processor, "image_seq_length", None)
+    return (int(seq),) if seq else (0,)

@@ -1,0 +1,28 @@
+"""The caption engine's levers, passed explicitly (defaults: the measured fastest setting,
+benchmarks/RESULTS.md). Benchmarks switch one off at a time; tests pick what they compare."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["EngineOptions"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Levers of :func:`caption_records` (none changes a caption beyond floating-point rounding).
+
+    * ``pipeline`` — prepare the next batch (and write the last one's rows) while the GPU works on the
+      current one's prefill; off: one after the other.
+    * ``preprocess_on_gpu`` — the fast decoder's images are resized and normalised on the GPU (CPU
+      preprocessing of 640×480 images costs ≈6.6 ms per image, more than the GPU needs to caption it).
+    * ``compile_prefill`` — ``torch.compile`` the decoder's prefill layer function; None: where
+      ``load_model`` compiled the vision tower (``model.compile`` on a measured family and GPU), for a
+      plain model (adapter merged, not 4-bit).
+    * ``compile_step`` — compile the decoding step's layer functions too, where the prefill's is
+      compiled (decoding 256 captions: 105 instead of 132 ms of GPU time; longer captions gain more).
+    """
+    pipeline: bool = True
+    preprocess_on_gpu: bool = True
+    compile_prefill: Optional[bool] = None
+    compile_step: bool = True

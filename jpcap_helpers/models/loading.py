@@ -1,0 +1,218 @@
+"""Loading a registry model (shared by the caption engine and the trainer): where it loads from, the
+revision (remote code only when pinned or explicitly allowed), precision per GPU, optional 4-bit NF4
+(vision tower never quantized), the exact-math fast paths, an optional PEFT adapter."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from .precision import choose_dtype
+from .registry import ModelEntry, ModelError, family_module, resolve
+from .tiny import TINY_KEY, ensure_tiny_model, tiny_model_dir
+
+__all__ = ["SKIP_QUANT_MODULES", "ADAPTER_INFO_FILE", "model_path", "pinned_revision", "quantization_config",
+           "cpu_safe_4bit", "read_adapter_info", "adapter_load_in_4bit", "load_processor", "load_model",
+           "load_tokenizer"]
+
+# transformers 5 matches skip patterns from the start of the module name or as a suffix: "visual"
+# alone does NOT match "model.visual.*" and the vision tower would silently be quantized.
+SKIP_QUANT_MODULES = ["model.visual", "visual", "lm_head"]
+
+# what the trainer records about an adapter, next to its adapter_config.json (base_load_in_4bit, ...)
+ADAPTER_INFO_FILE = "jpcap_train.json"
+
+
+def model_path(params: Any, name: Optional[str] = None) -> str:
+    """Where ``from_pretrained`` should load ``name`` from: the tiny model's folder or a hub id."""
+    name = name or params.model.name
+    if name == TINY_KEY:
+        return str(tiny_model_dir(params))
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    return entry.hub_id if entry.hub_id != name or not Path(name).exists() else name
+
+
+def pinned_revision(entry: ModelEntry, revision: Optional[str] = None, allow_unpinned: bool = False) -> Optional[str]:
+    """The revision to load (``revision``, i.e. ``model.revision``, else the registry's). A remote-code
+    model runs Python from its hub repository, so without a pinned revision it is refused unless
+    ``allow_unpinned`` (``model.allow_unpinned_remote_code``) says so explicitly."""
+    revision = revision or entry.revision
+    if entry.loader == "remote_code" and not revision and not allow_unpinned:
+        raise ModelError(
+            f"{entry.key} ({entry.hub_id}) runs code from its hub repository and no revision is pinned: "
+            "read that code, then set model.revision to its commit hash, or set "
+            "model.allow_unpinned_remote_code: true to run whatever the repository holds today")
+    return revision
+
+
+@contextlib.contextmanager
+def hub_errors(entry: ModelEntry, path: str):
+    """Turn transformers' multi-line "couldn't connect / not in the cache" OSErrors into one ModelError
+    naming the model and the fix (a newcomer offline, on a CPU runtime, or without a login)."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
+        gated = " It is gated: accept its licence on the hub and log in (jpcap_helpers.colab.hf_login)." if entry.gated else ""
+        raise ModelError(
+            f"{entry.key}: cannot load {path} — not in the local cache and the hub is not reachable{offline} "
+            f"({first}). Connect to the internet once (it is cached afterwards, in run.persist_dir when set), "
+            f"or set model.name to a local folder in the hub layout.{gated}") from None
+
+
+def _revision(params: Any, entry: ModelEntry) -> Optional[str]:
+    return pinned_revision(entry, params.model.revision, params.model.allow_unpinned_remote_code)
+
+
+def _hub_kwargs(params: Any, entry: ModelEntry) -> dict:
+    """``revision`` / ``trust_remote_code`` arguments of every ``from_pretrained`` of ``entry``."""
+    kwargs: dict = {}
+    revision = _revision(params, entry)
+    if revision:
+        kwargs["revision"] = revision
+    if entry.loader == "remote_code":
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
+def quantization_config(compute_dtype: Any) -> Any:
+    """4-bit NF4 with double quantization; the vision tower and lm_head stay unquantized."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=SKIP_QUANT_MODULES)
+
+
+def cpu_safe_4bit(model: Any) -> int:
+    """bitsandbytes ≥0.50 on CPU repacks 4-bit weights on the first no-grad forward (avx512-bf16
+    path), which breaks the next training step; turn that off on every Linear4bit. Returns the count."""
+    n = 0
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def read_adapter_info(adapter: str | Path) -> dict:
+    """The trainer's record of an adapter (:data:`ADAPTER_INFO_FILE` in its folder); {} when absent."""
+    path = Path(adapter) / ADAPTER_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: not valid JSON; using the params file for the adapter's base", stacklevel=2)
+        return {}
+
+
+def adapter_load_in_4bit(params: Any, adapter: str | Path) -> bool:
+    """Whether ``adapter``'s base loads in 4 bit: as it was trained (its recorded
+    ``base_load_in_4bit``) when recorded, else ``model.load_in_4bit``. A disagreement with the params
+    file, or another recorded base model, is warned about: the adapter's record wins."""
+    info = read_adapter_info(adapter)
+    want = bool(params.model.load_in_4bit)
+    base = info.get("base_model")
+    if base is not None and base != params.model.name:
+        warnings.warn(f"adapter {adapter} was trained on {base!r}, but model.name is {params.model.name!r}", stacklevel=2)
+    if "base_load_in_4bit" not in info:
+        return want
+    recorded = bool(info["base_load_in_4bit"])
+    if recorded != want:
+        warnings.warn(f"adapter {adapter} was trained on a {'4-bit' if recorded else 'full-precision'} base but "
+                      f"model.load_in_4bit is {want}: loading the base as the adapter was trained "
+                      f"(load_in_4bit={recorded})", stacklevel=2)
+    return recorded
+
+
+def load_processor(params: Any, name: Optional[str] = None) -> Any:
+    """The model's processor, with its family's extra arguments (Qwen families: ``model.min_pixels`` /
+    ``max_pixels`` as their image size bounds; PaliGemma and others keep their own input size)."""
+    from transformers import AutoProcessor
+
+    name = name or params.model.name
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    kwargs = {**_hub_kwargs(params, entry), **family_module(entry.family).processor_kwargs(params)}
+    path = model_path(params, name)
+    with hub_errors(entry, path):
+        return AutoProcessor.from_pretrained(path, **kwargs)
+
+
+def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optional[bool] = None,
+               adapter: Optional[str] = None, for_training: bool = False) -> tuple[Any, Any, ModelEntry]:
+    """(model, processor, entry) for ``name`` per ``params.model``: precision per GPU, 4-bit NF4 per
+    ``load_in_4bit`` (default: ``model.load_in_4bit``, or for an adapter the base it was trained on),
+    the fast paths of :mod:`.fastpath`, optional PEFT adapter (merged for inference on a
+    full-precision base). Native transformers classes only; remote-code models need
+    ``model.trust_remote_code: true`` and a pinned revision."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention, use_linear_patch_embed
+
+    name = name or params.model.name
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    kwargs = _hub_kwargs(params, entry)
+    if entry.key == TINY_KEY:
+        ensure_tiny_model(params)
+    path = model_path(params, name)
+    dtype = choose_dtype(params.model.precision)
+    if load_in_4bit is not None:
+        quant = load_in_4bit
+    else:
+        quant = adapter_load_in_4bit(params, adapter) if adapter else params.model.load_in_4bit
+    kwargs["dtype"] = dtype
+    if params.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = params.model.attn_implementation
+    if quant:
+        kwargs["quantization_config"] = quantization_config(dtype)
+        # one GPU per process: under accelerate/torchrun each rank loads onto its own device
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    with hub_errors(entry, path):
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if quant and not torch.cuda.is_available():
+        cpu_safe_4bit(model)
+    use_linear_patch_embed(model)
+    use_batched_vision_attention(model)  # one attention call per run of equal-size images
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    compiled = bool(params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"))
+    if compiled:
+        compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
+    if not quant and torch.cuda.is_available():
+        model = model.to(f"cuda:{torch.cuda.current_device()}")
+    processor = load_processor(params, name)
+    processor.tokenizer.padding_side = "left"
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=for_training)
+        if not for_training and not quant:
+            # inference on a full-precision base: fold LoRA into the weights (faster generation,
+            # benchmarks/RESULTS.md); on a 4-bit base merging would change outputs, so it stays separate
+            model = model.merge_and_unload()
+    if not for_training:
+        model.eval()
+    model.jpcap_commit = getattr(model.config, "_commit_hash", None)
+    model.jpcap_compile = compiled  # the caption engine compiles its prefill likewise
+    return model, processor, entry
+
+
+def load_tokenizer(params: Any, name: Optional[str] = None) -> Any:
+    """The model's tokenizer (what ``data.max_caption_tokens`` counts); builds the tiny model offline."""
+    from transformers import AutoTokenizer
+
+    name = name or params.model.name
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    kwargs = _hub_kwargs(params, entry)
+    if entry.key == TINY_KEY:
+        ensure_tiny_model(params)
+    path = model_path(params, name)
+    with hub_errors(entry, path):
+        return AutoTokenizer.from_pretrained(path, **kwargs)
