@@ -40,6 +40,7 @@ __all__ = [
     "truncate_to_tokens",
     "segment",
     "segment_many",
+    "tagger",
     "is_japanese_char",
 ]
 
@@ -230,8 +231,8 @@ _TAGGER_LOCK = threading.Lock()
 _DROP_POS1 = frozenset({"補助記号", "空白"})
 
 
-def _tagger():
-    """Module-level lazy ``fugashi.Tagger`` (MeCab + unidic-lite)."""
+def tagger():
+    """The shared lazy ``fugashi.Tagger`` (MeCab + unidic-lite) of segmentation and the failure flags."""
     global _TAGGER
     if _TAGGER is None:
         with _TAGGER_LOCK:
@@ -246,7 +247,7 @@ def segment(text: str) -> list[str]:
     """MeCab (unidic-lite) surface forms of ``text``, without punctuation/symbols (POS1 補助記号)
     and whitespace."""
     tokens = []
-    for word in _tagger()(text):
+    for word in tagger()(text):
         surface = word.surface
         if not surface or surface.isspace():
             continue

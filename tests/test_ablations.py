@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from jpcap_helpers import ablations
+from jpcap_helpers.analysis import ablations
+from jpcap_helpers.cli import main
 from jpcap_helpers.evaluate import append_metrics_row
 from jpcap_helpers.params import ParamsError, load_params
 from jpcap_helpers.runner import NotebookFailed
@@ -149,10 +150,10 @@ def test_sweep_runs_03_and_04_per_run_and_skips_finished_runs(tmp_path, project_
     assert [r["status"] for r in out["runs"]] == ["done"] * 3 and out["failures"] == []
     root = tmp_path / "outputs" / "base" / "sweep"
     for n in names:
-        resolved = load_params(root / f"{n}.yaml")          # one resolved params file per run
+        resolved = load_params(root / n / "params.yaml")    # one resolved params file per run
         assert resolved.train.max_steps == p.ablation.train_max_steps and resolved.run.name == n
         done = json.loads((root / n / ablations.DONE_MARKER).read_text(encoding="utf-8"))
-        assert done["params_hash"] == ablations.sweep_run_hash(resolved)
+        assert done["params_hash"] == ablations.run_fingerprint(resolved)
     assert json.loads((root / "sweep.json").read_text(encoding="utf-8"))["runs"][0]["base"] is True
 
     again = FakeRunner()
@@ -204,31 +205,43 @@ def test_changed_params_rerun_and_keep_the_old_folder(tmp_path, project_root):
 def test_bad_params_or_missing_data_stop_before_any_notebook(tmp_path, project_root):
     path = write_params(tmp_path, project_root, {**SEED_AXES, "lora_rank": [0]})
     fake = FakeRunner()
-    assert ablations.run_sweep(path, runner=fake) == 2 and fake.calls == []
+    assert main(["sweep", "--params", str(path)]) == 2
+    with pytest.raises(ParamsError):
+        ablations.sweep(load_params(path), runner=fake)
+    assert fake.calls == []
     path = write_params(tmp_path, project_root)
     shutil.rmtree(tmp_path / "outputs" / "data")
-    assert ablations.run_sweep(path, runner=fake) == 2 and fake.calls == []
+    assert main(["sweep", "--params", str(path)]) == 2
+    with pytest.raises(FileNotFoundError):
+        ablations.sweep(load_params(path), runner=fake)
+    assert fake.calls == []
+    assert not (tmp_path / "outputs" / "base").exists()          # nothing written, not even the lock
 
 
-def test_run_sweep_exit_codes_and_dry_run(tmp_path, project_root, capsys):
+def test_sweep_dry_run_and_failures(tmp_path, project_root, capsys):
     path = write_params(tmp_path, project_root)
-    assert ablations.run_sweep(path, dry_run=True) == 0
+    assert main(["sweep", "--params", str(path), "--dry-run"]) == 0
     assert "base-r8-top2-proj_trainable" in capsys.readouterr().out
     assert not (tmp_path / "outputs" / "base" / "sweep").exists()
-    assert ablations.run_sweep(path, runner=FakeRunner(fail={("frozen", "04_eval")})) == 1
-    assert ablations.run_sweep(path, runner=FakeRunner()) == 0
+    assert main(["sweep", "--params", str(path), "--set", "ablation.max_runs=2", "--dry-run"]) == 0
+    assert "base-r32-top2-proj_frozen" not in capsys.readouterr().out
+    p = load_params(path)
+    assert ablations.sweep(p, runner=FakeRunner(fail={("frozen", "04_eval")}), echo=lambda *_: None)["failures"]
+    assert not ablations.sweep(p, runner=FakeRunner(), echo=lambda *_: None)["failures"]
 
 
-def test_cli_arguments_parse(tmp_path, project_root):
-    import argparse
+def test_sweep_locks_the_base_run_folder(tmp_path, project_root):
+    p = load_params(write_params(tmp_path, project_root))
+    holders = []
 
-    parser = argparse.ArgumentParser()
-    ablations.add_sweep_arguments(parser)
-    args = parser.parse_args(["--params", "x.yaml", "--set", "ablation.max_runs=2", "--dry-run"])
-    assert args.dry_run and args.overrides == ["ablation.max_runs=2"]
-    parser = argparse.ArgumentParser()
-    ablations.add_compare_arguments(parser)
-    assert parser.parse_args(["--params", "x.yaml", "--no-figures"]).no_figures
+    class LockProbe(FakeRunner):
+        def __call__(self, name, *args, **kwargs):
+            holders.append(json.loads((Path(p.run_dir) / ".jpcap.lock.json").read_text(encoding="utf-8")))
+            return super().__call__(name, *args, **kwargs)
+
+    ablations.sweep(p, runner=LockProbe(), echo=lambda *_: None)
+    assert holders and {h["purpose"] for h in holders} == {"sweep"}
+    assert not (Path(p.run_dir) / ".jpcap.lock.json").exists()       # released
 
 
 # ---- compare (fixture metrics) --------------------------------------------------------------
@@ -289,25 +302,27 @@ def test_compare_collects_runs_costs_and_paired_tests(tmp_path, project_root):
         assert (reports / name).stat().st_size > 0, name
     md = (reports / "ablation_results.md").read_text(encoding="utf-8")
     assert md.count("\n| base-r") == 2
+    assert list(ablations.summary_table(table).columns) == list(ablations.SUMMARY_COLUMNS)
+    assert list(ablations.summary_table(table, ci=True).columns)[5:8] == ["CIDEr", "CIDEr_lo", "CIDEr_hi"]
 
 
 def test_compare_with_no_finished_run(tmp_path, project_root, capsys):
     path = write_params(tmp_path, project_root)
-    assert ablations.run_compare(path) == 1
+    assert main(["compare", "--params", str(path)]) == 1
     assert "no sweep run of base has results yet" in capsys.readouterr().err
 
 
 def test_markdown_table_escapes_pipes():
-    from jpcap_helpers import reports
-
     import pandas as pd
+
+    from jpcap_helpers.analysis import reports
 
     md = reports.markdown_table(pd.DataFrame({"a": ["x|y"], "b": [0.123456]}))
     assert md.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 0.1235 |"]
 
 
 def test_axis_values_plot_in_numeric_order_with_all_last():
-    from jpcap_helpers.reports import _axis_order
+    from jpcap_helpers.analysis.reports import _axis_order
 
     assert _axis_order([32, np.int64(8), "all", 2, 8]) == [2, 8, 32, "all"]
     assert _axis_order(["trainable", "frozen"]) == ["frozen", "trainable"]

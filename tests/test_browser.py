@@ -5,7 +5,7 @@ import re
 import pytest
 from PIL import Image
 
-from jpcap_helpers.browser import ANY_MODEL, FailureBrowser, PredictionSource, prediction_sources
+from jpcap_helpers.analysis.browser import ANY_MODEL, FailureBrowser, PredictionSource, prediction_sources
 
 REFS = {
     1: ["赤い丸がある", "赤い円が一つある"],
@@ -134,6 +134,9 @@ def test_export_html_embeds_images_escapes_text_one_block_per_image(run, tmp_pat
     assert "人が犬と公園を歩いている" in doc          # UTF-8, not entity-encoded
     capped = b.export_html(tmp_path / "capped.html", max_items=2).read_text(encoding="utf-8")
     assert capped.count('class="jpfb-item"') == 2
+    line = b.export_report(tmp_path / "report.html", max_items=2)
+    assert line.startswith(f"wrote {tmp_path / 'report.html'} (") and line.endswith(f"2 images of {len(REFS)}, capped)")
+    assert b.export_report(tmp_path / "all.html").endswith(f" {len(REFS)} images)")
 
 
 def test_prediction_sources_of_a_run(tmp_path):

@@ -1,7 +1,6 @@
 """Tests for jpcap_helpers.evaluate: Japanese BLEU/ROUGE-L/CIDEr, bootstrap, paired test, CLI, metrics.csv."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -149,8 +148,8 @@ def test_bootstrap_replicates_equal_pycocoevalcap_on_duplicated_images():
     gts, res = _random_corpus(50, seed=3)
     stats = np.array([ev.bleu_sufficient_stats(res[i][0], gts[i]) for i in gts], dtype=float)
     rouge = np.random.default_rng(0).random(50)
-    samples = ev._bootstrap_samples({"ROUGE-L": rouge, "CIDEr": 2 * rouge}, stats, 3, seed=11)
-    weights = next(iter(ev._resample_weights(50, 3, seed=11)))  # the draws behind `samples`
+    samples = ev.bootstrap_samples({"ROUGE-L": rouge, "CIDEr": 2 * rouge}, stats, 3, seed=11)
+    weights = next(iter(ev.resample_weights(50, 3, seed=11)))  # the draws behind `samples`
     for j, w in enumerate(weights):
         assert w.sum() == 50
         # build the resampled corpus explicitly: image i repeated w[i] times under fresh ids
@@ -295,6 +294,7 @@ def test_load_predictions(tmp_path):
     _write_jsonl(tmp_path / "conflict.jsonl", [{"image_id": 1, "caption": DOG}, {"image_id": 1, "caption": CAT}])
     with pytest.raises(ValueError, match=r"conflict.jsonl: line 2.*first on line 1"):
         ev.load_predictions(tmp_path / "conflict.jsonl")
+    assert ev.load_predictions(path).n_duplicate_rows == 1
     _write_jsonl(tmp_path / "nocap.jsonl", [{"image_id": 1}])
     with pytest.raises(ValueError, match="line 1: no 'caption'"):
         ev.load_predictions(tmp_path / "nocap.jsonl")
@@ -303,13 +303,41 @@ def test_load_predictions(tmp_path):
         ev.load_predictions(tmp_path / "strid.jsonl")
 
 
-# --------------------------------------------------------------------------- CLI
+def test_duplicate_rows_are_counted_in_the_result(tmp_path):
+    path = _write_jsonl(tmp_path / "pred.jsonl", [
+        {"image_id": 1, "caption": DOG}, {"image_id": 2, "caption": CAT},
+        {"image_id": 1, "caption": DOG}, {"image_id": 1, "caption": DOG},
+    ])
+    r = ev.score({1: [DOG], 2: [CAT]}, ev.load_predictions(path), n_resamples=0)
+    assert r["n_images"] == 2 and r["n_duplicate_rows"] == 2
+    assert "duplicate prediction rows: 2" in ev.format_table(r)
+    assert ev.score({1: [DOG]}, {1: DOG}, n_resamples=0)["n_duplicate_rows"] == 0   # a plain dict
+
+
+def test_non_utf8_input_names_the_file_and_line(tmp_path):
+    good = json.dumps({"image_id": 1, "caption": DOG}, ensure_ascii=False).encode("utf-8")
+    bad = json.dumps({"image_id": 2, "caption": CAT}, ensure_ascii=False).encode("shift_jis")
+    (tmp_path / "sjis.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ev.EvaluationError, match=r"sjis.jsonl: line 2 is not valid UTF-8"):
+        ev.load_predictions(tmp_path / "sjis.jsonl")
+    (tmp_path / "refs.jsonl").write_bytes(b'{"image_id": 1, "captions": ["a"]}\n' + bad.replace(b"caption", b"captions") + b"\n")
+    with pytest.raises(ev.EvaluationError, match=r"refs.jsonl: line 2 is not valid UTF-8"):
+        ev.load_references(tmp_path / "refs.jsonl")
+    coco = json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": CAT}]},
+                      ensure_ascii=False, indent=1).encode("shift_jis")
+    (tmp_path / "refs.json").write_bytes(coco)
+    line = coco[:coco.index(CAT.encode("shift_jis"))].count(b"\n") + 1
+    with pytest.raises(ev.EvaluationError, match=rf"refs.json: line {line} is not valid UTF-8"):
+        ev.load_references(tmp_path / "refs.json")
+
+
+# --------------------------------------------------------------------------- CLI (jpcap evaluate)
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    ev.add_evaluate_arguments(parser)
-    return ev.run_evaluate(parser.parse_args(argv))
+    from jpcap_helpers.cli import main
+
+    return main(["evaluate", *argv])
 
 
 @pytest.fixture
@@ -362,7 +390,7 @@ def test_cli_unknown_image_and_bad_files(cli_files, capsys):
 
 def test_module_main_subprocess(cli_files):
     proc = subprocess.run(
-        [sys.executable, "-m", "jpcap_helpers.evaluate",
+        [sys.executable, "-m", "jpcap_helpers.cli", "evaluate",
          "--pred", str(cli_files / "partial.jsonl"), "--refs", str(cli_files / "test.jsonl")],
         capture_output=True, text=True, timeout=120,
     )

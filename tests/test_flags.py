@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from jpcap_helpers import flags as F
+from jpcap_helpers.analysis import flags as F
 
 REFS_PERSON_DOG = ["人が犬と公園を歩いている", "犬を連れた人が公園にいる", "公園で犬と散歩する人"]
 

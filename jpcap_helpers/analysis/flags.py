@@ -28,7 +28,7 @@ import re
 from functools import lru_cache
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-from .text import normalize_caption, segment
+from ..text import normalize_caption, segment, tagger
 
 __all__ = [
     "FLAGS", "FLAG_LABELS", "GENDER_TERMS", "STOP_NOUNS", "Token", "tokens", "content_nouns",
@@ -94,10 +94,8 @@ def _lemma(raw: Any, surface: str) -> str:
 @lru_cache(maxsize=65536)
 def tokens(text: str) -> tuple[Token, ...]:
     """All MeCab tokens of ``text`` (already normalised), with POS1/POS2 and the unidic lemma."""
-    from .text import _tagger  # the shared fugashi tagger of the evaluation
-
     out = []
-    for w in _tagger()(text):
+    for w in tagger()(text):
         surface = w.surface
         if not surface or surface.isspace():
             continue
@@ -306,8 +304,9 @@ def flag_rates(flags_df):
 
 def hallucinated_noun_table(flags_df, top: int = 15):
     """The most frequent hallucinated nouns per model: model, noun, count (of images naming it)."""
-    import pandas as pd
     from collections import Counter
+
+    import pandas as pd
 
     rows = []
     for model, sub in flags_df.groupby("model", sort=False):

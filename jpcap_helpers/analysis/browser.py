@@ -2,7 +2,7 @@
 export (docs/ablations.md).
 
 Each item is one image: the image, every model's prediction side by side with its per-image scores
-(from ``<run>/scores/<system>__<split>.json``) and automatic flags (:mod:`jpcap_helpers.flags`), and
+(from ``<run>/scores/<system>__<split>.json``) and automatic flags (:mod:`jpcap_helpers.analysis.flags`), and
 the references. Controls: focus model (whose CIDEr and flags drive sorting and filtering, or any
 model), flag filter, CIDEr range, sort order, models shown, page size and page. Core ipywidgets only
 (Colab and Jupyter); the widget and :meth:`FailureBrowser.export_html` render the same HTML blocks,
@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from ..evaluate import prediction_files
+from ..io import atomic_write_text, read_jsonl
 from . import flags as jflags
-from .io import atomic_write_text, read_jsonl
+from .sweeps import DONE_MARKER, setting_label, sweep_runs
 
 __all__ = ["PredictionSource", "prediction_sources", "load_items", "FailureBrowser", "item_html",
-           "ANY_MODEL", "FLAG_FILTERS", "SORTS", "SCORE_KEYS"]
+           "ANY_MODEL", "FLAG_FILTERS", "SORTS", "SCORE_KEYS", "EXPORT_MAX_ITEMS"]
 
 ANY_MODEL = "(any model)"
 SCORE_KEYS = ("CIDEr", "BLEU-4", "ROUGE-L")
@@ -32,6 +34,7 @@ FLAG_FILTERS = {"(all images)": None, "(any flag)": "__any__", "(no flag)": "__n
 SORTS = {"CIDEr ascending (worst first)": "cider_asc", "CIDEr descending": "cider_desc",
          "CIDEr gap between models": "gap", "most flags": "n_flags", "image id": "image_id"}
 THUMB = 224
+EXPORT_MAX_ITEMS = 500   # images in a static export at most (the page stays a few MiB)
 
 
 @dataclass
@@ -58,8 +61,6 @@ def prediction_sources(params, split: str = "test", include_sweep: bool = False,
                        systems: Optional[Sequence[str]] = None) -> list[PredictionSource]:
     """The run's ``predictions/<system>__<split>.jsonl`` (zero-shot first, then fine-tuned), and with
     ``include_sweep`` every finished sweep run's, labelled ``<setting>:<system>``."""
-    from .evaluate import prediction_files
-
     def of_run(run_dir: Path, prefix: str = "") -> list[PredictionSource]:
         found = [(sys_, p, _is_finetuned(sys_, p)) for sys_, sp, p in prediction_files(run_dir) if sp == split]
         found.sort(key=lambda t: (t[2], t[0]))     # zero-shot first, then fine-tuned
@@ -68,11 +69,9 @@ def prediction_sources(params, split: str = "test", include_sweep: bool = False,
 
     out = of_run(Path(params.run_dir))
     if include_sweep:
-        from . import ablations
-
-        for rp, setting, _ in ablations._sweep_runs(params):
-            if (Path(rp.run_dir) / ablations.DONE_MARKER).exists():
-                out += of_run(Path(rp.run_dir), prefix=ablations.setting_label(setting) + ":")
+        for rp, setting, _ in sweep_runs(params):
+            if (Path(rp.run_dir) / DONE_MARKER).exists():
+                out += of_run(Path(rp.run_dir), prefix=setting_label(setting) + ":")
     return out
 
 
@@ -435,7 +434,7 @@ class FailureBrowser:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def export_html(self, path: str | Path, max_items: Optional[int] = 500, rates=None) -> Path:
+    def export_html(self, path: str | Path, max_items: Optional[int] = EXPORT_MAX_ITEMS, rates=None) -> Path:
         """Write the current view — every filtered item in sort order (not only the page), at most
         ``max_items`` — as one self-contained UTF-8 HTML page (images as base64 thumbnails, text
         escaped), atomically. ``rates`` (``flags.flag_rates``) adds the flag-rate table on top."""
@@ -457,6 +456,14 @@ class FailureBrowser:
                f"<title>{e(self.title)}</title><style>{STYLE}</style></head>"
                f'<body class="jpfb"><h1>{e(self.title)}</h1>{head}{self.blocks_html(items)}</body></html>\n')
         return atomic_write_text(path, doc)
+
+    def export_report(self, path: str | Path, rates=None, max_items: Optional[int] = EXPORT_MAX_ITEMS) -> str:
+        """:meth:`export_html`, then one line saying what was written: ``wrote PATH (N KiB, M images)``,
+        with ``of K, capped`` when the filters let more images through than ``max_items``."""
+        out = self.export_html(path, max_items=max_items, rates=rates)
+        n = len(self._filtered) if max_items is None else min(len(self._filtered), max_items)
+        capped = f" of {len(self._filtered)}, capped" if n < len(self._filtered) else ""
+        return f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {n} images{capped})"
 
     def _ipython_display_(self) -> None:  # pragma: no cover - needs a frontend
         from IPython.display import display
