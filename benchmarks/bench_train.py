@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
-from common import (emit, flops_per_sample, peak_tflops, random_model_dir, synthetic_batch,  # noqa: E402
-                    timed_steps, versions)
+from common import emit, flops_per_sample, peak_tflops, random_model_dir, synthetic_batch, timed_steps, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_PIXELS = 12845056  # Qwen2-VL's preprocessor default
@@ -54,9 +53,9 @@ def jpcap_model(path: Path, params_file: str, method: str, overrides: dict | Non
     from jpcap_helpers.params import load_params
     from jpcap_helpers.train import prepare_model
 
-    over = {"model.name": str(path), "train.method": method, **(overrides or {})}
+    over = {"model.name": str(path), "model.load_in_4bit": method == "qlora", **(overrides or {})}
     params = load_params(ROOT / params_file, over, check_paths=False)
-    model, _, _ = models.load_model(params, load_in_4bit=(method == "qlora"), for_training=True)
+    model, _, _ = models.load_model(params, load_in_4bit=params.model.load_in_4bit, for_training=True)
     model = prepare_model(model, params)
     if method != "qlora":
         model.to("cuda")
@@ -65,7 +64,7 @@ def jpcap_model(path: Path, params_file: str, method: str, overrides: dict | Non
 
 def undo_lean_activations(model) -> int:
     """Lever probe: put the plain SwiGLU/RMSNorm forwards back (fastpath.use_lean_activations undone)."""
-    from jpcap_helpers import fastpath
+    from jpcap_helpers.models import fastpath
     lean = {fastpath._lean_mlp_forward, fastpath._lean_rmsnorm_forward}
     n = 0
     for module in model.modules():
@@ -96,7 +95,7 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
     try:
         sec = timed_steps(step, steps=steps)
     except torch.OutOfMemoryError:
-        del opt
+        opt = None  # free the optimizer state before the next size
         free()
         emit({"bench": "train", "arch": arch, "row": name, "micro_batch": bs, "error": "OOM"})
         return None
@@ -109,7 +108,7 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
            "mfu": round(flops * bs / sec / (peak_tflops() * 1e12), 4), "loss": round(step.loss, 3),
            **(extra or {})}
     emit(row)
-    del opt
+    opt = None  # free the optimizer state before the next size
     free()
     return row
 

@@ -151,25 +151,11 @@ def synthetic_batch(arch: str, bs: int, max_pixels: int, prompt_len: int = 20, c
     return batch, n_img
 
 
-def count_params(module) -> int:
-    n = 0
-    for p in module.parameters():
-        k = p.numel()
-        if type(p).__name__ == "Params4bit":
-            k *= 2
-        n += k
-    return n
-
-
 def flops_per_sample(model, seq_len: int, n_patches: int) -> float:
-    """Model FLOPs per training sample, stated in RESULTS.md:
-    2·N_vit·patches (frozen ViT: forward only) + 6·N_llm·seq (language model: forward + backward, the
-    usual 6NT; LoRA/frozen layers still back-propagate activations to reach the projector)."""
-    from jpcap_helpers.train import _causal_lm
-    base = _causal_lm(model)
-    n_vit = count_params(base.model.visual)
-    n_llm = count_params(base.model.language_model)
-    return 2 * n_vit * n_patches + 6 * n_llm * seq_len
+    """Model FLOPs per training sample, stated in RESULTS.md: the package's cost model
+    (``jpcap_helpers.train.costs``: 2·N_vit·patches + 6·N_llm·seq)."""
+    from jpcap_helpers.train.costs import model_flops_per_sample
+    return model_flops_per_sample(model, seq_len, n_patches)
 
 
 def timed_steps(step_fn, steps: int = 6, warmup: int = 2) -> float:

@@ -21,19 +21,21 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--method", default="lora")
     args = ap.parse_args(argv)
-    from jpcap_helpers import data
+    from jpcap_helpers import data, models
     from jpcap_helpers.params import load_params
 
+    # no validation (eval_images 0), one checkpoint at the end
     base = ["train.micro_batch_size=8", "train.effective_batch_size=16", f"train.max_steps={args.steps}",
-            "train.eval_every=0", "train.save_every=0", f"train.method={args.method}",
+            "train.eval_images=0", f"train.save_every={args.steps}",
             f"model.load_in_4bit={'true' if args.method == 'qlora' else 'false'}"]
     params = load_params(ROOT / "params/smoke.yaml", {"run.name": "ddp-data"})
     data.fetch_raw(params)
-    data.prepare_from_params(params, progress=False)
+    data.prepare_from_params(params, models.load_tokenizer(params), reject=models.processor_rejection, progress=False)
     losses = {}
-    for name, launcher in (("single", [sys.executable, "-m", "jpcap_helpers.train"]),
+    jpcap_train = ["-m", "jpcap_helpers.cli", "train"]
+    for name, launcher in (("single", [sys.executable, *jpcap_train]),
                            (f"ddp{args.gpus}", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                                f"--num_processes={args.gpus}", "-m", "jpcap_helpers.train"])):
+                                                f"--num_processes={args.gpus}", *jpcap_train])):
         run = f"ddp-check-{args.method}-{name}"
         cmd = launcher + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in base:

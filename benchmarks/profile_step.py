@@ -22,7 +22,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--method", default="qlora")
     args = ap.parse_args(argv)
-    from jpcap_helpers.train import _causal_lm, _language_forward, _visual_features
+    from jpcap_helpers.train import causal_lm, language_forward, visual_features
 
     path = random_model_dir(args.arch)
     for gc_on in (False, True):
@@ -30,17 +30,17 @@ def main(argv=None):
         batch, _ = synthetic_batch(args.arch, args.batch, params.model.max_pixels)
         batch = {k: v.cuda() for k, v in batch.items()}
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        base = _causal_lm(model)
+        base = causal_lm(model)
         marks = {}
         for it in range(5):
             free() if it == 4 else None
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
             ev[0].record()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                embeds, sizes = _visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
+                embeds, sizes = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
                 ev[1].record()
                 mem_vit = torch.cuda.max_memory_allocated()
-                out = _language_forward(base, batch, embeds, sizes)
+                out = language_forward(base, batch, embeds, sizes)
                 hidden = out.last_hidden_state[:, :-1]
                 targets = batch["labels"][:, 1:]
                 sel = targets != -100

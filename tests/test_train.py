@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +59,9 @@ def make_params(project, run: str, **train) -> Params:
     p.data.root, p.data.processed_dir = str(project["root"]), str(project["processed"])
     p.model.models_dir = str(project["models"])
     p.model.min_pixels, p.model.max_pixels = 56 * 56, 112 * 112
+    p.model.load_in_4bit = train.pop("load_in_4bit", False)
     t = p.train
-    t.method, t.top_k_layers, t.lora_rank, t.lora_alpha, t.lora_dropout = "lora", 2, 8, 16, 0.0
+    t.top_k_layers, t.lora_rank, t.lora_alpha, t.lora_dropout = 2, 8, 16, 0.0
     t.micro_batch_size, t.effective_batch_size, t.gradient_checkpointing = 4, 8, False
     t.learning_rate, t.warmup_ratio, t.eval_every, t.save_every = 3e-3, 0.1, 0, 0
     for key, value in train.items():
@@ -138,7 +143,7 @@ def test_epoch_order_and_rank_batches():
     assert sorted(a) == list(range(50)) and not np.array_equal(a, b)
     assert np.array_equal(a, T.epoch_order(50, 0, 0))
     # 2 processes × 2 accumulation × micro 3 = effective 12: each step's chunk is dealt exactly once
-    got = [list(T._StepBatchSampler(a, 1, 3, 12, 3, 2, r)) for r in (0, 1)]
+    got = [list(T.StepBatchSampler(a, 1, 3, 12, 3, 2, r)) for r in (0, 1)]
     assert all(len(g) == 4 for g in got)
     for step, first in ((1, 0), (2, 2)):
         seen = sorted(i for g in got for mb in g[first:first + 2] for i in mb)
@@ -179,11 +184,11 @@ def test_projector_switch_and_frozen_vision(project, projector):
     assert all("lora_" in n or ".merger." in n for n in trainable)
     assert not any("visual" in n and ".merger." not in n for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
-    visual = T._causal_lm(model).model.visual
+    visual = T.causal_lm(model).model.visual
     assert not visual.patch_embed._forward_hooks, "no requires-grad hook on the ViT input"
     batch = T.CaptionCollator(models.load_model(params)[1], models.REGISTRY["tiny-qwen2-vl"].prompt)(
         samples(params, 2))
-    embeds, _ = T._visual_features(T._causal_lm(model), batch["pixel_values"], batch["image_grid_thw"])
+    embeds, _ = T.visual_features(T.causal_lm(model), batch["pixel_values"], batch["image_grid_thw"])
     assert embeds.requires_grad == (projector == "trainable")
     loss, n = T.caption_loss(model, batch)
     loss.backward()
@@ -231,12 +236,8 @@ def test_fast_path_loss_equals_plain_loss(tiny, project):
         with torch.no_grad():
             plain = T.plain_loss(reference, batch).item()
             s, n = T.caption_loss(model, batch)
-            old = T._USE_MM_ENCODER_OUTPUTS
-            try:
-                T._USE_MM_ENCODER_OUTPUTS = False   # the inputs_embeds route for older transformers
-                s2, n2 = T.caption_loss(model, batch)
-            finally:
-                T._USE_MM_ENCODER_OUTPUTS = old
+            # the inputs_embeds route for older transformers
+            s2, n2 = T.caption_loss(model, batch, use_mm_encoder_outputs=False)
         assert (s / n).item() == pytest.approx(plain, rel=1e-5)
         assert (s2 / n2).item() == pytest.approx(plain, rel=1e-5)
         assert int(n) == int((batch["labels"][:, 1:] != T.IGNORE_INDEX).sum())
@@ -250,12 +251,12 @@ def test_qlora_4bit_steps_on_cpu_survive_generate(project):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    params = make_params(project, "qlora", method="qlora", max_steps=3, eval_every=1, eval_images=2)
+    params = make_params(project, "qlora", load_in_4bit=True, max_steps=3, eval_every=1, eval_images=2)
     seen = []
 
     def check(info):
         seen.append(info)
-        lin = [m for m in T._causal_lm(info["model"]).modules() if isinstance(m, bnb.nn.Linear4bit)]
+        lin = [m for m in T.causal_lm(info["model"]).modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert lin and all(not m.support_avx512bf16_for_cpu for m in lin)
 
     result = T.train(params, resume=False, callbacks=[check])
@@ -271,14 +272,14 @@ def test_qlora_4bit_steps_on_cpu_survive_generate(project):
     except ImportError:
         pass
     info = json.loads((Path(result.adapter_dir) / "jpcap_train.json").read_text())
-    assert info["base_load_in_4bit"] is True
+    assert info["base_load_in_4bit"] is True and info["train_method"] == "qlora"
 
 
 def test_bf16_autocast_path_on_cpu(project):
     """bf16 base + fp32 LoRA/projector under autocast (the big-GPU recipe), with 4-bit and a
     validation through the caption engine — run on the CPU's bf16 autocast."""
     pytest.importorskip("bitsandbytes")
-    params = make_params(project, "bf16", method="qlora", max_steps=2, eval_every=2, eval_images=2)
+    params = make_params(project, "bf16", load_in_4bit=True, max_steps=2, eval_every=2, eval_images=2)
     params.model.precision = "bf16"
     result = T.train(params, resume=False)
     plan = json.loads((Path(params.run_dir) / "train_plan.json").read_text())
@@ -303,13 +304,22 @@ def kill_at(step: int):
     return callback
 
 
-def test_resume_after_kill_follows_the_same_loss_curve(project):
-    kw = dict(max_steps=6, save_every=2, lora_dropout=0.1, top_k_layers=2, micro_batch_size=4,
-              effective_batch_size=8)
-    ref = T.train(make_params(project, "uninterrupted", **kw), resume=False)
+RESUME_KW = dict(max_steps=6, save_every=2, lora_dropout=0.1, top_k_layers=2, micro_batch_size=4,
+                 effective_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(project):
+    """The reference run of the resume tests: 6 steps without a kill."""
+    params = make_params(project, "uninterrupted", **RESUME_KW)
+    return params, T.train(params, resume=False)
+
+
+def test_resume_after_kill_follows_the_same_loss_curve(project, uninterrupted):
+    ref = uninterrupted[1]
     assert sorted(ref.losses) == list(range(1, 7))
 
-    params = make_params(project, "killed", **kw)
+    params = make_params(project, "killed", **RESUME_KW)
 
     with pytest.raises(Killed):
         T.train(params, resume=False, callbacks=[kill_at(3)])
@@ -317,8 +327,8 @@ def test_resume_after_kill_follows_the_same_loss_curve(project):
     assert [s for s, _ in ckpts] == [2]
     state = json.loads((ckpts[-1][1] / "state.json").read_text())
     assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
-    for name in ("adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt",
-                 "epoch_order.npy"):
+    for name in ("adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.safetensors",
+                 "epoch_order.npy", "pair_rows.npy"):
         assert (ckpts[-1][1] / name).is_file(), name
 
     resumed = T.train(params)            # resume=True: continues from step-2
@@ -343,6 +353,114 @@ def test_resume_refuses_changed_params(project):
     params.train.learning_rate *= 2
     with pytest.raises(T.TrainError, match="other params"):
         T.train(params)
+
+
+def test_resume_may_shorten_the_run_and_change_its_cadence(project, uninterrupted):
+    """max_steps, the eval/save cadence and validation decoding may change on a resume: the run keeps
+    the learning-rate schedule it started with and stops earlier on the same curve."""
+    ref_params, ref = uninterrupted
+    params = make_params(project, "shortened", **RESUME_KW)
+    with pytest.raises(Killed):
+        T.train(params, resume=False, callbacks=[kill_at(3)])
+    params.train.max_steps = 8
+    with pytest.raises(T.TrainError, match="lengthen"):
+        T.train(params)
+    params.train.max_steps = 1
+    with pytest.raises(T.TrainError, match="past the 1 steps"):
+        T.train(params)
+    t = params.train
+    t.max_steps, t.save_every, t.eval_every, t.eval_images = 4, 1, 2, 2
+    params.generation.max_new_tokens = 8
+    resumed = T.train(params)
+    assert resumed.resumed_from_step == 2 and sorted(resumed.losses) == [3, 4]
+    assert resumed.steps == resumed.total_steps == 4 and resumed.final_val_loss is not None
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(ref.losses[step], abs=1e-5), step
+    ref_lr = T.read_train_log(ref_params.run_dir).set_index("step")["lr"]
+    lr = T.read_train_log(params.run_dir).set_index("step")["lr"]
+    assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx([ref_lr[s] for s in (1, 2, 3, 4)], rel=1e-12)
+    plan = json.loads((Path(params.run_dir) / "train_plan.json").read_text())
+    assert (plan["total_steps"], plan["schedule_steps"]) == (4, 6)
+    assert [s for s, _ in T.list_checkpoints(params.run_dir)] == [3, 4]
+
+
+def test_resume_skips_and_counts_pairs_whose_image_went_missing(project, uninterrupted, tmp_path):
+    """An image deleted between sessions (here also a moved images folder): its pairs are skipped when
+    drawn and counted, every other pair keeps its place, training goes on."""
+    from jpcap_helpers.train.loop import MISSING_DRAWN
+    from jpcap_helpers.train.session import MISSING_SINCE_CHECKPOINT
+
+    ref = uninterrupted[1]
+    images = tmp_path / "images"
+    shutil.copytree(project["root"], images)
+    params = make_params(project, "missing", **RESUME_KW)
+    params.data.images_dir = str(images / "first-session")
+    shutil.copytree(project["root"], images / "first-session")
+    with pytest.raises(Killed):
+        T.train(params, resume=False, callbacks=[kill_at(3)])
+    pairs, _ = T.read_pairs(params)
+    order, e = T.epoch_order(len(pairs), params.run.seed, 0), params.train.effective_batch_size
+
+    def drawn(file_name, step):   # how often step `step` (1-based) draws the image
+        return sum(pairs[i]["file_name"] == file_name for i in order[(step - 1) * e:step * e])
+
+    gone = next(p["file_name"] for p in (pairs[i] for i in order[4 * e:5 * e])
+                if not any(drawn(p["file_name"], s) for s in (3, 4, 6)))
+    params.data.images_dir = str(images)          # the next session finds the images elsewhere ...
+    (images / gone).unlink()                      # ... and one of them is gone
+    with pytest.warns(UserWarning, match="missing"):
+        resumed = T.train(params)
+    assert resumed.steps == 6 and resumed.resumed_from_step == 2
+    assert resumed.skipped_pairs[MISSING_DRAWN] == drawn(gone, 5) >= 1
+    assert resumed.skipped_pairs[MISSING_SINCE_CHECKPOINT] == sum(p["file_name"] == gone for p in pairs)
+    for step in (3, 4):   # before the missing image: the uninterrupted run's curve
+        assert resumed.losses[step] == pytest.approx(ref.losses[step], abs=1e-5), step
+    assert all(math.isfinite(resumed.losses[s]) for s in (5, 6))
+    log = T.read_train_log(params.run_dir).set_index("step")
+    assert log.loc[5, "missing_images"] == drawn(gone, 5) and log["missing_images"].drop(index=5).isna().all()
+
+
+class Payload:
+    """Runs a shell command when unpickled (what a tampered checkpoint file would carry)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+CHECKPOINT_FILES = {"state.json", "pair_rows.npy", "epoch_order.npy", "adapter/adapter_config.json",
+                    "adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.safetensors"}
+
+
+def test_resume_unpickles_nothing(project, tmp_path):
+    """A malicious pickle planted in any checkpoint file stops the resume with a TrainError naming the
+    file, and its code never runs; the untouched checkpoint then resumes."""
+    import pickle
+
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(Payload(live)))   # the payload is real: unpickling it runs the command
+    assert live.exists()
+
+    params = make_params(project, "tampered", max_steps=2, save_every=1)
+    with pytest.raises(Killed):
+        T.train(params, resume=False, callbacks=[kill_at(1)])
+    (_, ckpt), = T.list_checkpoints(params.run_dir)
+    files = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+    assert files == CHECKPOINT_FILES   # every file a resume reads is tried below
+    marker = tmp_path / "MARKER"
+    for name in sorted(files):
+        path = ckpt / name
+        original = path.read_bytes()
+        for plant in (lambda f: f.write_bytes(pickle.dumps({"state": Payload(marker)})),
+                      lambda f: torch.save({"state": Payload(marker)}, f)):
+            plant(path)
+            with pytest.raises(T.TrainError, match=re.escape(str(path))):
+                T.train(params)
+            assert not marker.exists(), name
+        path.write_bytes(original)
+    assert T.train(params).steps == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +540,29 @@ def test_adapter_reload_reproduces_trained_outputs(learned):
                                   atol=1e-3)
 
 
+def test_adapter_records_its_base_and_training(learned):
+    params, result, _, _ = learned
+    info = json.loads((Path(result.adapter_dir) / "jpcap_train.json").read_text())
+    assert info["base_model"] == params.model.name and info["base_load_in_4bit"] is False
+    assert info["train_method"] == "lora" and info["params_fingerprint"] == params.fingerprint()
+    assert "base_model_revision" in info and info["steps"] == result.steps
+
+
+def test_rng_state_round_trips_without_pickle(tmp_path):
+    from jpcap_helpers.train.rng import load_rng_state, rng_state, save_rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.normal()    # both keep a second normal variate pending
+    path = save_rng_state(tmp_path / "rng.safetensors", rng_state())
+
+    def draws():
+        return [random.random(), random.gauss(0, 1), np.random.normal(), np.random.random(), *torch.rand(3).tolist()]
+
+    expected = draws()
+    set_rng_state(load_rng_state(path))
+    assert draws() == expected
+
+
 def test_merge_adapter_and_refusal_on_4bit(learned, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -438,7 +579,7 @@ def test_merge_adapter_and_refusal_on_4bit(learned, tmp_path):
     with pytest.raises(T.TrainError, match="4-bit"):
         T.merge_adapter(params, fake, tmp_path / "nope")
     bad = make_params({"base": tmp_path, "root": params.data.root, "processed": params.data.processed_dir,
-                       "models": params.model.models_dir}, "m", method="qlora", merge_adapter=True)
+                       "models": params.model.models_dir}, "m", load_in_4bit=True, merge_adapter=True)
     with pytest.raises(T.TrainError, match="merge_adapter"):
         T.train(bad)
 
@@ -447,7 +588,7 @@ def test_merge_adapter_and_refusal_on_4bit(learned, tmp_path):
 # inf/NaN guard, plan
 # ---------------------------------------------------------------------------------------------
 
-def test_non_finite_losses_are_skipped_then_abort(project, monkeypatch):
+def test_non_finite_losses_are_skipped_then_abort(project):
     real = T.caption_loss
     state = {"next_step": 0, "bad": set()}
 
@@ -458,11 +599,10 @@ def test_non_finite_losses_are_skipped_then_abort(project, monkeypatch):
     def track(info):
         state["next_step"] = info["step"] + 1
 
-    monkeypatch.setattr(T, "caption_loss", poisoned)
-    monkeypatch.setattr(T, "MAX_CONSECUTIVE_NONFINITE", 3)
+    options = T.TrainOptions(loss=poisoned, max_consecutive_non_finite=3)
     params = make_params(project, "nan", max_steps=4)
     state.update(next_step=1, bad={2})
-    res = T.train(params, resume=False, callbacks=[track])
+    res = T.train(params, resume=False, callbacks=[track], options=options)
     assert res.steps == 4 and res.non_finite_steps_skipped == 1
     log = T.read_train_log(params.run_dir)
     assert log.loc[log["step"] == 2, "skipped"].item() == "non-finite loss"
@@ -470,7 +610,7 @@ def test_non_finite_losses_are_skipped_then_abort(project, monkeypatch):
 
     state.update(next_step=1, bad={2, 3, 4})
     with pytest.raises(T.TrainError, match="3 optimizer steps in a row"):
-        T.train(make_params(project, "nan2", max_steps=6), resume=False, callbacks=[track])
+        T.train(make_params(project, "nan2", max_steps=6), resume=False, callbacks=[track], options=options)
 
 
 def test_plan_reports_memory_eta_and_fit_warning(project):
@@ -506,7 +646,9 @@ def test_ddp_two_cpu_processes_match_one_process(project, tmp_path):
 
     import yaml
 
-    kw = dict(max_steps=3, micro_batch_size=2, effective_batch_size=8, lora_dropout=0.0)
+    # no validation (eval_images 0), one checkpoint at the end: valid in a params file
+    kw = dict(max_steps=3, micro_batch_size=2, effective_batch_size=8, lora_dropout=0.0, eval_every=1,
+              eval_images=0, save_every=3)
     single = T.train(make_params(project, "ddp-single", **kw), resume=False)
     params = make_params(project, "ddp-two", **kw)
     path = tmp_path / "ddp.yaml"
@@ -534,13 +676,15 @@ def test_cli_plan_only_and_bad_params(project, tmp_path, capsys):
     doc = {"run": {"name": "cli", "output_dir": p.run.output_dir},
            "data": {"root": p.data.root, "processed_dir": p.data.processed_dir},
            "model": {"models_dir": p.model.models_dir, "min_pixels": 3136, "max_pixels": 12544},
-           "train": {"method": "lora", "top_k_layers": 2, "micro_batch_size": 4, "effective_batch_size": 8,
-                     "max_steps": 2, "gradient_checkpointing": False, "eval_every": 0}}
+           "train": {"top_k_layers": 2, "micro_batch_size": 4, "effective_batch_size": 8,
+                     "max_steps": 2, "gradient_checkpointing": False, "eval_images": 0}}
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    assert T.main([str(path), "--plan-only", "--session-hours", "1000"]) == 0
+    from jpcap_helpers.cli import main
+
+    assert main(["train", str(path), "--plan-only", "--session-hours", "1000"]) == 0
     assert "ETA" in capsys.readouterr().out
-    assert T.main([str(path), "--set", "train.top_k_layers=99", "--plan-only"]) == 2
+    assert main(["train", str(path), "--set", "train.top_k_layers=99", "--plan-only"]) == 2
     assert "top_k_layers" in capsys.readouterr().err
 
 
@@ -551,9 +695,8 @@ def test_cli_plan_only_and_bad_params(project, tmp_path, capsys):
 def real_shape_model_dir(out: Path, tokenizer_dir: Path) -> Path:
     """Qwen2-VL-2B-Instruct's architecture (shared/reference/qwen_vl_configs.json) with random fp16
     weights, saved with the tiny tokenizer/processor (special-token ids remapped to that tokenizer)."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
     from conftest import qwen2_vl_2b_config
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(tokenizer_dir)
     cfg = qwen2_vl_2b_config(processor.tokenizer)
@@ -577,7 +720,7 @@ def test_fp16_real_shape_training_stays_finite(project, tmp_path_factory, method
     folder = tmp_path_factory.getbasetemp() / "qwen2vl-2b-random"
     if not (folder / "config.json").exists():
         real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
-    params = make_params(project, f"fp16-{method}", method=method, max_steps=16, micro_batch_size=2,
+    params = make_params(project, f"fp16-{method}", load_in_4bit=method == "qlora", max_steps=16, micro_batch_size=2,
                          effective_batch_size=4, top_k_layers=6, lora_rank=32, lora_alpha=32, lora_dropout=0.05,
                          gradient_checkpointing=True, learning_rate=2e-4)
     params.model.name, params.model.precision = str(folder), "fp16"
@@ -600,7 +743,7 @@ def test_fp16_real_shape_training_stays_finite(project, tmp_path_factory, method
 def test_tiny_on_cuda_resume_matches(project, method):
     # precision auto: bf16 on an H100/A100 (fp16 + GradScaler on a T4); validation runs the caption
     # engine on the training model (fp32 projector, autocast)
-    kw = dict(method=method, max_steps=4, save_every=2, lora_dropout=0.1, eval_every=2, eval_images=4)
+    kw = dict(load_in_4bit=method == "qlora", max_steps=4, save_every=2, lora_dropout=0.1, eval_every=2, eval_images=4)
     ref = T.train(make_params(project, f"cuda-ref-{method}", **kw), resume=False)
     assert ref.final_val_loss is not None and math.isfinite(ref.final_val_loss)
     params = make_params(project, f"cuda-kill-{method}", **kw)
@@ -622,7 +765,7 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, m
     folder = tmp_path_factory.getbasetemp() / "qwen2vl-2b-random"
     if not (folder / "config.json").exists():
         real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
-    params = make_params(project, "gpu-equiv", method="lora", top_k_layers=6, lora_rank=32, lora_alpha=32,
+    params = make_params(project, "gpu-equiv", top_k_layers=6, lora_rank=32, lora_alpha=32,
                          projector="trainable")
     params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
     params.model.compile = False  # compiled blocks: the next test
@@ -665,7 +808,7 @@ def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
         real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
     runs = {}
     for compiled in (True, False):
-        params = make_params(project, f"gpu-compile-{compiled}", method="lora", top_k_layers=6, lora_rank=32,
+        params = make_params(project, f"gpu-compile-{compiled}", top_k_layers=6, lora_rank=32,
                              lora_alpha=32, projector="trainable")
         params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
         params.model.compile = compiled
@@ -689,3 +832,23 @@ def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
         del model, opt
         torch.cuda.empty_cache()
     assert runs[True] == pytest.approx(runs[False], rel=1e-4), runs
+
+
+def test_cost_model_matches_the_stated_recipe_cost_and_sizes_the_t4_preset(project_root, tiny_model_dir):
+    """≈ 4 TFLOP per caption for Qwen2-VL-2B at 234 image tokens (the figure docs/training.md builds on),
+    and params/colab_t4.yaml's training fits its 2.5 h budget by that model (a T4 estimate, not a
+    measurement), leaving room for validation and captioning."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    from jpcap_helpers.params import load_params
+    from jpcap_helpers.train.costs import cost_estimate, model_flops_per_sample
+    from tests.conftest import qwen2_vl_2b_config
+
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(qwen2_vl_2b_config(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    flops = model_flops_per_sample(model, seq_len=234 + 30 + 25, n_patches=234 * 4)
+    assert 3.5e12 < flops < 4.5e12
+    p = load_params(project_root / "params" / "colab_t4.yaml")
+    captions = p.data.train_subset * 5 * p.train.epochs
+    assert cost_estimate(flops, captions)["hours"] <= 2.0

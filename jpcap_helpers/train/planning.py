@@ -1,0 +1,273 @@
+"""The run plan: time a few real steps (the probe), measure peak memory, estimate the run's duration and
+warn, with params that would fit, when it would not fit a Colab session. The probe leaves the run as
+it found it (weights, optimizer, scaler and RNG restored)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from ..data import load_image, resolve_image_path
+from .batches import CaptionCollator, epoch_order
+from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
+from .rng import rng_state, set_rng_state
+from .session import TrainSession, open_session, peak_memory, precision_name
+from .steps import count_step, forward_backward
+
+__all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "probe", "fit_check",
+           "plan", "format_plan"]
+
+# A free Colab session ends after at most ~12 h; a free T4 is often reclaimed much earlier, so plan
+# for 3 usable hours (resume from the last checkpoint in the next session for longer runs).
+COLAB_SESSION_MAX_HOURS = 12.0
+COLAB_FREE_T4_USABLE_HOURS = 3.0
+PROBE_MICRO_BATCHES = 3          # timed probe: the first is warm-up, the others are timed
+EVAL_PROBE_TOKENS = 4            # tokens of the timed generate that estimates validation time
+
+
+def _sync(session: TrainSession) -> None:
+    import torch
+    if session.accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def training_state_restored(session: TrainSession) -> Iterator[dict]:
+    """Snapshot trainable weights, optimizer, GradScaler and RNG; put them back on exit."""
+    import torch
+
+    acc = session.accelerator
+    saved = {"rng": rng_state(), "weights": [p.detach().clone() for p in session.trainable_params],
+             "optimizer": copy.deepcopy(session.optimizer.state_dict()),
+             "scaler": copy.deepcopy(acc.scaler.state_dict()) if acc.scaler is not None else None}
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for p, w in zip(session.trainable_params, saved["weights"]):
+                p.copy_(w)
+        session.optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"] is not None:
+            acc.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+
+
+def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
+    """The first micro-batches of epoch 0, and the seconds each took to load and collate."""
+    m = session.params.train.micro_batch_size
+    order = epoch_order(len(session.data.pairs), session.params.run.seed, 0)
+    batches, seconds = [], []
+    for k in range(max(PROBE_MICRO_BATCHES, 2)):
+        idx = order[(k * m) % len(order):][:m]
+        t0 = time.perf_counter()
+        batches.append(session.data.collator([session.data.dataset[int(i)] for i in idx]))
+        seconds.append(time.perf_counter() - t0)
+    return batches, seconds
+
+
+def _time_micro_batches(session: TrainSession, batches: list[dict]) -> list[float]:
+    """Seconds of forward + backward per micro-batch (each as its own step's only micro-batch)."""
+    seconds = []
+    for batch in batches:
+        batch = session.to_device(batch)
+        t0 = time.perf_counter()
+        n_tokens, _ = count_step(session, [batch])
+        forward_backward(session, [batch], n_tokens)
+        _sync(session)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def _time_optimizer_step(session: TrainSession) -> tuple[float, bool]:
+    """(seconds of clip + AdamW step, whether the GradScaler skipped it)."""
+    acc, t = session.accelerator, session.params.train
+    t0 = time.perf_counter()
+    acc.clip_grad_norm_(session.trainable_params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+    session.optimizer.step()
+    skipped = acc.optimizer_step_was_skipped   # fp16: the scaler's first scale may overflow
+    session.optimizer.zero_grad(set_to_none=True)
+    _sync(session)
+    return time.perf_counter() - t0, skipped
+
+
+def estimate_eval_seconds(session: TrainSession, micro_s: float) -> float:
+    """Validation time: loss forwards (≈ a third of forward+backward) + a short timed generate."""
+    import torch
+
+    t, g = session.params.train, session.params.generation
+    records = session.data.val_records
+    n_pairs = sum(len(r["captions"]) for r in records)
+    loss_s = math.ceil(n_pairs / t.micro_batch_size) * micro_s / 3
+    n = min(len(records), g.batch_size, 8)
+    samples = [{"image": load_image(resolve_image_path(session.params.images_dir, r["file_name"]))}
+               for r in records[:n]]
+    batch = session.to_device(CaptionCollator(session.processor, session.prompt, "left", prompt_only=True)(samples))
+    model, rng = session.model, rng_state()
+    model.eval()
+    try:
+        with torch.no_grad(), session.accelerator.autocast():
+            t0 = time.perf_counter()
+            model.generate(**batch, max_new_tokens=EVAL_PROBE_TOKENS, min_new_tokens=EVAL_PROBE_TOKENS,
+                           do_sample=False)
+            _sync(session)
+            gen_s = time.perf_counter() - t0
+    finally:
+        model.train()
+        set_rng_state(rng)
+    per_batch = gen_s / EVAL_PROBE_TOKENS * g.max_new_tokens   # a batch of up to g.batch_size images
+    return loss_s + math.ceil(len(records) / max(n, 1)) * per_batch
+
+
+def _count_evals(total_steps: int, start_step: int, every: int) -> int:
+    """Validations between ``start_step`` and ``total_steps``: every ``every`` steps and at the last."""
+    n = total_steps // every - start_step // every
+    return n + int(total_steps % every != 0 and total_steps > start_step)
+
+
+def probe(session: TrainSession, session_hours: Optional[float] = None, start_step: int = 0) -> dict:
+    """Time a few real micro-batches (forward + backward) and one optimizer step, measure peak memory,
+    estimate the run's duration; the run's state is restored afterwards."""
+    import torch
+
+    acc, t = session.accelerator, session.params.train
+    with training_state_restored(session) as saved:
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        batches, collate_times = _collate_probe_batches(session)
+        step_times = _time_micro_batches(session, batches)
+        opt_time, step_skipped = _time_optimizer_step(session)
+        peak, peak_kind = peak_memory(acc)
+        if step_skipped and peak is not None and not saved["optimizer"]["state"]:
+            peak += 2 * 4 * session.trainable / 2**30       # AdamW's two fp32 moments, never allocated
+            peak_kind += " + AdamW state (computed: the probe step was skipped by the GradScaler)"
+
+    micro_s = float(np.median(step_times[1:]))
+    collate_s = float(np.median(collate_times))
+    if session.num_workers == 0:      # collation runs in line with compute
+        step_s = session.accum * (micro_s + collate_s) + opt_time
+    else:                             # loader workers collate while the GPU computes
+        step_s = session.accum * max(micro_s, collate_s / session.num_workers) + opt_time
+    remaining = max(0, session.total_steps - start_step)
+    eval_s = estimate_eval_seconds(session, micro_s) if session.eval_enabled else 0.0
+    n_evals = _count_evals(session.total_steps, start_step, t.eval_every) if session.eval_enabled else 0
+    eta_s = remaining * step_s + n_evals * eval_s
+    info = {
+        "device": str(acc.device), "processes": session.world, "precision": precision_name(session.dtype),
+        "mixed_precision": acc.mixed_precision, "method": session.params.train_method,
+        "load_in_4bit": session.load_in_4bit,
+        "trainable_params": session.trainable, "total_params": session.total,
+        "trainable_share": session.trainable / max(session.total, 1),
+        "n_train_pairs": len(session.data.pairs), "n_train_images": session.data.n_images,
+        "skipped_pairs": session.data.skipped,
+        "micro_batch_size": t.micro_batch_size, "accumulation_steps": session.accum,
+        "effective_batch_size": t.effective_batch_size, "steps_per_epoch": session.steps_per_epoch,
+        "total_steps": session.total_steps, "schedule_steps": session.schedule_steps, "start_step": start_step,
+        "probe_micro_batch_s": micro_s, "probe_collate_s": collate_s, "probe_optimizer_step_s": opt_time,
+        "step_s": step_s, "samples_per_s": t.effective_batch_size / step_s,
+        "eval_s_each": eval_s, "n_evals": n_evals,
+        "peak_memory_gib": peak, "peak_memory_kind": peak_kind,
+        "eta_s": eta_s, "eta_h": eta_s / 3600,
+    }
+    info["cost_model_t4"] = _t4_cost(session, batches, remaining * t.effective_batch_size)
+    info.update(fit_check(session.params, info, session_hours, session.data.n_images))
+    return info
+
+
+def _t4_cost(session: TrainSession, batches: list[dict], n_samples: int) -> dict:
+    """The cost model's estimate for this run on a T4, from the probe batches' real lengths."""
+    seq = float(np.mean([b["input_ids"].shape[1] for b in batches]))
+    patches = float(np.mean([float(b["image_grid_thw"].prod(-1).float().mean()) for b in batches]))
+    return cost_estimate(model_flops_per_sample(session.model, seq, patches), n_samples)
+
+
+def _default_session_hours() -> Optional[float]:
+    """3 h on a (free) T4, 12 h elsewhere in Colab, None outside Colab."""
+    try:
+        from ..colab import gpu_info, in_colab
+        if "T4" in (gpu_info().get("gpu") or ""):
+            return COLAB_FREE_T4_USABLE_HOURS
+        if in_colab():
+            return COLAB_SESSION_MAX_HOURS
+    except Exception:
+        pass
+    return None
+
+
+def fit_check(params: Any, info: dict, session_hours: Optional[float], n_images: int) -> dict:
+    """Warn when the ETA exceeds a Colab session; suggest params that would fit."""
+    if session_hours is None:
+        session_hours = _default_session_hours()
+    out: dict[str, Any] = {"session_hours": session_hours, "fits_session": None, "warning": None,
+                           "suggestions": {}}
+    if session_hours is None:
+        return out
+    budget, eta = session_hours * 3600, info["eta_s"]
+    out["fits_session"] = eta <= budget
+    if eta <= budget:
+        return out
+    f = 0.9 * budget / eta
+    t, m = params.train, params.model
+    sugg: dict[str, Any] = {}
+    if not t.max_steps:
+        sugg["data.train_subset"] = max(1, int(n_images * f))
+        sugg["train.epochs"] = round(max(0.01, t.epochs * f), 2)
+    sugg["train.max_steps"] = max(1, int(info["total_steps"] * f))
+    px = 28 * 28   # one merged image token
+    new_max = max(m.min_pixels, int(m.max_pixels * f) // px * px)
+    if f >= 0.5 and new_max < m.max_pixels:   # rough (text tokens and fixed costs remain): only small cuts
+        sugg["model.max_pixels"] = new_max
+    out["suggestions"] = sugg
+    alts = ", ".join(f"{k}: {v}" for k, v in sugg.items())
+    out["warning"] = (f"⚠ this run needs about {eta / 3600:.1f} h on this hardware, more than the "
+                      f"{session_hours:g} h a {'free T4 ' if session_hours == COLAB_FREE_T4_USABLE_HOURS else ''}"
+                      f"Colab session can be counted on. Any ONE of these would fit (max_pixels only roughly: time "
+                      f"is not exactly proportional to image tokens): {alts}. Or keep the params and resume in the "
+                      f"next session: checkpoints every train.save_every={t.save_every} steps.")
+    return out
+
+
+def plan(params: Any, *, session_hours: Optional[float] = None) -> dict:
+    """Load the model and data as :func:`~jpcap_helpers.train.train` would and run timed probe steps:
+    trainable parameter count, measured peak memory, ETA for the whole run on this hardware and, when
+    it would not fit a Colab session (``session_hours``; default: 3 h on a T4, 12 h elsewhere in Colab,
+    no limit outside Colab), a warning with params that would fit. Changes nothing on disk."""
+    session = open_session(params)
+    try:
+        return probe(session, session_hours)
+    finally:
+        session.close()
+
+
+def format_plan(info: dict) -> str:
+    """A few human lines for a plan dict."""
+    mem = "n/a" if info["peak_memory_gib"] is None else f"{info['peak_memory_gib']:.2f} GiB ({info['peak_memory_kind']})"
+    lines = [
+        f"train: {info['method']} on {info['device']} ×{info['processes']} · {info['precision']} "
+        f"(mixed precision: {info['mixed_precision']}) · 4-bit: {info['load_in_4bit']}",
+        f"trainable params: {info['trainable_params']:,} of {info['total_params']:,} "
+        f"({100 * info['trainable_share']:.2f}%)",
+        f"data: {info['n_train_pairs']:,} pairs / {info['n_train_images']:,} images · "
+        f"{info['steps_per_epoch']} steps/epoch · {info['total_steps']} steps of {info['effective_batch_size']} "
+        f"(micro-batch {info['micro_batch_size']} × {info['accumulation_steps']} accumulation)",
+        f"probe: {info['step_s']:.3f} s/step ({info['samples_per_s']:.1f} samples/s) · peak memory {mem}",
+        f"ETA: {info['eta_h']:.2f} h for steps {info['start_step']}→{info['total_steps']}"
+        + (f" incl. {info['n_evals']} validations of ~{info['eval_s_each']:.0f} s" if info['n_evals'] else ""),
+    ]
+    cost = info.get("cost_model_t4")
+    if cost:
+        lines.append(f"cost model: {cost['tflop_per_sample']:.2f} TFLOP per caption → on a free T4 "
+                     f"(≈ {T4_EFFECTIVE_TFLOPS:g} TFLOP/s effective, estimated) ≈ {cost['samples_per_s']:.1f} "
+                     f"captions/s, ≈ {cost['hours']:.2f} h of training for this run")
+    if info.get("schedule_steps", info["total_steps"]) != info["total_steps"]:
+        lines.append(f"resumed run shortened: stops at step {info['total_steps']} of the "
+                     f"{info['schedule_steps']}-step learning-rate schedule it started with")
+    if info.get("skipped_pairs"):
+        lines.append(f"skipped: {info['skipped_pairs']}")
+    if info.get("warning"):
+        lines.append(info["warning"])
+    return "\n".join(lines)

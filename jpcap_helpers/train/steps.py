@@ -1,0 +1,91 @@
+"""One optimizer step, in the pieces the loop (and the plan's probe) calls: count the step's target
+tokens, forward + backward over its micro-batches, clip and step; plus the inf/NaN guard."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional
+
+from .batches import IGNORE_INDEX
+from .errors import TrainError
+
+__all__ = ["MAX_CONSECUTIVE_NONFINITE", "count_step", "forward_backward", "clip_and_step", "guard_non_finite"]
+
+# Abort after this many optimizer steps in a row whose loss (or, without a GradScaler, gradient)
+# was inf/NaN; single bad steps are skipped and counted.
+MAX_CONSECUTIVE_NONFINITE = 20
+SKIP_COUNTERS = {"non-finite loss": "non_finite_loss_steps", "non-finite gradient": "non_finite_grad_steps"}
+NON_FINITE = tuple(SKIP_COUNTERS)
+
+
+def count_step(session: Any, micro_batches: list[dict], missing: int = 0) -> tuple[float, int]:
+    """(target tokens of the whole step, samples skipped for a missing image) over every process."""
+    import torch
+
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    counts = torch.tensor([float(local), float(missing)], device=session.accelerator.device)
+    if session.world > 1:
+        counts = session.accelerator.reduce(counts, "sum")
+    return max(float(counts[0]), 1.0), int(counts[1])
+
+
+def forward_backward(session: Any, micro_batches: list[dict], n_tokens: float) -> tuple[Any, bool]:
+    """Backward over the step's micro-batches, each scaled so the step's gradient is the mean over all
+    its ``n_tokens``; returns (summed loss of this process, whether every loss was finite)."""
+    import torch
+
+    acc, world = session.accelerator, session.world
+    total = torch.zeros((), device=acc.device)
+    finite_all = True
+    for j, batch in enumerate(micro_batches):
+        sync = j == len(micro_batches) - 1   # DDP: gradients are averaged once per step
+        with contextlib.nullcontext() if sync else acc.no_sync(session.loss_module):
+            with acc.autocast():
+                loss_sum, _ = session.loss_module(batch)
+            bad = (~torch.isfinite(loss_sum.detach())).float()
+            if world > 1:
+                bad = acc.reduce(bad, "sum")
+            if float(bad) > 0:
+                finite_all = False
+                if world > 1:   # DDP: every forward needs its backward; the step is skipped anyway
+                    acc.backward(torch.nan_to_num(loss_sum, 0.0, 0.0, 0.0) * 0.0)
+                continue
+            acc.backward(loss_sum * (world / n_tokens))
+            total = total + loss_sum.detach().float()
+    return total, finite_all
+
+
+def clip_and_step(session: Any, finite: bool) -> tuple[Optional[float], Optional[str]]:
+    """Clip gradients and step the optimizer unless the step must be skipped; zero the gradients.
+    Returns (gradient norm, why the step was skipped or None)."""
+    acc, t = session.accelerator, session.params.train
+    grad_norm, skipped = None, None
+    if not finite:
+        skipped = "non-finite loss"
+    else:
+        gn = acc.clip_grad_norm_(session.trainable_params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        grad_norm = float(gn) if gn is not None else None
+        if acc.scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
+            skipped = "non-finite gradient"
+        else:
+            session.optimizer.step()
+            if acc.optimizer_step_was_skipped:
+                skipped = "fp16 overflow (GradScaler lowered the scale)"
+    session.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+def guard_non_finite(counters: dict, skipped: Optional[str], step: int, limit: int, checkpoints: Any) -> None:
+    """Count a skipped step by kind; stop with a TrainError after ``limit`` non-finite steps in a row."""
+    if skipped:
+        counters[SKIP_COUNTERS.get(skipped, "overflow_steps")] += 1
+    if skipped not in NON_FINITE:
+        counters["consecutive_non_finite"] = 0
+        return
+    counters["consecutive_non_finite"] += 1
+    if counters["consecutive_non_finite"] >= limit:
+        raise TrainError(
+            f"training stopped at step {step}: {counters['consecutive_non_finite']} optimizer steps in a row had "
+            f"a non-finite (inf/NaN) {skipped.split()[-1]}. On a T4 this is usually fp16 overflow (Qwen is "
+            "fp16-fragile): lower train.learning_rate, keep train.max_grad_norm at 1.0, or use a GPU with bf16; "
+            f"the run resumes from its last checkpoint in {checkpoints}")
