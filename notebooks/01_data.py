@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 01 · Data: STAIR Captions in-domain, YJ Captions out-of-domain
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR-ACCOUNT/jpcap/blob/main/notebooks/01_data.ipynb)
+#
 # **STAIR Captions v1.2** gives about five Japanese captions for each MS-COCO 2014 image; it is our
 # in-domain data: *train* comes from STAIR train, *val* and *test* are carved from STAIR val by image id.
 # **YJ Captions 26k** (Yahoo! Japan) captions COCO images too, in another style: our out-of-domain test.
@@ -13,27 +15,27 @@
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
-run_name = "smoke"
+run_name = None                          # None: run.name of the params file
 overrides = {}                           # e.g. {"train.lora_rank": 8}
-jpcap_git_url = "https://github.com/YOUR-ACCOUNT/jpcap.git"  # Colab only: where to clone jpcap from
 
 # %% [markdown]
 # ### Setup
-# In Colab this installs jpcap first (clone + `pip install`); elsewhere it is already installed
-# (`make demo` / `pip install -e .`). Then it validates the params file — an unknown key or a wrong
-# type stops here, before any model or data loads — writes the resolved params into the run folder
-# and reports the GPU and the precision it implies.
+# On Colab the first cell installs jpcap (a fresh runtime has only Colab's packages); elsewhere it is
+# installed already (`make demo` / `pip install -e .`). `setup` then validates the params — an unknown
+# key, a wrong type or an out-of-range value stops here, before any model or data loads — mounts Drive
+# and checks the persistent folder when the params ask for them, writes the resolved params into the
+# run folder and reports the GPU and the precision it implies (bf16 only where the GPU has it natively;
+# fp16 on a T4).
 
 # %%
 import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: fetch and install the project
+if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: clone and install jpcap once per runtime
     if not os.path.isdir("/content/jpcap"):
-        subprocess.run(["git", "clone", "-q", jpcap_git_url, "/content/jpcap"], check=True)
+        subprocess.run(["git", "clone", "-q", "https://github.com/YOUR-ACCOUNT/jpcap", "/content/jpcap"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/jpcap[quant]"], check=True)
     os.chdir("/content/jpcap/notebooks")
-from jpcap_helpers import colab, params as jp_params
-P = jp_params.start_run(params_file, run_name, overrides)
-env = colab.report_environment(P)
+import jpcap_helpers
+P = jpcap_helpers.setup(params_file, run_name, overrides)
 
 # %% [markdown]
 # ## 1. Raw data
@@ -41,7 +43,8 @@ env = colab.report_environment(P)
 # those the chosen subsets need. `source: jp-shapes` generates the synthetic set (deterministic, seeded).
 
 # %%
-from jpcap_helpers import data, reports
+from jpcap_helpers import data, models
+from jpcap_helpers.analysis import reports
 raw = data.fetch_raw(P)
 raw
 
@@ -50,10 +53,13 @@ raw
 # One normaliser for training captions, references and predictions: NFKC (full-width ASCII → half-width,
 # half-width kana → full-width), unified punctuation, emoji and control characters removed, spaces between
 # Japanese characters removed, captions truncated to `max_caption_tokens` model tokens, empty ones dropped.
-# Unreadable images are skipped and counted with their reason. Every count lands in `report.json`.
+# Unreadable images, and names that would lead outside the images folder, are skipped and counted with
+# their reason. Every count lands in `report.json`. The model's tokenizer counts the tokens; the model's
+# image rule rejects shapes its processor cannot take.
 
 # %%
-report = data.prepare_from_params(P)
+tokenizer = models.load_tokenizer(P)
+report = data.prepare_from_params(P, tokenizer, reject=models.processor_rejection)
 data.report_tables(report)["splits"]
 
 # %%
@@ -69,7 +75,7 @@ tables["skipped"]
 # (what `max_caption_tokens` counts).
 
 # %%
-stats = data.caption_statistics(P)
+stats = data.caption_statistics(P, tokenizer)
 reports.length_histograms(stats["mecab_lengths"], "MeCab words per caption", "Caption length (words)");
 
 # %%

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 02 · Zero-shot captioning
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR-ACCOUNT/jpcap/blob/main/notebooks/02_zero_shot.ipynb)
+#
 # Every model in `zero_shot.models` captions the test splits (`test`: STAIR, in-domain; `yj_test`: YJ,
 # out-of-domain) with its own Japanese prompt in its own format (Qwen chat template, PaliGemma's
 # `caption ja`, ...). Generation is batched and greedy by default: Qwen2-VL / Qwen2.5-VL through the
@@ -15,31 +17,42 @@
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
-run_name = "smoke"
+run_name = None                          # None: run.name of the params file
 overrides = {}                           # e.g. {"train.lora_rank": 8}
-jpcap_git_url = "https://github.com/YOUR-ACCOUNT/jpcap.git"  # Colab only: where to clone jpcap from
 
 # %% [markdown]
 # ### Setup
-# In Colab this installs jpcap first (clone + `pip install`); elsewhere it is already installed
-# (`make demo` / `pip install -e .`). Then it validates the params file — an unknown key or a wrong
-# type stops here, before any model or data loads — writes the resolved params into the run folder
-# and reports the GPU and the precision it implies.
+# On Colab the first cell installs jpcap (a fresh runtime has only Colab's packages); elsewhere it is
+# installed already (`make demo` / `pip install -e .`). `setup` then validates the params — an unknown
+# key, a wrong type or an out-of-range value stops here, before any model or data loads — mounts Drive
+# and checks the persistent folder when the params ask for them, writes the resolved params into the
+# run folder and reports the GPU and the precision it implies (bf16 only where the GPU has it natively;
+# fp16 on a T4).
 
 # %%
 import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: fetch and install the project
+if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: clone and install jpcap once per runtime
     if not os.path.isdir("/content/jpcap"):
-        subprocess.run(["git", "clone", "-q", jpcap_git_url, "/content/jpcap"], check=True)
+        subprocess.run(["git", "clone", "-q", "https://github.com/YOUR-ACCOUNT/jpcap", "/content/jpcap"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/jpcap[quant]"], check=True)
     os.chdir("/content/jpcap/notebooks")
-from jpcap_helpers import colab, params as jp_params
-P = jp_params.start_run(params_file, run_name, overrides)
-env = colab.report_environment(P)
+import jpcap_helpers
+P = jpcap_helpers.setup(params_file, run_name, overrides)
+
+# %% [markdown]
+# ## The models
+# The registry says where each model comes from, its licence, whether it saw STAIR in training (then its
+# STAIR score is not zero-shot) and how it fits a T4. Gated models (PaliGemma, Japanese Stable VLM) need
+# their licence accepted on the hub and a login: the next cell uses the Colab secret `HF_TOKEN` (🔑 in
+# the sidebar) or asks for a token; it does nothing when no model of this run is gated.
 
 # %%
-from jpcap_helpers import engine, models, reports
+from jpcap_helpers import engine, models
+from jpcap_helpers.analysis import reports
 models.registry_table()
+
+# %%
+jpcap_helpers.session.login_for_gated_models(P)
 
 # %%
 summary = engine.run_zero_shot(P)

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 04 · Evaluation: BLEU-4, ROUGE-L, CIDEr with confidence intervals
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR-ACCOUNT/jpcap/blob/main/notebooks/04_eval.ipynb)
+#
 # References and predictions go through the same normaliser, are segmented by MeCab (fugashi +
 # unidic-lite, surface forms, punctuation dropped) and scored with pycocoevalcap's BLEU, ROUGE-L and
 # CIDEr-D directly — its own PTBTokenizer cannot segment Japanese, and METEOR/SPICE are English-only.
@@ -12,32 +14,40 @@
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
-run_name = "smoke"
+run_name = None                          # None: run.name of the params file
 overrides = {}                           # e.g. {"train.lora_rank": 8}
-jpcap_git_url = "https://github.com/YOUR-ACCOUNT/jpcap.git"  # Colab only: where to clone jpcap from
 
 # %% [markdown]
 # ### Setup
-# In Colab this installs jpcap first (clone + `pip install`); elsewhere it is already installed
-# (`make demo` / `pip install -e .`). Then it validates the params file — an unknown key or a wrong
-# type stops here, before any model or data loads — writes the resolved params into the run folder
-# and reports the GPU and the precision it implies.
+# On Colab the first cell installs jpcap (a fresh runtime has only Colab's packages); elsewhere it is
+# installed already (`make demo` / `pip install -e .`). `setup` then validates the params — an unknown
+# key, a wrong type or an out-of-range value stops here, before any model or data loads — mounts Drive
+# and checks the persistent folder when the params ask for them, writes the resolved params into the
+# run folder and reports the GPU and the precision it implies (bf16 only where the GPU has it natively;
+# fp16 on a T4).
 
 # %%
 import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: fetch and install the project
+if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: clone and install jpcap once per runtime
     if not os.path.isdir("/content/jpcap"):
-        subprocess.run(["git", "clone", "-q", jpcap_git_url, "/content/jpcap"], check=True)
+        subprocess.run(["git", "clone", "-q", "https://github.com/YOUR-ACCOUNT/jpcap", "/content/jpcap"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/jpcap[quant]"], check=True)
     os.chdir("/content/jpcap/notebooks")
-from jpcap_helpers import colab, params as jp_params
-P = jp_params.start_run(params_file, run_name, overrides)
-env = colab.report_environment(P)
+import jpcap_helpers
+P = jpcap_helpers.setup(params_file, run_name, overrides)
 
 # %%
-from jpcap_helpers import evaluate, reports
+from jpcap_helpers import evaluate
+from jpcap_helpers.analysis import reports
 metrics = evaluate.evaluate_run(P)
 evaluate.results_table(metrics)
+
+# %% [markdown]
+# How to read it: one row per system and split; the bracket is the 95% bootstrap interval over images.
+# Two systems whose intervals overlap widely are not shown apart by this test set; the paired test below
+# is the sharper comparison. Rows flagged as trained on STAIR are not zero-shot on `test`. `yj_test` is
+# out-of-domain (other captioners, another style): a gap between the two splits is the price of domain
+# shift, not noise.
 
 # %%
 reports.bar_chart_with_ci(metrics, x="system", y="CIDEr", lo="CIDEr_lo", hi="CIDEr_hi", hue="split",
@@ -48,3 +58,24 @@ reports.bar_chart_with_ci(metrics, x="system", y="CIDEr", lo="CIDEr_lo", hi="CID
 
 # %%
 evaluate.paired_tests(P, metrics)
+
+# %% [markdown]
+# A positive difference whose interval excludes 0 (p < 0.05) means fine-tuning beat the zero-shot model on
+# that split for these images; an interval across 0 means this test set cannot tell them apart.
+
+# %% [markdown]
+# ## Share the adapter
+# The adapter with a generated model card (base model and revision, data and splits, training params, the
+# table above with CIs, contamination notes, licences, intended use, failure-case flags when 06 ran).
+# `stage` writes what would be uploaded into the run folder; `push` (or `jpcap push --adapter DIR
+# --repo-id NAME`) uploads it after a Hugging Face login.
+
+# %%
+from jpcap_helpers import publish
+adapter_dir = P.run_dir / "adapter"
+if (adapter_dir / "adapter_config.json").exists():
+    staged = publish.stage(adapter_dir, repo_id="your-name/jpcap-adapter", out_dir=P.run_dir / "hub_upload")
+    print((staged / "README.md").read_text(encoding="utf-8")[:1200])
+    # publish.push(adapter_dir, repo_id="your-name/jpcap-adapter")   # after jpcap_helpers.colab.hf_login()
+else:
+    print(f"no adapter in {adapter_dir}: run 03 first")

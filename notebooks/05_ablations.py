@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 05 · Ablations: LoRA rank, layer depth, projector freezing
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR-ACCOUNT/jpcap/blob/main/notebooks/05_ablations.ipynb)
+#
 # The `ablation` section of the params file names the axes: LoRA rank (`lora_rank`), how many of the top
 # language layers get LoRA (`top_k_layers`) and whether the vision→language projector trains
 # (`projector`). `one_factor` varies one axis at a time around this run's own `train` values (the base
@@ -16,27 +18,27 @@
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
-run_name = "smoke"
+run_name = None                          # None: run.name of the params file
 overrides = {}                           # e.g. {"train.lora_rank": 8}
-jpcap_git_url = "https://github.com/YOUR-ACCOUNT/jpcap.git"  # Colab only: where to clone jpcap from
 
 # %% [markdown]
 # ### Setup
-# In Colab this installs jpcap first (clone + `pip install`); elsewhere it is already installed
-# (`make demo` / `pip install -e .`). Then it validates the params file — an unknown key or a wrong
-# type stops here, before any model or data loads — writes the resolved params into the run folder
-# and reports the GPU and the precision it implies.
+# On Colab the first cell installs jpcap (a fresh runtime has only Colab's packages); elsewhere it is
+# installed already (`make demo` / `pip install -e .`). `setup` then validates the params — an unknown
+# key, a wrong type or an out-of-range value stops here, before any model or data loads — mounts Drive
+# and checks the persistent folder when the params ask for them, writes the resolved params into the
+# run folder and reports the GPU and the precision it implies (bf16 only where the GPU has it natively;
+# fp16 on a T4).
 
 # %%
 import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: fetch and install the project
+if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: clone and install jpcap once per runtime
     if not os.path.isdir("/content/jpcap"):
-        subprocess.run(["git", "clone", "-q", jpcap_git_url, "/content/jpcap"], check=True)
+        subprocess.run(["git", "clone", "-q", "https://github.com/YOUR-ACCOUNT/jpcap", "/content/jpcap"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/jpcap[quant]"], check=True)
     os.chdir("/content/jpcap/notebooks")
-from jpcap_helpers import colab, params as jp_params
-P = jp_params.start_run(params_file, run_name, overrides)
-env = colab.report_environment(P)
+import jpcap_helpers
+P = jpcap_helpers.setup(params_file, run_name, overrides)
 
 # %% [markdown]
 # ## 1. The runs
@@ -44,8 +46,7 @@ env = colab.report_environment(P)
 # (`ablation.train_max_steps`, `ablation.eval_max_images`); `status` is what is on disk already.
 
 # %%
-from IPython.display import display
-from jpcap_helpers import ablations, reports
+from jpcap_helpers.analysis import ablations
 ablations.describe_sweep(P)
 
 # %% [markdown]
@@ -66,9 +67,7 @@ pd.DataFrame(sweep_result["runs"])[["run", "status", "seconds"]]
 
 # %%
 comparison = ablations.compare(P)
-cols = ["label", "split", "n_images", "BLEU-4", "ROUGE-L", "CIDEr", "CIDEr_lo", "CIDEr_hi",
-        "trainable_params", "peak_memory_gib", "train_seconds"]
-comparison["table"][[c for c in cols if c in comparison["table"]]] if len(comparison["table"]) else comparison["missing"]
+ablations.summary_table(comparison["table"], ci=True) if len(comparison["table"]) else comparison["missing"]
 
 # %% [markdown]
 # ### Each metric against each axis

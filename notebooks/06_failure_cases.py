@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 06 · Failure cases and ethics flags
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR-ACCOUNT/jpcap/blob/main/notebooks/06_failure_cases.ipynb)
+#
 # A browser over every prediction file of this run (zero-shot and fine-tuned side by side): sort and
 # filter by per-image CIDEr, by automatic flag and by model, page through the images with their
 # references and per-image scores. The same view is exported as one static HTML page
@@ -15,27 +17,27 @@
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
-run_name = "smoke"
+run_name = None                          # None: run.name of the params file
 overrides = {}                           # e.g. {"train.lora_rank": 8}
-jpcap_git_url = "https://github.com/YOUR-ACCOUNT/jpcap.git"  # Colab only: where to clone jpcap from
 
 # %% [markdown]
 # ### Setup
-# In Colab this installs jpcap first (clone + `pip install`); elsewhere it is already installed
-# (`make demo` / `pip install -e .`). Then it validates the params file — an unknown key or a wrong
-# type stops here, before any model or data loads — writes the resolved params into the run folder
-# and reports the GPU and the precision it implies.
+# On Colab the first cell installs jpcap (a fresh runtime has only Colab's packages); elsewhere it is
+# installed already (`make demo` / `pip install -e .`). `setup` then validates the params — an unknown
+# key, a wrong type or an out-of-range value stops here, before any model or data loads — mounts Drive
+# and checks the persistent folder when the params ask for them, writes the resolved params into the
+# run folder and reports the GPU and the precision it implies (bf16 only where the GPU has it natively;
+# fp16 on a T4).
 
 # %%
 import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: fetch and install the project
+if importlib.util.find_spec("jpcap_helpers") is None:  # Colab: clone and install jpcap once per runtime
     if not os.path.isdir("/content/jpcap"):
-        subprocess.run(["git", "clone", "-q", jpcap_git_url, "/content/jpcap"], check=True)
+        subprocess.run(["git", "clone", "-q", "https://github.com/YOUR-ACCOUNT/jpcap", "/content/jpcap"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/jpcap[quant]"], check=True)
     os.chdir("/content/jpcap/notebooks")
-from jpcap_helpers import colab, params as jp_params
-P = jp_params.start_run(params_file, run_name, overrides)
-env = colab.report_environment(P)
+import jpcap_helpers
+P = jpcap_helpers.setup(params_file, run_name, overrides)
 
 # %% [markdown]
 # ## 1. The browser
@@ -44,8 +46,8 @@ env = colab.report_environment(P)
 # focus, worst CIDEr first.
 
 # %%
-from IPython.display import Markdown, display
-from jpcap_helpers import browser, flags, reports
+from IPython.display import HTML, Markdown, display
+from jpcap_helpers.analysis import browser, flags, reports
 from jpcap_helpers.io import atomic_write_text
 split = P.evaluate.splits[0]
 fb = browser.FailureBrowser.from_run(P, split=split)   # include_sweep=True adds the sweep runs' models
@@ -81,12 +83,15 @@ nouns
 
 # %% [markdown]
 # ## 3. Static export
-# Every image passing the browser's current filters, in its sort order, as one UTF-8 page with
-# base64 thumbnails and the flag-rate table on top.
+# Every image passing the browser's current filters, in its sort order (at most 500), as one UTF-8 page
+# with base64 thumbnails and the flag-rate table on top. A shorter page (the first 20) is shown here; on
+# Colab the whole page is offered for download (it is also in the run folder).
 
 # %%
-export = fb.export_html(reports_dir / "failure_cases.html", rates=rates)
-print(f"wrote {export} ({export.stat().st_size / 1024:.0f} KiB, {min(len(fb.filtered_items()), 500)} images)")
+print(fb.export_report(reports_dir / "failure_cases.html", rates=rates))
+fb.export_html(reports_dir / "failure_cases_top20.html", rates=rates, max_items=20)
+display(HTML((reports_dir / "failure_cases_top20.html").read_text(encoding="utf-8")))
+jpcap_helpers.colab.offer_download(reports_dir / "failure_cases.html")
 
 # %% [markdown]
 # ## 4. Ethics: what the flags show, and what they cannot

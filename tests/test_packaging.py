@@ -1,6 +1,5 @@
 """pyproject.toml, requirements.lock and environment.yml agree; the console script exists."""
 import tomllib
-
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

@@ -12,7 +12,6 @@ from jpcap_helpers.text import (
     truncate_to_tokens,
 )
 
-
 # --------------------------------------------------------------------------- normaliser
 
 
