@@ -62,12 +62,24 @@ tokenizer = models.load_tokenizer(P)
 report = data.prepare_from_params(P, tokenizer, reject=models.processor_rejection)
 data.report_tables(report)["splits"]
 
+# %% [markdown]
+# Each split counts images and captions; `yj_test` holds only YJ images that are no training image (the
+# leak check). Val and test come from STAIR val, disjoint by image id.
+
 # %%
 tables = data.report_tables(report)
 tables["changes"]
 
+# %% [markdown]
+# What the normaliser changed, by kind: most changes are punctuation and width; a large count of dropped
+# captions would point at a broken input file.
+
 # %%
 tables["skipped"]
+
+# %% [markdown]
+# Every skipped image with its reason (unreadable, too small, an aspect ratio the processor rejects,
+# `outside_images_root` for a name that leads out of the images folder). Nothing is dropped silently.
 
 # %% [markdown]
 # ## 3. Caption lengths
@@ -80,6 +92,10 @@ reports.length_histograms(stats["mecab_lengths"], "MeCab words per caption", "Ca
 
 # %%
 reports.length_histograms(stats["token_lengths"], "model tokens per caption", "Caption length (model tokens)");
+
+# %% [markdown]
+# Captions far below `max_caption_tokens` mean truncation touched almost none of them; the token counts
+# also set `generation.max_new_tokens` (a budget well above the longest captions wastes decoding steps).
 
 # %% [markdown]
 # ## 4. Frequent words (train, MeCab surface forms, punctuation excluded)

@@ -41,7 +41,8 @@ P = jpcap_helpers.setup(params_file, run_name, overrides)
 # %% [markdown]
 # ## Plan
 # Trainable parameters, peak memory measured on a probe step, and an ETA for the whole run on this
-# hardware — with a warning and smaller settings when it will not fit a Colab session.
+# hardware — with a warning and smaller settings when it will not fit a Colab session. The `cost model`
+# line is the arithmetic estimate for a free T4 (docs/training.md); the `probe` line is measured here.
 
 # %%
 from jpcap_helpers import engine, train
@@ -59,11 +60,20 @@ result = train.train(P)
 {k: v for k, v in result.to_dict().items() if k != "losses"}
 
 # %% [markdown]
+# `non_finite_steps_skipped` counts fp16 overflow steps the loss scaler skipped: a few at the start are
+# normal on a T4; many in a row stop the run with a message. `resumed_from_step` > 0 says this session
+# continued an earlier one.
+
+# %% [markdown]
 # ## Curves
 
 # %%
 log = train.read_train_log(P.run_dir)
 reports.line_curves(log, "step", [c for c in ("loss", "val_loss", "val_CIDEr") if c in log]);
+
+# %% [markdown]
+# Training loss should fall steadily; validation loss and CIDEr are the honest signal (unseen images).
+# Validation loss rising while training loss falls means over-fitting: fewer epochs or more data.
 
 # %% [markdown]
 # ## Captions before and after fine-tuning

@@ -80,6 +80,10 @@ comparison["figures"].get("ablation_metrics_by_axis")
 comparison["figures"].get("ablation_runs_CIDEr")
 
 # %% [markdown]
+# A setting matters when its CI clears the base run's; overlapping bars mean this sweep cannot rank them
+# (short smoke or T4 runs rank settings, they do not reach final scores).
+
+# %% [markdown]
 # ### Cost
 # From each run's `train_result.json` (else `train_plan.json`): trainable parameters, peak memory
 # (CUDA `max_memory_allocated` on a GPU, the process's peak RSS on CPU — the label says which) and
@@ -90,6 +94,10 @@ comparison["costs"]
 
 # %%
 comparison["figures"].get("ablation_cost")
+
+# %% [markdown]
+# Cost against quality: a higher rank or more layers costs parameters and memory; it is worth it only
+# where the metric plots above show a gain beyond the CI.
 
 # %% [markdown]
 # ### Paired bootstrap against the base setting

@@ -57,3 +57,48 @@ def test_notebooks_run_in_fresh_runtimes_from_the_persistent_folder(tmp_path, pr
     assert report["splits"]["test"]["images"] == 32
     assert (persist / "outputs" / "models").is_dir()            # the tiny model was built there
     assert sorted(p.name for p in params_file.parent.parent.iterdir()) == ["params"]
+
+
+def test_bad_colab_settings_fail_at_setup_before_any_work(tmp_path, project_root, monkeypatch, capsys):
+    """A persist_dir that is not writable, a Drive that does not mount, bf16 asked on a T4: one clear
+    error from the setup cell, nothing written."""
+    import sys
+    import types
+
+    import torch
+
+    from jpcap_helpers.colab import ColabError
+    from jpcap_helpers.models import ModelError
+    from jpcap_helpers.params import ParamsError
+    from jpcap_helpers.session import setup
+
+    smoke = project_root / "params" / "smoke.yaml"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ParamsError, match=r"run\.persist_dir: .*not a writable folder"):
+        setup(smoke, overrides={"run.persist_dir": str(blocker / "drive")}, report=False)
+
+    def refuse(mount_point):
+        raise RuntimeError("mount failed: credential propagation was unsuccessful")
+
+    colab_pkg = types.ModuleType("google.colab")
+    colab_pkg.drive = types.SimpleNamespace(mount=refuse)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab_pkg)
+    with pytest.raises(ColabError, match="Google Drive did not mount.*credential propagation"):
+        setup(smoke, overrides={"run.mount_drive": True, "run.persist_dir": str(tmp_path / "d")}, report=False)
+    monkeypatch.delitem(sys.modules, "google.colab")
+
+    # a T4: compute capability 7.5, and torch saying bf16 is "supported" (emulated)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr("jpcap_helpers.colab.gpu_info", lambda: {"gpu": "Tesla T4", "memory_gib": 15.0,
+                                                               "compute_capability": "7.5", "count": 1})
+    with pytest.raises(ModelError, match="model.precision"):
+        setup(smoke, overrides={"model.precision": "bf16", "run.output_dir": str(tmp_path / "o")})
+    capsys.readouterr()
+    setup(smoke, overrides={"run.output_dir": str(tmp_path / "o")})     # auto on a T4
+    out = capsys.readouterr().out
+    assert "compute capability 7.5, native bf16 no" in out and "precision: float16" in out
+    assert not (tmp_path / "d").exists()

@@ -133,15 +133,23 @@ def adapter_load_in_4bit(params: Any, adapter: str | Path) -> bool:
     return recorded
 
 
+def _source(params: Any, name: Optional[str]) -> tuple[ModelEntry, str, dict]:
+    """(registry entry, path or hub id, revision/remote-code kwargs) of ``name``; builds the tiny model."""
+    name = name or params.model.name
+    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    kwargs = _hub_kwargs(params, entry)
+    if entry.key == TINY_KEY:
+        ensure_tiny_model(params)
+    return entry, model_path(params, name), kwargs
+
+
 def load_processor(params: Any, name: Optional[str] = None) -> Any:
     """The model's processor, with its family's extra arguments (Qwen families: ``model.min_pixels`` /
     ``max_pixels`` as their image size bounds; PaliGemma and others keep their own input size)."""
     from transformers import AutoProcessor
 
-    name = name or params.model.name
-    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
-    kwargs = {**_hub_kwargs(params, entry), **family_module(entry.family).processor_kwargs(params)}
-    path = model_path(params, name)
+    entry, path, kwargs = _source(params, name)
+    kwargs.update(family_module(entry.family).processor_kwargs(params))
     with hub_errors(entry, path):
         return AutoProcessor.from_pretrained(path, **kwargs)
 
@@ -159,11 +167,7 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention, use_linear_patch_embed
 
     name = name or params.model.name
-    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
-    kwargs = _hub_kwargs(params, entry)
-    if entry.key == TINY_KEY:
-        ensure_tiny_model(params)
-    path = model_path(params, name)
+    entry, path, kwargs = _source(params, name)
     dtype = choose_dtype(params.model.precision)
     if load_in_4bit is not None:
         quant = load_in_4bit
@@ -208,11 +212,6 @@ def load_tokenizer(params: Any, name: Optional[str] = None) -> Any:
     """The model's tokenizer (what ``data.max_caption_tokens`` counts); builds the tiny model offline."""
     from transformers import AutoTokenizer
 
-    name = name or params.model.name
-    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
-    kwargs = _hub_kwargs(params, entry)
-    if entry.key == TINY_KEY:
-        ensure_tiny_model(params)
-    path = model_path(params, name)
+    entry, path, kwargs = _source(params, name)
     with hub_errors(entry, path):
         return AutoTokenizer.from_pretrained(path, **kwargs)
