@@ -149,9 +149,39 @@ def load_processor(params: Any, name: Optional[str] = None) -> Any:
     from transformers import AutoProcessor
 
     entry, path, kwargs = _source(params, name)
+    ported = _ported(entry)
+    if ported is not None:
+        with hub_errors(entry, path):
+            return ported.load_processor(entry, path, revision=kwargs.get("revision"))
     kwargs.update(family_module(entry.family).processor_kwargs(params))
     with hub_errors(entry, path):
         return AutoProcessor.from_pretrained(path, **kwargs)
+
+
+def _ported(entry: ModelEntry) -> Any:
+    """The family module when the family is ported in this package (it provides ``load_model`` /
+    ``load_processor``, e.g. :mod:`.llava_jp`) rather than loaded through transformers' Auto classes."""
+    module = family_module(entry.family)
+    return module if hasattr(module, "load_model") else None
+
+
+def _load_ported(module: Any, entry: ModelEntry, path: str, revision: Optional[str], dtype: Any, quant: bool,
+                 adapter: Optional[str], for_training: bool) -> tuple[Any, Any, ModelEntry]:
+    """A ported family: full or half precision only, captioning only (no 4-bit, adapters or training)."""
+    import torch
+
+    if quant or adapter or for_training:
+        what = "4-bit loading" if quant else "adapters" if adapter else "fine-tuning"
+        raise ModelError(f"{entry.key}: {what} is not supported for this ported model (captioning only): "
+                         "set model.load_in_4bit: false (it fits a T4 in fp16) and use it zero-shot")
+    with hub_errors(entry, path):
+        model, processor = module.load_model(entry, path, dtype, revision=revision)
+    if torch.cuda.is_available():
+        model = model.to(f"cuda:{torch.cuda.current_device()}")
+    model.eval()
+    model.jpcap_commit = getattr(model, "jpcap_commit", None) or revision
+    model.jpcap_compile = False
+    return model, processor, entry
 
 
 def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optional[bool] = None,
@@ -176,6 +206,9 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     kwargs["dtype"] = dtype
     if params.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = params.model.attn_implementation
+    ported = _ported(entry)
+    if ported is not None:
+        return _load_ported(ported, entry, path, kwargs.get("revision"), dtype, quant, adapter, for_training)
     if quant:
         kwargs["quantization_config"] = quantization_config(dtype)
         # one GPU per process: under accelerate/torchrun each rank loads onto its own device

@@ -82,9 +82,11 @@ def _register(entry: ModelEntry) -> None:
 _register(ModelEntry(
     key="tiny-qwen2-vl", hub_id="(built locally)", revision=None, family="qwen2_vl", loader="native",
     params_b=0.0, prompt=CAPTION_PROMPT_JA, licence="Apache-2.0 (this project)", trained_on_stair=False,
-    contamination_note="random init, trained here only on synthetic jp-shapes",
-    t4_recipe="fp32 on CPU; any", run_here="built, trained and evaluated offline in tests and the demo",
-    notes="Qwen2-VL architecture at toy size; its captions mean nothing before fine-tuning.",
+    contamination_note=("built here; with model.tiny.pretrain_steps > 0 pretrained here on another caption "
+                        "style of the toy world (fresh images, no jp-shapes image or template), else random init"),
+    t4_recipe="fp32 on CPU; any", run_here="built, pretrained, trained and evaluated offline in tests and the demo",
+    notes=("Qwen2-VL architecture at toy size; pretrained (smoke.yaml) its zero-shot captions name shapes and "
+           "colours in the wrong style, random-init they mean nothing before fine-tuning."),
 ))
 _register(ModelEntry(
     key="qwen2-vl-2b-instruct", hub_id="Qwen/Qwen2-VL-2B-Instruct",
@@ -123,16 +125,19 @@ _register(ModelEntry(
     run_here='tiny config: load + batched generate in tests; no real checkpoint'))
 _register(ModelEntry(
     key="llava-jp-1.3b", hub_id="toshi456/llava-jp-1.3b-v1.1", revision=None, family="llava_jp",
-    loader="remote_code", params_b=1.86,
+    loader="native", params_b=1.86,
     prompt="これは好奇心旺盛なユーザーと人工知能システムのチャットです。システムはユーザーの質問に親切、詳細、丁寧に答える。"
     " ユーザー: <image>\nこの画像を日本語の一文で説明してください。 システム: ",
     licence="CC-BY-NC-4.0", trained_on_stair=False,
     contamination_note="v1.1 trained on LLaVA-Pretrain-JA + LLaVA-v1.5-Instruct-620K-JA (no STAIR; v1.0 "
     "used STAIR). The instruction data covers COCO train2017 images, which include most val2014 "
     "images: images seen with other (translated) text, not STAIR captions",
-    t4_recipe="fp16", notes="needs the LLaVA-JP code base (github.com/tosiyuki/LLaVA-JP), not transformers classes",
-    run_here=("not run here: prompt building and output cleaning tested; captioning "
-              "needs its own remote code (not built)"),
+    t4_recipe="fp16", notes="ported natively (models/llava_jp_model.py: transformers SiglipVisionModel + "
+    "GPT2LMHeadModel + S2 features + image splice); no remote code; the vision tower's config comes from "
+    "mm_vision_tower (google/siglip-so400m-patch14-384, cached or a local folder)",
+    run_here=("native port: logits checked against an independent reference forward, KV-cached greedy, "
+              "batched and engine captioning tested on tiny random weights in the hub layout; "
+              "not run on the real checkpoint (no hub here)"),
 ))
 _register(ModelEntry(
     key="asagi-2b", hub_id="MIL-UT/Asagi-2B", revision=None, family="asagi", loader="remote_code",
@@ -168,10 +173,12 @@ def resolve(name: str, trust_remote_code: bool = False) -> ModelEntry:
             entry = matches[0]
         elif (Path(name) / "config.json").is_file():
             model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type", "qwen2_vl")
-            family = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "paligemma": "paligemma"}.get(
-                model_type, "qwen2_vl")
+            family = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "paligemma": "paligemma",
+                      "llava-jp": "llava_jp"}.get(model_type, "qwen2_vl")
+            # a template family's registry prompt is the whole template around the request
+            prompt = REGISTRY["llava-jp-1.3b"].prompt if family == "llava_jp" else CAPTION_PROMPT_JA
             entry = ModelEntry(key=name, hub_id=name, revision=None, family=family, loader="native",
-                               params_b=0.0, prompt=CAPTION_PROMPT_JA, licence="(local)",
+                               params_b=0.0, prompt=prompt, licence="(local)",
                                trained_on_stair=None, contamination_note="local model", t4_recipe="")
         else:
             raise ModelError(f"unknown model {name!r}: use a registry key ({', '.join(REGISTRY)}) "
