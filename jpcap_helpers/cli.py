@@ -31,11 +31,14 @@ def _params_arguments(parser: argparse.ArgumentParser, positional: bool = False)
 
 def _load(args):
     from .params import load_params, parse_overrides
+    from .session import apply_cpu_threads
 
     overrides = parse_overrides(args.overrides)
     if args.run_name:
         overrides["run.name"] = args.run_name
-    return load_params(args.params, overrides)
+    params = load_params(args.params, overrides)
+    apply_cpu_threads(params)   # commands that train or caption in this process
+    return params
 
 
 def _rank() -> int:

@@ -51,6 +51,7 @@ class RunParams:
     seed: int = _f(0, ge=0)
     mount_drive: bool = False             # Colab: mount Google Drive before using persist_dir
     persist_dir: Optional[str] = None     # everything later notebooks/sessions need lives here
+    cpu_threads: Optional[int] = _f(None, ge=1)  # torch CPU threads (torch.set_num_threads); None: torch's default
 
 
 @dataclass
@@ -84,7 +85,8 @@ class DataParams:
 
 @dataclass
 class TinyModelParams:
-    """Architecture of the offline tiny Qwen2-VL (real transformers classes, random init)."""
+    """The offline tiny Qwen2-VL (real transformers classes): architecture, then its optional pretraining
+    on another captioning task of the toy world (``pretrain_steps`` 0 = random init)."""
     hidden_size: int = _f(128, ge=8)
     intermediate_size: int = _f(256, ge=8)
     num_hidden_layers: int = _f(4, ge=1)
@@ -95,6 +97,10 @@ class TinyModelParams:
     vision_num_heads: int = _f(4, ge=1)
     tokenizer_vocab_size: int = _f(800, ge=300)
     seed: int = _f(0, ge=0)
+    pretrain_steps: int = _f(0, ge=0)                 # 0: random init; > 0: pretrained base (docs/models.md)
+    pretrain_images: int = _f(600, ge=1)              # fresh scenes (2 captions each), none from jp-shapes
+    pretrain_lr: float = _f(2e-3, gt=0, le=1)
+    pretrain_batch_size: int = _f(16, ge=1, le=4096)
 
 
 @dataclass
@@ -145,6 +151,7 @@ class TrainParams:
     effective_batch_size: int = _f(16, ge=1, le=65536)
     gradient_checkpointing: bool = True
     max_grad_norm: float = _f(1.0, gt=0)
+    label_smoothing: float = _f(0.0, ge=0, lt=1)   # of the caption loss; 0: off (validation loss never smoothed)
     eval_every: int = _f(200, ge=0)       # optimizer steps between validations (0: off)
     eval_images: int = _f(200, ge=0)
     save_every: int = _f(200, ge=0)       # 0: only the final adapter, no checkpoints

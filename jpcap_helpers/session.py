@@ -34,6 +34,19 @@ def use_persistent_folder(params: Params) -> None:
     os.environ.setdefault("HF_HOME", str(persist / "hf_cache"))
 
 
+def apply_cpu_threads(params: Params) -> Optional[int]:
+    """``torch.set_num_threads(run.cpu_threads)`` when set (None: torch's default); returns the count set.
+    On a small shared CPU one thread avoids OpenMP spin-wait thrash: measured on 2 shared cores, a
+    training step of the tiny model took 0.15 s with 1 thread and 5–7 s with 2 while other jobs ran."""
+    n = params.run.cpu_threads
+    if n is None:
+        return None
+    import torch
+
+    torch.set_num_threads(n)
+    return n
+
+
 def setup(params_file: str | os.PathLike, run_name: Optional[str] = None,
           overrides: Optional[Mapping[str, Any] | Sequence[str]] = None, report: bool = True) -> Params:
     """Validate ``params_file`` (+ overrides), prepare the runtime and the run folder; return the Params.
@@ -52,6 +65,7 @@ def setup(params_file: str | os.PathLike, run_name: Optional[str] = None,
     if params.run.persist_dir:
         use_persistent_folder(params)
     check_writable(params.run_dir, "run.output_dir")
+    apply_cpu_threads(params)
     save_resolved(params)
     colab.enable_widgets()
     if report:

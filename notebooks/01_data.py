@@ -55,7 +55,8 @@ raw
 # Japanese characters removed, captions truncated to `max_caption_tokens` model tokens, empty ones dropped.
 # Unreadable images, and names that would lead outside the images folder, are skipped and counted with
 # their reason. Every count lands in `report.json`. The model's tokenizer counts the tokens; the model's
-# image rule rejects shapes its processor cannot take.
+# image rule rejects shapes its processor cannot take. Offline, asking for the tiny model's tokenizer builds
+# the tiny model first — and pretrains it (about a minute on CPU, once; cached under `model.models_dir`).
 
 # %%
 tokenizer = models.load_tokenizer(P)

@@ -12,8 +12,11 @@
 # killed run resumes where it stopped. Failing images are recorded with their error, not fatal.
 #
 # Models trained on STAIR Captions are flagged: their "zero-shot" STAIR score is not zero-shot.
-# Offline, the tiny model is **randomly initialised**: its captions are noise, shown only to prove the
-# pipeline runs.
+# Offline, the tiny model is **pretrained here on another captioning task of the toy world** (fresh shape
+# images, captions as tags and plain sentences in a phrasing that is neither STAIR's nor YJ's; docs/models.md),
+# built and pretrained once when notebook 01 first needed it and cached under `model.models_dir`. Its
+# zero-shot captions name shapes and colours in the wrong style: weak but not zero, as a multilingual model
+# meeting STAIR would be. Loaded in 4-bit here (`model.load_in_4bit`), as the QLoRA run in 03 uses it.
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"

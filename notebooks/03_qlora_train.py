@@ -11,8 +11,10 @@
 # Qwen is fp16-fragile, so non-finite steps are skipped and counted). Checkpoints hold everything needed
 # to resume after a Colab disconnect.
 #
-# Offline, `params/smoke.yaml` trains the tiny model with LoRA **without 4-bit** (4-bit on the tiny
-# model collapsed to a single caption in our CPU budget; the tests exercise the 4-bit path).
+# Offline, `params/smoke.yaml` runs the same QLoRA path on the pretrained tiny model (see 02): its language
+# model in 4-bit NF4 through bitsandbytes on CPU, LoRA on all 4 of its layers (`train.top_k_layers: 4`),
+# the projector trainable, 900 steps. A model trained from random weights emits one or two captions for
+# its first few hundred steps, with or without 4-bit; a pretrained base starts past that (docs/training.md).
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"

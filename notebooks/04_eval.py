@@ -47,7 +47,8 @@ evaluate.results_table(metrics)
 # Two systems whose intervals overlap widely are not shown apart by this test set; the paired test below
 # is the sharper comparison. Rows flagged as trained on STAIR are not zero-shot on `test`. `yj_test` is
 # out-of-domain (other captioners, another style): a gap between the two splits is the price of domain
-# shift, not noise.
+# shift, not noise. Offline there are three rows per split: the constant-caption floor, the pretrained
+# tiny base zero-shot, and the QLoRA-adapted model (`+ft`).
 
 # %%
 reports.bar_chart_with_ci(metrics, x="system", y="CIDEr", lo="CIDEr_lo", hi="CIDEr_hi", hue="split",

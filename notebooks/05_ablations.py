@@ -13,8 +13,10 @@
 # Then every run's `metrics.csv` is collected into one table, plotted against each axis with 95% CIs, set
 # against its cost (trainable parameters, peak memory, training time) and tested against the base setting
 # with the paired bootstrap on the same images. Offline (`params/smoke.yaml`) this is a mini sweep of the
-# tiny model on jp-shapes with `ablation.train_max_steps` (120) training steps per run: it proves the
-# machinery, its numbers say nothing about Japanese captioning.
+# pretrained tiny model with QLoRA on jp-shapes: rank 8, top 2 of its 4 layers and a frozen projector
+# against the base setting (r32 · all 4 layers · projector trainable), `ablation.train_max_steps` (300)
+# steps per run. It shows the direction of each axis on toy data; docs/ablations.md says what that can
+# and cannot tell about the real ablation — nothing about Japanese captioning quality.
 
 # %% tags=["parameters"]
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"

@@ -15,10 +15,18 @@ from jpcap_helpers.evaluate import append_metrics_row
 from jpcap_helpers.params import ParamsError, load_params
 from jpcap_helpers.runner import NotebookFailed
 
+# the sweep-mechanics tests were written around a fixed base (r32 · top 2 · trainable; axes r8 and frozen,
+# 3 runs); params/smoke.yaml itself now sweeps r32 · top 4 (test_smoke_sweep_… checks it as shipped)
+MECHANICS_BASE = {"train": {"top_k_layers": 2}, "ablation": {"top_k_layers": [2], "max_runs": 3}}
 
-def write_params(tmp_path: Path, project_root: Path, ablation=None, train=None, name="base", extra=None) -> Path:
+
+def write_params(tmp_path: Path, project_root: Path, ablation=None, train=None, name="base", extra=None,
+                 as_shipped: bool = False) -> Path:
     raw = yaml.safe_load((project_root / "params" / "smoke.yaml").read_text(encoding="utf-8"))
     raw["run"]["name"] = name
+    if not as_shipped:
+        for section, values in MECHANICS_BASE.items():
+            raw[section].update(values)
     if ablation is not None:
         raw["ablation"] = ablation
     if train:
@@ -48,10 +56,11 @@ def setting(o):
 # ---- expansion ------------------------------------------------------------------------------
 
 def test_smoke_sweep_expands_one_factor_around_its_own_base(tmp_path, project_root):
-    p = load_params(write_params(tmp_path, project_root))   # smoke: r32 top 2 trainable; max_runs 3
+    p = load_params(write_params(tmp_path, project_root, as_shipped=True))   # r32 top 4 trainable; max_runs 4
     runs = ablations.expand_sweep(p)
     assert [o["run.name"] for o in runs] == [
-        "base-r32-top2-proj_trainable", "base-r8-top2-proj_trainable", "base-r32-top2-proj_frozen"]
+        "base-r32-top4-proj_trainable", "base-r8-top4-proj_trainable", "base-r32-top2-proj_trainable",
+        "base-r32-top4-proj_frozen"]
     first = runs[0]
     assert first["train.max_steps"] == p.ablation.train_max_steps and first["zero_shot.max_images"] == p.ablation.eval_max_images
     assert p.ablation.train_max_steps is not None and p.ablation.eval_max_images is not None

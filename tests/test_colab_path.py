@@ -13,7 +13,7 @@ from jpcap_helpers.params import load_params
 SHRUNK = [
     "data.toy.n_train=96", "data.toy.n_val=48", "data.toy.n_yj=24", "data.val_size=16", "data.test_size=32",
     "train.max_steps=12", "train.eval_every=12", "train.eval_images=8", "train.save_every=12",
-    "evaluate.bootstrap_samples=100",
+    "evaluate.bootstrap_samples=100", "model.tiny.pretrain_steps=8", "model.tiny.pretrain_images=16",
 ]
 
 

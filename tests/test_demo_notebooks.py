@@ -15,7 +15,10 @@ def test_all_notebooks_run_on_smoke_params(tmp_path, project_root):
         "model.models_dir": str(tmp_path / "models"),
         "data.toy.n_train": 96, "data.toy.n_val": 48, "data.toy.n_yj": 24, "data.val_size": 16, "data.test_size": 32,
         "train.max_steps": 24, "train.eval_every": 12, "train.eval_images": 8, "train.save_every": 12,
-        "ablation.train_max_steps": 6, "ablation.eval_max_images": 8, "evaluate.bootstrap_samples": 100,
+        "ablation.train_max_steps": 6, "ablation.eval_max_images": 8, "ablation.max_runs": 2,
+        "evaluate.bootstrap_samples": 100,
+        # the pretrained base and QLoRA stay on (as in the demo), pretraining shrunk
+        "model.tiny.pretrain_steps": 8, "model.tiny.pretrain_images": 16,
     }
     results = run_notebooks(project_root / "params" / "smoke.yaml", run_name="nbtest", overrides=overrides,
                             echo=lambda *_: None, progress_bar=False)
@@ -30,5 +33,8 @@ def test_all_notebooks_run_on_smoke_params(tmp_path, project_root):
     assert {"tiny-qwen2-vl", "tiny-qwen2-vl+ft", "constant-caption"} <= systems
     assert set(metrics["split"]) == {"test", "yj_test"}
     assert (run / "adapter" / "adapter_config.json").exists()
+    assert json.loads((run / "adapter" / "jpcap_train.json").read_text())["base_load_in_4bit"] is True
+    stamp = json.loads((tmp_path / "models" / "tiny-qwen2-vl" / "jpcap_tiny.json").read_text())
+    assert stamp["pretrain"]["steps"] == 8
     assert (run / "reports" / "failure_cases.html").stat().st_size > 1000
     assert (run / "reports" / "ablation_results.csv").exists()

@@ -19,7 +19,7 @@ import torch
 from jpcap_helpers import models
 from jpcap_helpers import train as T
 from jpcap_helpers.io import atomic_write_jsonl, read_jsonl
-from jpcap_helpers.params import Params
+from jpcap_helpers.params import Params, ParamsError
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -241,6 +241,33 @@ def test_fast_path_loss_equals_plain_loss(tiny, project):
         assert (s / n).item() == pytest.approx(plain, rel=1e-5)
         assert (s2 / n2).item() == pytest.approx(plain, rel=1e-5)
         assert int(n) == int((batch["labels"][:, 1:] != T.IGNORE_INDEX).sum())
+
+
+
+def test_label_smoothing_in_the_caption_loss(tiny):
+    """``train.label_smoothing``: (1-ε)·NLL + ε·(mean −log p over the vocabulary) at the caption positions."""
+    params, model, processor, entry = tiny
+    batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 3))
+    eps = 0.1
+    with torch.no_grad():
+        s0, n = T.caption_loss(model, batch)
+        s, n1 = T.caption_loss(model, batch, label_smoothing=eps)
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    sel = targets != T.IGNORE_INDEX
+    logp = torch.log_softmax(logits[sel], dim=-1)
+    nll = -logp.gather(1, targets[sel].unsqueeze(1)).squeeze(1)
+    assert float(s0) == pytest.approx(float(nll.sum()), rel=1e-5)
+    assert float(s) == pytest.approx(float(((1 - eps) * nll - eps * logp.mean(-1)).sum()), rel=1e-5)
+    assert int(n) == int(n1) == int(sel.sum())
+    with pytest.raises(ParamsError, match="train.label_smoothing"):
+        Params.from_dict({"train": {"label_smoothing": 1.0}})
+
+
+def test_label_smoothing_reaches_the_training_loop(project):
+    plain = T.train(make_params(project, "ls0", max_steps=1), resume=False)
+    smooth = T.train(make_params(project, "ls1", max_steps=1, label_smoothing=0.2), resume=False)
+    assert smooth.losses[1] != pytest.approx(plain.losses[1], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Models: the registry (:mod:`.registry`; one module per family: :mod:`.qwen_vl`, :mod:`.paligemma`,
-:mod:`.llava_jp`, :mod:`.asagi`, :mod:`.stable_vlm`), the offline tiny Qwen2-VL (:mod:`.tiny`),
+:mod:`.llava_jp`, :mod:`.asagi`, :mod:`.stable_vlm`), the offline tiny Qwen2-VL (:mod:`.tiny`, pretrained
+by :mod:`.tiny_pretrain`),
 loading (:mod:`.loading`), precision (:mod:`.precision`), image size rules (:mod:`.image_rules`) and exact-math fast paths (:mod:`.fastpath`).
 See docs/models.md."""
 import logging
@@ -32,12 +33,14 @@ from .registry import (
                       resolve,
 )
 from .tiny import TINY_KEY, build_tiny_model, ensure_tiny_model, tiny_config, tiny_model_dir, train_tiny_tokenizer
+from .tiny_pretrain import pretrain_fingerprint, pretrain_tiny_model, read_stamp
 
 __all__ = [
     "CAPTION_PROMPT_JA", "ModelEntry", "ModelError", "REGISTRY", "FAMILY_MODULES", "family_module", "resolve",
     "registry_table", "contamination_flag",
     "QWEN2_VL_CHAT_TEMPLATE", "QWEN2_VL_SPECIAL_TOKENS",
     "TINY_KEY", "train_tiny_tokenizer", "tiny_config", "build_tiny_model", "tiny_model_dir", "ensure_tiny_model",
+    "pretrain_tiny_model", "pretrain_fingerprint", "read_stamp",
     "bf16_native", "choose_dtype", "processor_rejection",
     "SKIP_QUANT_MODULES", "ADAPTER_INFO_FILE", "model_path", "pinned_revision", "quantization_config",
     "cpu_safe_4bit", "read_adapter_info", "adapter_load_in_4bit", "load_processor", "load_model", "load_tokenizer",

@@ -1,7 +1,9 @@
 """The offline tiny Qwen2-VL: built with the real transformers classes from a config, a byte-level BPE
 tokenizer trained on the toy captions (with Qwen2-VL's special tokens and chat template) and the
 real Qwen2-VL image processor, then saved so ``from_pretrained`` loads it exactly as it loads a hub
-checkpoint: both faces of the project share one code path.
+checkpoint: both faces of the project share one code path. With ``model.tiny.pretrain_steps`` > 0 the
+weights are pretrained on another captioning task of the toy world first (:mod:`.tiny_pretrain`), so the
+demo adapts a pretrained base as the real run does; with 0 they stay random.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 from ..io import atomic_write_json
 from .qwen_vl import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS
 from .registry import CAPTION_PROMPT_JA, ModelError
+from .tiny_pretrain import STAMP_FILE, architecture, pretrain_tiny_model
 
 __all__ = ["TINY_KEY", "train_tiny_tokenizer", "tiny_config", "build_tiny_model", "tiny_model_dir",
            "ensure_tiny_model"]
@@ -71,7 +74,6 @@ def tiny_config(tok: Any, spec: Any) -> Any:
 def build_tiny_model(out_dir: str | Path, caption_texts: list[str], spec: Any = None, min_pixels: int = 56 * 56,
                      max_pixels: int = 448 * 448, overwrite: bool = False) -> Path:
     """Build (or reuse) the tiny Qwen2-VL in ``out_dir``: config, random weights, tokenizer, processor."""
-    import dataclasses
     import hashlib
 
     import torch
@@ -82,9 +84,9 @@ def build_tiny_model(out_dir: str | Path, caption_texts: list[str], spec: Any = 
     spec = spec or TinyModelParams()
     out_dir = Path(out_dir)
     fingerprint = hashlib.sha256(json.dumps(
-        [dataclasses.asdict(spec), min_pixels, max_pixels, sorted(set(caption_texts))],
+        [architecture(spec), min_pixels, max_pixels, sorted(set(caption_texts))],
         ensure_ascii=False).encode()).hexdigest()[:12]
-    stamp = out_dir / "jpcap_tiny.json"
+    stamp = out_dir / STAMP_FILE
     if not overwrite and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return out_dir
 
@@ -106,21 +108,25 @@ def build_tiny_model(out_dir: str | Path, caption_texts: list[str], spec: Any = 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    atomic_write_json(stamp, {"fingerprint": fingerprint, "spec": dataclasses.asdict(spec),
+    atomic_write_json(stamp, {"fingerprint": fingerprint, "spec": architecture(spec),
                               "n_parameters": sum(p.numel() for p in model.parameters())})
     return out_dir
 
 
 def ensure_tiny_model(params: Any) -> Path:
-    """Build the tiny model for ``params`` (its tokenizer learns the jp-shapes captions)."""
+    """Build the tiny model for ``params`` (its tokenizer learns the jp-shapes captions), pretrained when
+    ``model.tiny.pretrain_steps`` > 0; cached, rebuilt only when what it depends on changes."""
     from ..data import all_caption_texts
 
     texts = all_caption_texts(params.data.root)
     if not texts:
         raise ModelError(f"no jp-shapes captions under {params.data.root}: run 01_data (or "
                          "`jpcap run --only 01`) before building the tiny model")
-    return build_tiny_model(tiny_model_dir(params), texts, params.model.tiny,
-                            params.model.min_pixels, params.model.max_pixels)
+    m = params.model
+    if m.tiny.pretrain_steps > 0:
+        return pretrain_tiny_model(tiny_model_dir(params), texts, m.tiny, m.min_pixels, m.max_pixels,
+                                   params.data.toy.image_sizes)
+    return build_tiny_model(tiny_model_dir(params), texts, m.tiny, m.min_pixels, m.max_pixels)
 
 
 def tiny_model_dir(params: Any) -> Path:

@@ -55,11 +55,13 @@ def language_forward(base: Any, batch: dict, embeds: Any, sizes: list[int],
     return inner(inputs_embeds=tok_embeds, **common)
 
 
-def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bool] = None) -> tuple[Any, Any]:
+def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bool] = None,
+                 label_smoothing: float = 0.0) -> tuple[Any, Any]:
     """Fast-path loss: ``(sum of token cross-entropies, number of target tokens)``.
 
     The ViT runs without autograd, the projector with it; hidden states go through ``lm_head`` only
-    at positions whose next token is a target, in fp32 for the cross-entropy.
+    at positions whose next token is a target, in fp32 for the cross-entropy. ``label_smoothing``
+    (``train.label_smoothing``): the target distribution puts that mass uniformly over the vocabulary.
     """
     import torch.nn.functional as F
 
@@ -70,7 +72,7 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
     targets = batch["labels"][:, 1:].to(hidden.device)
     sel = targets != IGNORE_INDEX
     logits = base.lm_head(hidden[sel]).float()
-    return F.cross_entropy(logits, targets[sel], reduction="sum"), sel.sum()
+    return F.cross_entropy(logits, targets[sel], reduction="sum", label_smoothing=label_smoothing), sel.sum()
 
 
 def plain_loss(model: Any, batch: dict) -> Any:

@@ -4,6 +4,7 @@ schedule. :func:`open_session` builds a :class:`TrainSession` step by step."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -268,12 +269,15 @@ def _step_counts(params: Any, steps_per_epoch: int, resume_from: Optional[Checkp
 def open_session(params: Any, resume_from: Optional[Checkpoint] = None,
                  loss: Callable[[Any, dict], tuple[Any, Any]] = caption_loss) -> TrainSession:
     """Accelerator, model with LoRA, data, optimizer and schedule for ``params`` (continuing
-    ``resume_from``'s pairs and LR schedule when given); the RNG is seeded per process at the end."""
+    ``resume_from``'s pairs and LR schedule when given); the RNG is seeded per process at the end.
+    ``train.label_smoothing`` > 0 applies to the default :func:`caption_loss` (validation stays unsmoothed)."""
     import torch
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     t = params.train
+    if t.label_smoothing > 0 and loss is caption_loss:
+        loss = functools.partial(caption_loss, label_smoothing=t.label_smoothing)
     _refuse_merge_of_4bit(params)
     acc, dtype = _new_accelerator(params)
     _check_batch_split(params, acc.num_processes)
