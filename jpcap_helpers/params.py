@@ -107,7 +107,9 @@ class TinyModelParams:
 class ModelParams:
     name: str = "tiny-qwen2-vl"           # a registry key (docs/models.md) or a local folder
     revision: Optional[str] = None        # overrides the registry's pinned revision
-    trust_remote_code: bool = False       # explicit opt-in for models that need remote code
+    trust_remote_code: Union[bool, list[str]] = False  # per-model opt-in to run hub code (pinned env):
+                                          # a list of registry keys / hub ids; true = model.name only
+    loads: Literal["auto", "pinned_env"] = "auto"  # pinned_env: models with a pinned recipe run there
     allow_unpinned_remote_code: bool = False  # remote code without a pinned revision (explicit risk)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     load_in_4bit: bool = False            # THE 4-bit switch: QLoRA training and 4-bit captioning

@@ -18,13 +18,12 @@ from jpcap_helpers.models import (
     QWEN2_VL_SPECIAL_TOKENS,
     REGISTRY,
     ModelError,
-    resolve,
     train_tiny_tokenizer,
 )
 
 NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma")
-PORTED_FAMILIES = ("llava_jp",)  # native ports of this package, tested in tests/test_llava_jp.py
-REMOTE_FAMILIES = ("asagi", "stable_vlm")
+PORTED_FAMILIES = ("llava_jp", "asagi")  # this package's ports: tests/test_llava_jp.py, tests/test_asagi.py
+REMOTE_FAMILIES = ("stable_vlm",)  # hub code in a pinned environment: tests/test_pinned_env.py
 HIDDEN = 64
 
 
@@ -36,7 +35,7 @@ def test_registry_covers_the_families_tested_here():
     families = {e.family for e in REGISTRY.values()}
     assert families == set(NATIVE_FAMILIES) | set(PORTED_FAMILIES) | set(REMOTE_FAMILIES)
     for e in REGISTRY.values():
-        assert (e.loader == "native") == (e.family not in REMOTE_FAMILIES), e.key
+        assert (e.loader == "pinned_env") == (e.family in REMOTE_FAMILIES), e.key
 
 
 @pytest.fixture(scope="module")
@@ -220,19 +219,10 @@ def _blank():
 # remote-code families: prompts and cleaners only (their code cannot be fetched or run here)
 # ------------------------------------------------------------------------------------------------
 
-def test_remote_code_entries_are_refused_without_opt_in():
+def test_pinned_env_entries_do_not_caption_in_this_process(tmp_path):
     for family in REMOTE_FAMILIES:
-        entry = entry_for(family)
-        with pytest.raises(ModelError, match="trust_remote_code"):
-            resolve(entry.key)
-        with pytest.raises(ModelError, match="trust_remote_code"):
-            resolve(entry.hub_id)
-        assert resolve(entry.key, trust_remote_code=True) is entry
-
-
-def test_remote_code_captioning_is_refused_clearly(tmp_path):
-    with pytest.raises(ModelError, match="remote-code"):
-        engine.caption_records(None, None, entry_for("asagi"), [], tmp_path, tmp_path / "x.jsonl")
+        with pytest.raises(ModelError, match="pinned environment"):
+            engine.caption_records(None, None, entry_for(family), [], tmp_path, tmp_path / "x.jsonl")
 
 
 def test_llava_jp_prompt_and_cleaner():

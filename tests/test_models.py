@@ -71,13 +71,28 @@ def test_registry_resolves_keys_and_hub_ids():
         resolve("gpt-vision-9000")
 
 
-def test_remote_code_needs_explicit_opt_in():
-    remote = [e for e in models.REGISTRY.values() if e.loader == "remote_code"]
-    assert remote
+def _params(tmp_path, **model):
+    from jpcap_helpers.params import Params
+
+    return Params.from_dict({"run": {"output_dir": str(tmp_path)}, "model": model}, check_paths=False)
+
+
+def test_remote_code_needs_a_per_model_opt_in(tmp_path):
+    remote = [e for e in models.REGISTRY.values() if e.loader == "pinned_env"]
+    assert remote and all(e.pinned is not None for e in remote)
+    pinned = {"revision": "0123abc"}
     for entry in remote:
+        assert resolve(entry.key) is entry  # naming it is fine; running its code needs the opt-in
+        with pytest.raises(ModelError, match=rf"model.trust_remote_code: \[{entry.key}\]"):
+            models.pinned_settings(_params(tmp_path, name=entry.key, **pinned), entry)
+        # true opts in model.name only, never every model of a zero-shot list
         with pytest.raises(ModelError, match="trust_remote_code"):
-            resolve(entry.key)
-        assert resolve(entry.key, trust_remote_code=True) is entry
+            models.pinned_settings(_params(tmp_path, trust_remote_code=True, **pinned), entry)
+        ok = models.pinned_settings(_params(tmp_path, name=entry.key, trust_remote_code=True, **pinned), entry)
+        assert ok["revision"] == "0123abc"
+        listed = _params(tmp_path, trust_remote_code=[entry.key], allow_unpinned_remote_code=True)
+        assert models.pinned_settings(listed, entry)["revision"] is None
+        assert models.pinned_settings(listed, entry)["load_in_4bit"] is bool(entry.load_in_4bit)
 
 
 def test_vision_tower_is_never_in_the_quantized_set():
@@ -153,7 +168,8 @@ def test_every_family_has_a_module_with_the_protocol():
 
 
 def test_remote_code_refuses_an_unpinned_revision():
-    remote = [e for e in models.REGISTRY.values() if e.loader == "remote_code"]
+    remote = [e for e in models.REGISTRY.values() if e.loader == "pinned_env"]
+    assert remote
     for entry in remote:
         if entry.revision is None:
             with pytest.raises(ModelError, match="allow_unpinned_remote_code"):
@@ -164,22 +180,24 @@ def test_remote_code_refuses_an_unpinned_revision():
     assert models.pinned_revision(native) == native.revision                   # native code: no pin needed
 
 
-def test_loading_a_remote_code_model_checks_the_pin_before_the_hub(tmp_path):
-    from jpcap_helpers.params import Params
+def test_pinned_models_check_opt_in_and_pin_before_any_environment_or_hub(tmp_path, monkeypatch):
+    from jpcap_helpers.engine import runs
 
-    base = {"run": {"output_dir": str(tmp_path)},
-            "model": {"name": "asagi-2b", "trust_remote_code": True}}
-    params = Params.from_dict(base, check_paths=False)
-    for load in (models.load_tokenizer, models.load_processor):
-        with pytest.raises(ModelError, match="model.revision"):
-            load(params)
+    entry = models.REGISTRY["japanese-stable-vlm"]
+    monkeypatch.setattr(runs, "caption_records_pinned",
+                        lambda *a, **k: pytest.fail("no environment may be built before the checks"))
+    with pytest.raises(ModelError, match="pinned environment"):
+        models.load_model(_params(tmp_path, name=entry.key))  # never into this process
+    params = _params(tmp_path, name=entry.key, trust_remote_code=True)
     with pytest.raises(ModelError, match="allow_unpinned_remote_code"):
-        models.load_model(params)
-    allowed = params.with_overrides({"model.allow_unpinned_remote_code": True})
-    assert models.loading._hub_kwargs(allowed, models.REGISTRY["asagi-2b"]) == {"trust_remote_code": True}
-    pinned = params.with_overrides({"model.revision": "0123abc"})
-    assert models.loading._hub_kwargs(pinned, models.REGISTRY["asagi-2b"]) == {
-        "revision": "0123abc", "trust_remote_code": True}
+        runs._caption_splits_pinned(params, entry, {"test": tmp_path / "test.jsonl"}, None)
+    # the Asagi fallback: model.loads: pinned_env sends it there too, with the same checks
+    asagi = models.REGISTRY["asagi-2b"]
+    fallback = _params(tmp_path, name="asagi-2b", loads="pinned_env")
+    assert models.runs_pinned(fallback, asagi) and not models.runs_pinned(_params(tmp_path), asagi)
+    with pytest.raises(ModelError, match=r"trust_remote_code: \[asagi-2b\]"):
+        models.pinned_settings(fallback, asagi)
+    assert not models.runs_pinned(fallback, models.REGISTRY["llava-jp-1.3b"])  # no recipe: the port
 
 
 # --- adapters: the base loads as it was trained -------------------------------------------------------

@@ -324,9 +324,9 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     """
     import torch
 
-    if entry.loader == "remote_code":
-        raise ModelError(f"{entry.key}: captioning remote-code models needs that model's own input code "
-                         "(docs/models.md); only build_prompt/clean_output support it here")
+    if entry.loader == "pinned_env":
+        raise ModelError(f"{entry.key} runs in its own pinned environment: caption it with "
+                         "engine.caption_records_pinned (02/04 and `jpcap caption` do)")
     if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
         raise ValueError("batch_size, max_new_tokens and num_beams must be ≥ 1")
     extra = dict(extra or {})

@@ -12,9 +12,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .. import io as jio
 from ..io import run_lock
-from ..models import ModelEntry, contamination_flag, load_model
+from ..models import ModelEntry, contamination_flag, load_model, resolve
+from ..models.loading import model_path, pinned_settings, runs_pinned
+from ..models.pinned_env import env_root
 from ..text import normalize_caption
 from .options import EngineOptions
+from .pinned import caption_records_pinned
 from .pipeline import caption_records, error_text
 
 __all__ = ["FINETUNED_SUFFIX", "CONSTANT_SYSTEM", "prediction_path", "write_prediction_meta", "split_files",
@@ -56,7 +59,8 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
         "trained_on_stair": entry.trained_on_stair,
         "contamination": contamination_flag(entry),
         "prompt": prompt if prompt is not None else entry.prompt,
-        "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens")},
+        "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens", "decoder")},
+        "card_generation": entry.card_generation,  # the model card's own settings (not used unless asked)
         "last_run": dict(summary),
     }
     return jio.atomic_write_json(meta_path, meta)
@@ -107,14 +111,38 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
     return rows
 
 
+def _caption_splits_pinned(params: Any, entry: ModelEntry, files: Mapping[str, Path],
+                           max_images: Optional[int], path: Optional[str] = None) -> list[dict]:
+    """:func:`_caption_splits` for a model that runs in its pinned environment (one subprocess a split)."""
+    settings = pinned_settings(params, entry)
+    rows = []
+    for split, split_path in files.items():
+        records = list(jio.read_jsonl(split_path))
+        if max_images is not None:
+            records = records[:max_images]
+        out = prediction_path(params, entry.key, split)
+        summary = caption_records_pinned(
+            entry, path or model_path(params, entry.key), records, params.images_dir, out,
+            env_parent=env_root(params), dtype=settings["dtype"], load_in_4bit=settings["load_in_4bit"],
+            revision=settings["revision"], max_new_tokens=params.generation.max_new_tokens,
+            num_beams=params.generation.num_beams, prompt=params.generation.prompt, extra={"split": split})
+        write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
+                              revision=settings["revision"] or summary.get("commit"))
+        rows.append({"model": entry.key, "split": split, "hub_id": entry.hub_id,
+                     "contamination": contamination_flag(entry), **summary,
+                     "pred_path": str(out), "split_path": str(split_path)})
+    return rows
+
+
 def run_zero_shot(params: Any, splits: Optional[Sequence[str]] = None, models: Optional[Sequence[str]] = None,
                   max_images: Optional[int] = None, options: EngineOptions = EngineOptions()) -> Any:
     """Caption every split with every model (defaults: ``params.zero_shot``) into
     ``<run_dir>/predictions/<model>__<split>.jsonl``; one summary row per (model, split), as a DataFrame.
 
     A split whose ``<processed_dir>/<split>.jsonl`` is missing is skipped with a printed note; a
-    model that fails to load gets a row with its ``error`` and the run goes on. Holds the run
-    folder's lock (``io.run_lock``).
+    model that fails to load gets a row with its ``error`` and the run goes on. Each model loads in
+    4 bit as its registry entry says (``load_in_4bit``; None: ``model.load_in_4bit``); a model of a
+    pinned environment captions there (:mod:`.pinned`). Holds the run folder's lock (``io.run_lock``).
     """
     import pandas as pd
 
@@ -128,7 +156,11 @@ def run_zero_shot(params: Any, splits: Optional[Sequence[str]] = None, models: O
             if not files:
                 break
             try:
-                model, processor, entry = load_model(params, name)
+                entry = resolve(name)
+                if runs_pinned(params, entry):
+                    rows += _caption_splits_pinned(params, entry, files, max_images)
+                    continue
+                model, processor, entry = load_model(params, name, load_in_4bit=entry.load_in_4bit)
             except Exception as exc:
                 print(f"zero-shot: model {name!r} skipped: {error_text(exc)}")
                 rows.append({"model": name, "error": error_text(exc)})

@@ -59,7 +59,7 @@ def sample_items(params: Any, model: str, split: str, n: int = 8) -> list[tuple[
     """``(image path, "prediction / reference")`` pairs for ``reports.image_grid``, from the run's
     ``predictions/<model>__<split>.jsonl``; empty when that file or the split file does not exist."""
     try:
-        key = resolve(model, trust_remote_code=True).key
+        key = resolve(model).key
     except ModelError:
         key = model
     pred = prediction_path(params, key, split)

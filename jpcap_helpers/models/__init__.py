@@ -1,5 +1,6 @@
 """Models: the registry (:mod:`.registry`; one module per family: :mod:`.qwen_vl`, :mod:`.paligemma`,
-:mod:`.llava_jp`, :mod:`.asagi`, :mod:`.stable_vlm`), the offline tiny Qwen2-VL (:mod:`.tiny`, pretrained
+:mod:`.llava_jp`, :mod:`.asagi`, :mod:`.stable_vlm`; hub code only in a pinned environment,
+:mod:`.pinned_env` + :mod:`.pinned_runner`), the offline tiny Qwen2-VL (:mod:`.tiny`, pretrained
 by :mod:`.tiny_pretrain`),
 loading (:mod:`.loading`), precision (:mod:`.precision`), image size rules (:mod:`.image_rules`) and exact-math fast paths (:mod:`.fastpath`).
 See docs/models.md."""
@@ -16,9 +17,13 @@ from .loading import (
                       load_tokenizer,
                       model_path,
                       pinned_revision,
+                      pinned_settings,
                       quantization_config,
                       read_adapter_info,
+                      remote_code_opted_in,
+                      runs_pinned,
 )
+from .pinned_env import PinnedEnvError, PinnedRecipe
 from .precision import bf16_native, choose_dtype
 from .qwen_vl import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS
 from .registry import (
@@ -43,6 +48,7 @@ __all__ = [
     "pretrain_tiny_model", "pretrain_fingerprint", "read_stamp",
     "bf16_native", "choose_dtype", "processor_rejection",
     "SKIP_QUANT_MODULES", "ADAPTER_INFO_FILE", "model_path", "pinned_revision", "quantization_config",
+    "runs_pinned", "remote_code_opted_in", "pinned_settings", "PinnedRecipe", "PinnedEnvError",
     "cpu_safe_4bit", "read_adapter_info", "adapter_load_in_4bit", "load_processor", "load_model", "load_tokenizer",
 ]
 

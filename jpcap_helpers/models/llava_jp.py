@@ -5,11 +5,11 @@ S2 features + projector + GPT-2 from transformers' own classes; no remote code).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Optional
 
 from .registry import ModelEntry, ModelError
-from .remote_code import processor_kwargs, template_prompt
+from .snapshot import local_folder, snapshot_commit
+from .templates import processor_kwargs, template_prompt
 
 __all__ = ["FAMILIES", "SYSTEM", "TEMPLATE", "build_prompt", "processor_kwargs", "load_model", "load_processor"]
 
@@ -27,27 +27,18 @@ def build_prompt(entry: ModelEntry, processor: Any = None, instruction: Optional
     return template_prompt(entry, TEMPLATE, instruction)
 
 
-def _folder(path: str, revision: Optional[str]) -> Path:
-    folder = Path(path)
-    if folder.is_dir():
-        return folder
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(path, revision=revision))
-
-
 def load_model(entry: ModelEntry, path: str, dtype: Any, revision: Optional[str] = None) -> tuple[Any, Any]:
     """(model, processor) of ``path``: a local folder in the hub layout, or a hub id (from the local
     cache when offline). Raises :class:`~.registry.ModelError` naming the model and the fix; a hub id
     that is neither cached nor reachable raises an OSError (``loading.hub_errors`` words it)."""
     from .llava_jp_model import load_llava_jp
 
-    folder = _folder(path, revision)
+    folder = local_folder(path, revision)
     try:
         model, processor = load_llava_jp(folder, dtype)
     except ModelError as exc:  # name the registry entry too
         raise ModelError(f"{entry.key}: {exc}") from None
-    model.jpcap_commit = folder.name if folder != Path(path) else None  # the hub cache's snapshot = commit
+    model.jpcap_commit = snapshot_commit(path, folder)
     return model, processor
 
 
@@ -55,7 +46,7 @@ def load_processor(entry: ModelEntry, path: str, revision: Optional[str] = None)
     """The processor alone (tokenizer + the vision tower's image preprocessing; no weights read)."""
     from .llava_jp_model import load_llava_jp_processor
 
-    folder = _folder(path, revision)
+    folder = local_folder(path, revision)
     try:
         return load_llava_jp_processor(folder)
     except ModelError as exc:

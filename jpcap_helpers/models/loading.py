@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .precision import choose_dtype
-from .registry import ModelEntry, ModelError, family_module, resolve
+from .registry import REGISTRY, ModelEntry, ModelError, family_module, resolve
 from .tiny import TINY_KEY, ensure_tiny_model, tiny_model_dir
 
-__all__ = ["SKIP_QUANT_MODULES", "ADAPTER_INFO_FILE", "model_path", "pinned_revision", "quantization_config",
+__all__ = ["SKIP_QUANT_MODULES", "ADAPTER_INFO_FILE", "model_path", "pinned_revision", "runs_pinned",
+           "remote_code_opted_in", "pinned_settings", "quantization_config",
            "cpu_safe_4bit", "read_adapter_info", "adapter_load_in_4bit", "load_processor", "load_model",
            "load_tokenizer"]
 
@@ -31,16 +32,18 @@ def model_path(params: Any, name: Optional[str] = None) -> str:
     name = name or params.model.name
     if name == TINY_KEY:
         return str(tiny_model_dir(params))
-    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    entry = resolve(name)
     return entry.hub_id if entry.hub_id != name or not Path(name).exists() else name
 
 
-def pinned_revision(entry: ModelEntry, revision: Optional[str] = None, allow_unpinned: bool = False) -> Optional[str]:
-    """The revision to load (``revision``, i.e. ``model.revision``, else the registry's). A remote-code
-    model runs Python from its hub repository, so without a pinned revision it is refused unless
-    ``allow_unpinned`` (``model.allow_unpinned_remote_code``) says so explicitly."""
+def pinned_revision(entry: ModelEntry, revision: Optional[str] = None, allow_unpinned: bool = False,
+                    remote: Optional[bool] = None) -> Optional[str]:
+    """The revision to load (``revision``, i.e. ``model.revision``, else the registry's). A model that
+    runs Python from its hub repository (``remote``; default: a ``pinned_env`` entry) is refused without
+    a pinned revision unless ``allow_unpinned`` (``model.allow_unpinned_remote_code``) says so."""
     revision = revision or entry.revision
-    if entry.loader == "remote_code" and not revision and not allow_unpinned:
+    remote = entry.loader == "pinned_env" if remote is None else remote
+    if remote and not revision and not allow_unpinned:
         raise ModelError(
             f"{entry.key} ({entry.hub_id}) runs code from its hub repository and no revision is pinned: "
             "read that code, then set model.revision to its commit hash, or set "
@@ -64,19 +67,43 @@ def hub_errors(entry: ModelEntry, path: str):
             f"or set model.name to a local folder in the hub layout.{gated}") from None
 
 
-def _revision(params: Any, entry: ModelEntry) -> Optional[str]:
-    return pinned_revision(entry, params.model.revision, params.model.allow_unpinned_remote_code)
+def runs_pinned(params: Any, entry: ModelEntry) -> bool:
+    """Whether ``entry`` captions in its pinned environment: a ``pinned_env`` entry always, another one
+    with a recipe when ``model.loads: pinned_env`` asks for it."""
+    return entry.loader == "pinned_env" or (params.model.loads == "pinned_env" and entry.pinned is not None)
+
+
+def remote_code_opted_in(params: Any, entry: ModelEntry) -> bool:
+    """``model.trust_remote_code`` names this model (a list of registry keys / hub ids), or is ``true``
+    while ``model.name`` is this model: the opt-in is per model, never for a whole zero-shot list."""
+    trust = params.model.trust_remote_code
+    if isinstance(trust, list):
+        return entry.key in trust or entry.hub_id in trust
+    return bool(trust) and params.model.name in (entry.key, entry.hub_id)
+
+
+def pinned_settings(params: Any, entry: ModelEntry) -> dict:
+    """What the pinned runner of ``entry`` needs from ``params``: the opt-in and the pin checked first
+    (before any environment is built or anything reaches the hub); a :class:`ModelError` says the fix."""
+    if entry.pinned is None:
+        raise ModelError(f"{entry.key}: no pinned-environment recipe in the registry; model.loads: pinned_env "
+                         "works for " + ", ".join(k for k, e in REGISTRY.items() if e.pinned))
+    if not remote_code_opted_in(params, entry):
+        raise ModelError(f"{entry.key} ({entry.hub_id}) runs Python code from its hub repository (in its own "
+                         f"pinned environment): read that code, then opt in for this model with "
+                         f"model.trust_remote_code: [{entry.key}] in your params file")
+    revision = pinned_revision(entry, params.model.revision if params.model.name in (entry.key, entry.hub_id)
+                               else None, params.model.allow_unpinned_remote_code, remote=True)
+    dtype = choose_dtype(params.model.precision)
+    quant = entry.load_in_4bit if entry.load_in_4bit is not None else params.model.load_in_4bit
+    return {"revision": revision, "dtype": str(dtype).replace("torch.", ""), "load_in_4bit": bool(quant)}
 
 
 def _hub_kwargs(params: Any, entry: ModelEntry) -> dict:
-    """``revision`` / ``trust_remote_code`` arguments of every ``from_pretrained`` of ``entry``."""
-    kwargs: dict = {}
-    revision = _revision(params, entry)
-    if revision:
-        kwargs["revision"] = revision
-    if entry.loader == "remote_code":
-        kwargs["trust_remote_code"] = True
-    return kwargs
+    """``revision`` argument of every ``from_pretrained`` of ``entry`` (native code only: hub code runs
+    in a pinned environment, never in this process)."""
+    revision = pinned_revision(entry, params.model.revision, params.model.allow_unpinned_remote_code)
+    return {"revision": revision} if revision else {}
 
 
 def quantization_config(compute_dtype: Any) -> Any:
@@ -133,22 +160,50 @@ def adapter_load_in_4bit(params: Any, adapter: str | Path) -> bool:
     return recorded
 
 
-def _source(params: Any, name: Optional[str]) -> tuple[ModelEntry, str, dict]:
-    """(registry entry, path or hub id, revision/remote-code kwargs) of ``name``; builds the tiny model."""
+# config.json model_type(s) a local folder of each family has (a --model-path check)
+FAMILY_MODEL_TYPES = {"qwen2_vl": ("qwen2_vl",), "qwen2_5_vl": ("qwen2_5_vl",), "qwen3_vl": ("qwen3_vl",),
+                      "paligemma": ("paligemma",), "llava_jp": ("llava-jp",), "asagi": ("llava", "asagi")}
+
+
+def check_model_folder(entry: ModelEntry, folder: str | Path) -> Path:
+    """``folder`` as a local copy of ``entry``'s checkpoint: it exists, has a config.json, and that
+    config is of ``entry``'s family; else one :class:`ModelError` naming the folder and the fix."""
+    folder = Path(folder).expanduser()
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{entry.key}: model path {folder} has no config.json — give the folder holding the "
+                         f"checkpoint in the hub layout of {entry.hub_id}")
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ModelError(f"{entry.key}: {config} is not a JSON object — re-download the checkpoint") from None
+    expected = FAMILY_MODEL_TYPES.get(entry.family)
+    if expected and kind not in expected:
+        raise ModelError(f"{entry.key}: model path {folder} holds a {kind!r} model, not {entry.key}'s family "
+                         f"({' / '.join(expected)}) — use that folder with its own model name, or point the "
+                         f"path at a copy of {entry.hub_id}")
+    return folder
+
+
+def _source(params: Any, name: Optional[str], path: Optional[str] = None) -> tuple[ModelEntry, str, dict]:
+    """(registry entry, path or hub id, revision kwargs) of ``name``, loaded from ``path`` (a local
+    folder in the hub layout) when given; builds the tiny model."""
     name = name or params.model.name
-    entry = resolve(name, trust_remote_code=params.model.trust_remote_code)
+    entry = resolve(name)
+    if path is not None:
+        return entry, str(check_model_folder(entry, path)), {}
     kwargs = _hub_kwargs(params, entry)
     if entry.key == TINY_KEY:
         ensure_tiny_model(params)
     return entry, model_path(params, name), kwargs
 
 
-def load_processor(params: Any, name: Optional[str] = None) -> Any:
+def load_processor(params: Any, name: Optional[str] = None, path: Optional[str] = None) -> Any:
     """The model's processor, with its family's extra arguments (Qwen families: ``model.min_pixels`` /
     ``max_pixels`` as their image size bounds; PaliGemma and others keep their own input size)."""
     from transformers import AutoProcessor
 
-    entry, path, kwargs = _source(params, name)
+    entry, path, kwargs = _source(params, name, path)
     ported = _ported(entry)
     if ported is not None:
         with hub_errors(entry, path):
@@ -185,19 +240,27 @@ def _load_ported(module: Any, entry: ModelEntry, path: str, revision: Optional[s
 
 
 def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optional[bool] = None,
-               adapter: Optional[str] = None, for_training: bool = False) -> tuple[Any, Any, ModelEntry]:
+               adapter: Optional[str] = None, for_training: bool = False,
+               path: Optional[str] = None) -> tuple[Any, Any, ModelEntry]:
     """(model, processor, entry) for ``name`` per ``params.model``: precision per GPU, 4-bit NF4 per
     ``load_in_4bit`` (default: ``model.load_in_4bit``, or for an adapter the base it was trained on),
-    the fast paths of :mod:`.fastpath`, optional PEFT adapter (merged for inference on a
-    full-precision base). Native transformers classes only; remote-code models need
-    ``model.trust_remote_code: true`` and a pinned revision."""
+    the fast paths of :mod:`.fastpath`, optional PEFT adapter; ``path``: a local folder in the hub
+    layout of ``name``'s checkpoint (its family checked) (merged for inference on a
+    full-precision base). Native transformers classes and this package's ports only: hub code runs
+    in a pinned environment (:mod:`.pinned_env`), never here."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention, use_linear_patch_embed
 
     name = name or params.model.name
-    entry, path, kwargs = _source(params, name)
+    entry = resolve(name)
+    if runs_pinned(params, entry):
+        raise ModelError(f"{entry.key} runs in its own pinned environment (model.loads / the registry): it "
+                         "captions through the engine's runs (02/04, `jpcap caption`), and cannot be loaded "
+                         "into this process or fine-tuned")
+    override = path  # a local folder in the hub layout instead of the hub id
+    entry, path, kwargs = _source(params, name, override)
     dtype = choose_dtype(params.model.precision)
     if load_in_4bit is not None:
         quant = load_in_4bit
@@ -225,7 +288,7 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
         compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
-    processor = load_processor(params, name)
+    processor = load_processor(params, name, override)
     processor.tokenizer.padding_side = "left"
     if adapter:
         from peft import PeftModel

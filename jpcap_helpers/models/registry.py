@@ -22,6 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal, Optional
 
+from .pinned_env import PinnedRecipe
+
 __all__ = ["CAPTION_PROMPT_JA", "ModelEntry", "ModelError", "REGISTRY", "FAMILY_MODULES", "family_module",
            "resolve", "registry_table", "contamination_flag"]
 
@@ -42,7 +44,8 @@ class ModelEntry:
                                          # remote-code entry without one is refused unless the user pins
                                          # model.revision or sets model.allow_unpinned_remote_code
     family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "llava_jp", "asagi", "stable_vlm"]
-    loader: Literal["native", "remote_code"]
+    loader: Literal["native", "pinned_env"]  # pinned_env: its hub code, in its own pinned environment
+                                             # (models/pinned_env.py), after an explicit opt-in
     params_b: float                      # parameters, billions (for the results table)
     prompt: str
     licence: str
@@ -50,6 +53,11 @@ class ModelEntry:
     contamination_note: str
     t4_recipe: str
     max_new_tokens: int = 40
+    card_generation: Optional[dict] = None  # the model card's own generation settings (recorded beside
+                                            # the project's greedy default in each run's provenance)
+    load_in_4bit: Optional[bool] = None  # zero-shot captioning in 4 bit? None: as model.load_in_4bit
+    pinned: Optional[PinnedRecipe] = None  # how it runs in a pinned environment (required for pinned_env;
+                                           # a fallback for others with model.loads: pinned_env)
     gated: bool = False                  # the hub asks for an accepted licence and a login (HF token)
     run_here: str = "not run here (no hub access)"
     notes: str = ""
@@ -132,7 +140,7 @@ _register(ModelEntry(
     contamination_note="v1.1 trained on LLaVA-Pretrain-JA + LLaVA-v1.5-Instruct-620K-JA (no STAIR; v1.0 "
     "used STAIR). The instruction data covers COCO train2017 images, which include most val2014 "
     "images: images seen with other (translated) text, not STAIR captions",
-    t4_recipe="fp16", notes="ported natively (models/llava_jp_model.py: transformers SiglipVisionModel + "
+    t4_recipe="fp16", load_in_4bit=False, notes="ported natively (models/llava_jp_model.py: transformers SiglipVisionModel + "
     "GPT2LMHeadModel + S2 features + image splice); no remote code; the vision tower's config comes from "
     "mm_vision_tower (google/siglip-so400m-patch14-384, cached or a local folder)",
     run_here=("native port: logits checked against an independent reference forward, KV-cached greedy, "
@@ -140,31 +148,46 @@ _register(ModelEntry(
               "not run on the real checkpoint (no hub here)"),
 ))
 _register(ModelEntry(
-    key="asagi-2b", hub_id="MIL-UT/Asagi-2B", revision=None, family="asagi", loader="remote_code",
+    key="asagi-2b", hub_id="MIL-UT/Asagi-2B", revision=None, family="asagi", loader="native",
     params_b=2.3, prompt="以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n"
     "### 指示:\n<image>\nこの画像を日本語の一文で説明してください。\n\n### 応答:\n",
     licence="Apache-2.0", trained_on_stair=True,
     contamination_note="STAIR Captions reported in Asagi's training data (model card training-data "
     "table; YJ Captions reportedly too) — not zero-shot on STAIR or YJ",
-    t4_recipe="fp16", notes="model card pins transformers 4.45.1 (remote code)",
-    run_here=("not run here: prompt building and output cleaning tested; captioning "
-              "needs its own remote code (not built)"),
+    t4_recipe="fp16 (2.3B parameters: ≈ 4.6 GB of weights)", load_in_4bit=False,
+    pinned=PinnedRecipe(("transformers==4.45.1", "tokenizers>=0.20,<0.21", "huggingface_hub>=0.24,<1.0"), "auto"),
+    card_generation={"do_sample": True, "num_beams": 5, "max_new_tokens": 256, "temperature": 0.7,
+                     "repetition_penalty": 1.5},
+    notes=("runs on transformers' own LlavaForConditionalGeneration (models/asagi.py): the 4.45 checkpoint "
+           "keys are renamed on load; vision feature layer/selection, image token and the <image> expansion "
+           "are read from its config.json; no remote code. Its card pins transformers 4.45.1: the pinned-"
+           "environment runner (model.loads: pinned_env) is the fallback"),
+    run_here=("on native Llava: logits checked against a hand-written 4.45 forward, batched = single and "
+              "engine captioning tested on tiny random weights in the 4.45 layout; not run on the real "
+              "checkpoint (no hub here)"),
 ))
 _register(ModelEntry(
     key="japanese-stable-vlm", hub_id="stabilityai/japanese-stable-vlm", revision=None, family="stable_vlm",
-    loader="remote_code", params_b=7.6, prompt="以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
+    loader="pinned_env", params_b=7.6, prompt="以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
     "要求を適切に満たす応答を書きなさい。\n\n### 指示: \n画像を詳細に述べてください。\n\n### 応答: \n",
     licence="Japanese Stable VLM Research License (non-commercial, gated)", trained_on_stair=True,
     contamination_note="trained on Japanese captions incl. STAIR (model card) — not zero-shot on STAIR",
-    t4_recipe="4-bit NF4 only (7B language model does not fit a T4 in fp16)", gated=True,
-    notes="prompt = model card build_prompt(task='caption'); an instruction override uses task='vqa'",
-    run_here=("not run here: prompt building and output cleaning tested; captioning "
-              "needs its own remote code (not built)"),
+    t4_recipe="4-bit NF4 (a 7B language model does not fit a T4 in fp16)", load_in_4bit=True, gated=True,
+    pinned=PinnedRecipe(("transformers==4.45.2", "tokenizers>=0.20,<0.21", "huggingface_hub>=0.24,<1.0"),
+                        "vision2seq"),
+    card_generation={"do_sample": False, "num_beams": 5, "max_new_tokens": 128, "repetition_penalty": 1.5},
+    notes=("its hub code (not public elsewhere) targets transformers 4.45: it runs in a pinned environment "
+           "(transformers 4.45.2 on top of this interpreter's torch) in a subprocess, only with "
+           "model.trust_remote_code naming it and a pinned revision; prompt = model card build_prompt(task="
+           "'caption'), an instruction override uses task='vqa'; gated: accept the licence and log in"),
+    run_here=("pinned-environment runner tested offline with a tiny custom-code model of this project (and with "
+              "transformers 4.45.2 where the package index is reachable); the real model not run (no hub here)"),
 ))
 
 
-def resolve(name: str, trust_remote_code: bool = False) -> ModelEntry:
-    """Registry entry for ``name`` (a key, a hub id, or a local folder with a config.json)."""
+def resolve(name: str) -> ModelEntry:
+    """Registry entry for ``name`` (a key, a hub id, or a local folder with a config.json). Whether a
+    pinned-environment model may run its hub code is decided where it runs (``engine.runs``)."""
     if name in REGISTRY:
         entry = REGISTRY[name]
     else:
@@ -173,19 +196,18 @@ def resolve(name: str, trust_remote_code: bool = False) -> ModelEntry:
             entry = matches[0]
         elif (Path(name) / "config.json").is_file():
             model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type", "qwen2_vl")
+            # a LLaVA-layout folder (model_type "llava") is taken for Asagi (models/asagi.py)
             family = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "paligemma": "paligemma",
-                      "llava-jp": "llava_jp"}.get(model_type, "qwen2_vl")
+                      "llava-jp": "llava_jp", "llava": "asagi"}.get(model_type, "qwen2_vl")
             # a template family's registry prompt is the whole template around the request
-            prompt = REGISTRY["llava-jp-1.3b"].prompt if family == "llava_jp" else CAPTION_PROMPT_JA
+            template_of = {"llava_jp": "llava-jp-1.3b", "asagi": "asagi-2b"}
+            prompt = REGISTRY[template_of[family]].prompt if family in template_of else CAPTION_PROMPT_JA
             entry = ModelEntry(key=name, hub_id=name, revision=None, family=family, loader="native",
                                params_b=0.0, prompt=prompt, licence="(local)",
                                trained_on_stair=None, contamination_note="local model", t4_recipe="")
         else:
             raise ModelError(f"unknown model {name!r}: use a registry key ({', '.join(REGISTRY)}) "
                              "or a local folder holding config.json")
-    if entry.loader == "remote_code" and not trust_remote_code:
-        raise ModelError(f"{entry.key} ({entry.hub_id}) runs code from its hub repository: set "
-                         "model.trust_remote_code: true in your params file to opt in for it")
     return entry
 
 

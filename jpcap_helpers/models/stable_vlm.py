@@ -7,7 +7,7 @@ import re
 from typing import Any, Optional
 
 from .registry import ModelEntry
-from .remote_code import processor_kwargs, template_prompt
+from .templates import processor_kwargs, template_prompt
 
 __all__ = ["FAMILIES", "SYSTEM", "TEMPLATE", "build_prompt", "processor_kwargs"]
 

@@ -1,6 +1,6 @@
-"""What the remote-code families share: a text template with ``{instruction}`` where the request goes
-(the registry's ``prompt`` of each such entry is the full default text). Loading and captioning them
-needs each model's own code and is not implemented (docs/models.md)."""
+"""What the template-prompt families (LLaVA-JP, Asagi, Japanese Stable VLM) share: a text template
+with ``{instruction}`` where the request goes (the registry's ``prompt`` of each such entry is the full
+default text)."""
 from __future__ import annotations
 
 from typing import Any, Optional
