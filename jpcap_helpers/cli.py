@@ -103,6 +103,59 @@ def run_prepare(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- jpcap caption
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a registry key or hub id (jpcap models lists them)")
+    parser.add_argument("--model-path", default=None, metavar="DIR",
+                        help="a local folder in the model's hub layout, used instead of the hub id")
+    parser.add_argument("--adapter", default=None, metavar="DIR", help="a trained LoRA adapter (03's output)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", default=None, help="a processed split of --params (e.g. test, yj_test)")
+    source.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help="caption every image file in DIR (rows carry file_name)")
+    parser.add_argument("--params", default=None, help="params YAML (required with --split; generation.* "
+                        "and model.* settings apply; default with --images: the built-in defaults)")
+    parser.add_argument("--out", required=True, type=Path, metavar="PRED.jsonl",
+                        help="predictions JSONL (resumed if it exists) + PRED.meta.json")
+    parser.add_argument("--max-images", type=int, default=None, help="caption only the first N records")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set generation.batch_size=32")
+
+
+def run_caption(args) -> int:
+    from .engine import caption_file, folder_records
+    from .io import read_jsonl
+    from .params import Params, load_params, parse_overrides
+    from .session import apply_cpu_threads
+
+    overrides = {**parse_overrides(args.overrides), "model.name": args.model}
+    if args.split is not None and args.params is None:
+        raise ValueError("--split needs --params (the processed splits live in its run's data folder)")
+    if args.params is not None:
+        params = load_params(args.params, overrides)
+    else:
+        params = Params.from_dict({}, check_paths=False).with_overrides(overrides)
+    apply_cpu_threads(params)
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError("--max-images must be ≥ 1")
+    if args.images is not None:
+        records, images_dir = folder_records(args.images), args.images
+    else:
+        split_file = Path(params.processed_dir) / f"{args.split}.jsonl"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{split_file}: split {args.split!r} does not exist — run the data notebook "
+                                    "(01) or `jpcap prepare` first")
+        records, images_dir = list(read_jsonl(split_file)), params.images_dir
+    records = records[:args.max_images] if args.max_images else records
+    summary = caption_file(params, args.model, records, images_dir, args.out, model_dir=args.model_path,
+                           adapter=args.adapter, keep_file_name=args.images is not None)
+    print(f"{summary['model']}: {summary['n_captioned']} captioned, {summary['n_errors']} errors, "
+          f"{summary['n_skipped_existing']} already done → {args.out} ({summary['images_per_s']} images/s, "
+          f"{summary['decoder']})")
+    return 1 if summary["n_errors"] and not summary["n_captioned"] else 0
+
+
 # --------------------------------------------------------------------------- jpcap evaluate
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -282,6 +335,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "run": ("execute the notebooks headless with papermill", add_run_arguments, run_run),
     "prepare": ("clean one COCO-format captions file into a processed JSONL + report",
                 add_prepare_arguments, run_prepare),
+    "caption": ("caption a split or a folder of images with one model (resumable JSONL)",
+                add_caption_arguments, run_caption),
     "evaluate": ("score predictions against references (BLEU, ROUGE-L, CIDEr, CIs)",
                  add_evaluate_arguments, run_evaluate),
     "train": ("fine-tune (QLoRA / LoRA) as a params file says; resumes from checkpoints",

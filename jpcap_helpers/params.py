@@ -51,6 +51,7 @@ class RunParams:
     seed: int = _f(0, ge=0)
     mount_drive: bool = False             # Colab: mount Google Drive before using persist_dir
     persist_dir: Optional[str] = None     # everything later notebooks/sessions need lives here
+    model_cache: Literal["persist", "local"] = "persist"  # HF model downloads: in persist_dir, or the runtime's disk
     cpu_threads: Optional[int] = _f(None, ge=1)  # torch CPU threads (torch.set_num_threads); None: torch's default
 
 
@@ -108,7 +109,7 @@ class ModelParams:
     name: str = "tiny-qwen2-vl"           # a registry key (docs/models.md) or a local folder
     revision: Optional[str] = None        # overrides the registry's pinned revision
     trust_remote_code: Union[bool, list[str]] = False  # per-model opt-in to run hub code (pinned env):
-                                          # a list of registry keys / hub ids; true = model.name only
+                                          # registry keys / hub ids, "key@commit" pins it; true = model.name only
     loads: Literal["auto", "pinned_env"] = "auto"  # pinned_env: models with a pinned recipe run there
     allow_unpinned_remote_code: bool = False  # remote code without a pinned revision (explicit risk)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

@@ -28,10 +28,11 @@ def check_writable(folder: str | os.PathLike, key: str) -> Path:
 
 
 def use_persistent_folder(params: Params) -> None:
-    """Point the Hugging Face cache into ``run.persist_dir`` (downloads survive the runtime) and prove
-    the folder is writable. The data, model and output paths already resolve inside it (params)."""
+    """Point the Hugging Face cache into ``run.persist_dir`` (downloads survive the runtime; unless
+    ``run.model_cache: local``) and prove the folder is writable. The data, model and output paths already resolve inside it (params)."""
     persist = check_writable(params.run.persist_dir, "run.persist_dir")
-    os.environ.setdefault("HF_HOME", str(persist / "hf_cache"))
+    if params.run.model_cache == "persist":  # "local": downloads stay on the runtime's disk (a free Drive
+        os.environ.setdefault("HF_HOME", str(persist / "hf_cache"))  # has 15 GB; the baselines need ≈ 35)
 
 
 def apply_cpu_threads(params: Params) -> Optional[int]:

@@ -19,7 +19,7 @@ def one_line(capsys) -> str:
 
 def test_every_command_is_in_the_table_and_parses():
     parser = build_parser()
-    assert set(COMMANDS) == {"run", "prepare", "evaluate", "train", "sweep", "compare", "push", "params",
+    assert set(COMMANDS) == {"run", "prepare", "caption", "evaluate", "train", "sweep", "compare", "push", "params",
                              "toy-data", "models"}
     args = parser.parse_args(["train", "params/smoke.yaml", "--set", "train.max_steps=3", "--plan-only"])
     assert (args.command, args.overrides, args.plan_only) == ("train", ["train.max_steps=3"], True)

@@ -90,6 +90,8 @@ def test_remote_code_needs_a_per_model_opt_in(tmp_path):
             models.pinned_settings(_params(tmp_path, trust_remote_code=True, **pinned), entry)
         ok = models.pinned_settings(_params(tmp_path, name=entry.key, trust_remote_code=True, **pinned), entry)
         assert ok["revision"] == "0123abc"
+        at = models.pinned_settings(_params(tmp_path, trust_remote_code=[f"{entry.hub_id}@feed42"]), entry)
+        assert at["revision"] == "feed42"  # opt-in and pin in one list item
         listed = _params(tmp_path, trust_remote_code=[entry.key], allow_unpinned_remote_code=True)
         assert models.pinned_settings(listed, entry)["revision"] is None
         assert models.pinned_settings(listed, entry)["load_in_4bit"] is bool(entry.load_in_4bit)

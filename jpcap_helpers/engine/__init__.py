@@ -4,7 +4,7 @@ captioning (:mod:`.pipeline`, levers in :class:`EngineOptions`; a pinned environ
 (:mod:`.decode`), captioning runs over a params file's splits (:mod:`.runs`) and notebook tables
 (:mod:`.tables`). See docs/models.md."""
 from ..models import contamination_flag
-from .images import load_image_for_model
+from .images import folder_records, load_image_for_model
 from .options import EngineOptions
 from .pinned import caption_records_pinned
 from .pipeline import caption_records
@@ -12,6 +12,7 @@ from .prompts import CHAT_FAMILIES, REMOTE_TEMPLATES, build_prompt, clean_output
 from .runs import (
                    CONSTANT_SYSTEM,
                    FINETUNED_SUFFIX,
+                   caption_file,
                    prediction_path,
                    run_finetuned,
                    run_zero_shot,
@@ -22,7 +23,7 @@ from .tables import before_after_table, sample_items, sample_table
 
 __all__ = [
     "EngineOptions", "CHAT_FAMILIES", "REMOTE_TEMPLATES", "build_prompt", "clean_output", "stop_token_ids",
-    "load_image_for_model", "caption_records", "caption_records_pinned", "contamination_flag",
+    "load_image_for_model", "folder_records", "caption_records", "caption_records_pinned", "contamination_flag",
     "FINETUNED_SUFFIX", "CONSTANT_SYSTEM", "prediction_path", "write_prediction_meta", "run_zero_shot",
-    "run_finetuned", "write_constant_baseline", "before_after_table", "sample_table", "sample_items",
+    "run_finetuned", "caption_file", "write_constant_baseline", "before_after_table", "sample_table", "sample_items",
 ]

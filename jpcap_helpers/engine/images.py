@@ -7,12 +7,31 @@ from typing import Any
 
 from ..data import DEFAULT_MAX_SIDE, load_image, resolve_image_path  # EXIF, RGB, size cap; COCO root or flat
 
-__all__ = ["resolve_image", "load_image_for_model", "load_image_tensor", "image_size", "group_key"]
+__all__ = ["IMAGE_SUFFIXES", "resolve_image", "folder_records", "load_image_for_model", "load_image_tensor",
+           "image_size", "group_key"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def resolve_image(images_dir: str | Path, file_name: str) -> Path:
     """COCO root or flat folder: the same resolution as the data stage."""
     return Path(resolve_image_path(Path(images_dir), file_name))
+
+
+def folder_records(folder: str | Path) -> list[dict]:
+    """One record per image file of ``folder`` and its subfolders (symlinks not followed), sorted by
+    path: ``file_name`` relative to the folder and an ``image_id`` derived from that name (stable when
+    files are added or removed, so a resumed run skips exactly the images it has captioned)."""
+    import hashlib
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder of images (--images DIR)")
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink())
+    if not names:
+        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [{"image_id": int(hashlib.sha1(n.encode("utf-8")).hexdigest()[:12], 16), "file_name": n} for n in names]
 
 
 def load_image_for_model(path: str | Path) -> Any:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from ..models import ModelEntry, ModelError
-from ..models.pinned_env import PinnedEnvError, ensure_env, runner_path
+from ..models.pinned_env import PinnedEnvError, ensure_env_with_fallback, runner_path
 from ..text import normalize_caption
 from .pipeline import RESERVED_FIELDS, RowWriter, error_text, existing_ids, pending_items
 from .prompts import build_prompt, clean_output
@@ -35,7 +35,7 @@ def caption_records_pinned(entry: ModelEntry, model_path: str, records: Iterable
                            out_path: str | Path, *, env_parent: Path, dtype: str, load_in_4bit: bool,
                            revision: Optional[str] = None, max_new_tokens: int = 40, num_beams: int = 1,
                            prompt: Optional[str] = None, extra: Optional[Mapping[str, Any]] = None,
-                           retry_errors: bool = False, progress: bool = True) -> dict:
+                           retry_errors: bool = False, progress: bool = True, keep_file_name: bool = False) -> dict:
     """Caption ``records`` with ``entry`` (which must carry a :class:`~..models.pinned_env.PinnedRecipe`)
     loaded from ``model_path`` inside its pinned environment under ``env_parent``. The caller has
     checked the remote-code opt-in and the revision pin. Returns the summary of ``caption_records``."""
@@ -53,13 +53,14 @@ def caption_records_pinned(entry: ModelEntry, model_path: str, records: Iterable
         bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} (pinned env) → {out_path.name}")
     writer = RowWriter(out_path, bar)
     missing = [it for it in pending.items if not it.path.is_file()]
-    writer.emit([{"image_id": it.image_id, "caption": "", **fields,
+    names = {it.image_id: {"file_name": it.file_name} if keep_file_name else {} for it in pending.items}
+    writer.emit([{"image_id": it.image_id, "caption": "", **fields, **names[it.image_id],
                   "error": error_text(FileNotFoundError(f"image file not found: {it.path}"))} for it in missing])
     todo = [it for it in pending.items if it.path.is_file()]
     start, commit, versions = time.perf_counter(), None, None
     if todo:
         try:
-            python = ensure_env(env_parent, entry.key, entry.pinned.requirements)
+            python = ensure_env_with_fallback(env_parent, entry.key, entry.pinned.requirements)
         except PinnedEnvError as exc:
             raise ModelError(str(exc)) from None
         job = {"model_path": model_path, "revision": revision, "runner": entry.pinned.runner, "dtype": dtype,
@@ -85,7 +86,7 @@ def caption_records_pinned(entry: ModelEntry, model_path: str, records: Iterable
                     if msg.get("image_id") not in expected:
                         continue
                     expected.discard(msg["image_id"])
-                    row = {"image_id": msg["image_id"], "caption": "", **fields}
+                    row = {"image_id": msg["image_id"], "caption": "", **fields, **names[msg["image_id"]]}
                     if "error" in msg:
                         row["error"] = str(msg["error"])[:300]
                     else:

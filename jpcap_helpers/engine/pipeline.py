@@ -29,7 +29,7 @@ from .prompts import build_prompt, clean_output, stop_token_ids, tokenizer_of
 __all__ = ["caption_records", "error_text", "Item", "Pending", "PreparedBatch", "existing_ids", "pending_items", "sort_by_visual_tokens",
            "make_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
 
-RESERVED_FIELDS = {"image_id", "caption", "model", "error"}
+RESERVED_FIELDS = {"image_id", "caption", "model", "error", "file_name"}
 
 
 def error_text(exc: BaseException) -> str:
@@ -163,15 +163,19 @@ class PreparedBatch:
 class BatchCaptioner:
     """Prepares and captions one batch at a time for one model, prompt and decoder."""
 
-    def __init__(self, processor: Any, entry: ModelEntry, decoder: Decoder, prompt: str, extra: dict):
+    def __init__(self, processor: Any, entry: ModelEntry, decoder: Decoder, prompt: str, extra: dict,
+                 keep_file_name: bool = False):
         self.processor, self.entry, self.decoder, self.prompt = processor, entry, decoder, prompt
         self.fields = {"model": entry.key, **extra}
+        self.keep_file_name = keep_file_name
         image_processor = type(getattr(processor, "image_processor", None)).__name__
         self.device = decoder.preprocess_device if image_processor in GPU_IMAGE_PROCESSORS else None
         self.loader: Callable[[Path], Any] = load_image_tensor if self.device is not None else load_image_for_model
 
     def row(self, item: Item, caption: str = "", error: Optional[BaseException] = None) -> dict:
         row = {"image_id": item.image_id, "caption": caption, **self.fields}
+        if self.keep_file_name:
+            row["file_name"] = item.file_name
         if error is not None:
             row["error"] = error_text(error)
         return row
@@ -302,7 +306,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                     max_new_tokens: int = 40, num_beams: int = 1, prompt: Optional[str] = None,
                     progress: bool = True, extra: Optional[Mapping[str, Any]] = None,
                     retry_errors: bool = False, decoder: str = "auto",
-                    options: EngineOptions = EngineOptions()) -> dict:
+                    options: EngineOptions = EngineOptions(), keep_file_name: bool = False) -> dict:
     """Caption ``records`` (dicts or objects with ``image_id`` and ``file_name`` relative to
     ``images_dir``) into the JSONL ``out_path``, one ``{"image_id", "caption", "model", **extra}``
     row per image, appended after every batch.
@@ -317,6 +321,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     search and ``decoder="hf"`` use HF ``generate`` on left-padded batches. ``options`` holds the
     engine's speed levers (:class:`EngineOptions`). An image that cannot be read or processed becomes
     a row with ``"caption": ""`` and ``"error"`` (a failing batch is retried image by image).
+    ``keep_file_name`` adds each record's ``file_name`` to its row (captioning a folder of photos).
 
     Returns a summary: n_records, n_done (rows written now), n_captioned, n_errors,
     n_skipped_existing, n_duplicate_records, seconds, images_per_s, peak_gpu_gib (CUDA), decoder,
@@ -346,7 +351,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     run_decoder = Decoder(model, entry, generation_config(model, max_new_tokens, num_beams, eos, pad), batch_size,
                           decoder, options)
     captioner = BatchCaptioner(processor, entry, run_decoder, build_prompt(entry, processor, instruction=prompt),
-                               extra)
+                               extra, keep_file_name)
     batches = make_batches(ready, batch_size, one_grid=run_decoder.fast is not None)
 
     cuda = torch.cuda.is_available()

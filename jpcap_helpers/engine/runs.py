@@ -21,7 +21,7 @@ from .pinned import caption_records_pinned
 from .pipeline import caption_records, error_text
 
 __all__ = ["FINETUNED_SUFFIX", "CONSTANT_SYSTEM", "prediction_path", "write_prediction_meta", "split_files",
-           "run_zero_shot", "run_finetuned", "write_constant_baseline"]
+           "run_zero_shot", "run_finetuned", "caption_file", "write_constant_baseline"]
 
 FINETUNED_SUFFIX = "+ft"
 CONSTANT_SYSTEM = "constant-caption"
@@ -194,6 +194,45 @@ def run_finetuned(params: Any, adapter: str | Path, splits: Optional[Sequence[st
             del model, processor
             _free_memory()
     return pd.DataFrame(rows)
+
+
+def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], images_dir: str | Path,
+                 out: str | Path, *, model_dir: Optional[str] = None, adapter: Optional[str] = None,
+                 keep_file_name: bool = False, progress: bool = True,
+                 options: EngineOptions = EngineOptions()) -> dict:
+    """Caption ``records`` with one model into ``out`` (resumable JSONL + ``.meta.json``): what
+    ``jpcap caption`` runs. ``name`` is a registry key or hub id; ``model_dir`` a local folder in its
+    hub layout instead of the hub; ``adapter`` a trained LoRA adapter on top. A pinned-environment
+    model runs there (no adapter). Generation settings come from ``params.generation``; holds the
+    output folder's lock (one writer)."""
+    out = Path(out)
+    entry = resolve(name)
+    gen = params.generation
+    with run_lock(out.parent, "caption"):
+        if runs_pinned(params, entry):
+            if adapter:
+                raise ValueError(f"{entry.key} runs in its pinned environment: adapters are not supported there")
+            settings = pinned_settings(params, entry)
+            summary = caption_records_pinned(
+                entry, model_dir or model_path(params, entry.key), records, images_dir, out,
+                env_parent=env_root(params), dtype=settings["dtype"], load_in_4bit=settings["load_in_4bit"],
+                revision=settings["revision"], max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
+                prompt=gen.prompt, progress=progress, keep_file_name=keep_file_name)
+            revision = settings["revision"]
+        else:
+            quant = None if adapter else entry.load_in_4bit
+            model, processor, entry = load_model(params, name, load_in_4bit=quant, adapter=adapter, path=model_dir)
+            try:
+                summary = caption_records(
+                    model, processor, entry, records, images_dir, out, batch_size=gen.batch_size,
+                    max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, prompt=gen.prompt,
+                    decoder=gen.decoder, progress=progress, options=options, keep_file_name=keep_file_name)
+            finally:
+                del model, processor
+                _free_memory()
+            revision = params.model.revision or entry.revision or summary.get("commit")
+        write_prediction_meta(out, entry, summary, prompt=gen.prompt, revision=revision, adapter=str(adapter or ""))
+    return summary
 
 
 def write_constant_baseline(params: Any, splits: Optional[Sequence[str]] = None) -> str:

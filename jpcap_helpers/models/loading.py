@@ -73,13 +73,20 @@ def runs_pinned(params: Any, entry: ModelEntry) -> bool:
     return entry.loader == "pinned_env" or (params.model.loads == "pinned_env" and entry.pinned is not None)
 
 
-def remote_code_opted_in(params: Any, entry: ModelEntry) -> bool:
-    """``model.trust_remote_code`` names this model (a list of registry keys / hub ids), or is ``true``
-    while ``model.name`` is this model: the opt-in is per model, never for a whole zero-shot list."""
+def _trust_item(params: Any, entry: ModelEntry) -> Optional[str]:
+    """The ``model.trust_remote_code`` list item naming ``entry`` (``key``, ``hub_id`` or either with
+    ``@commit``), or None."""
     trust = params.model.trust_remote_code
     if isinstance(trust, list):
-        return entry.key in trust or entry.hub_id in trust
-    return bool(trust) and params.model.name in (entry.key, entry.hub_id)
+        return next((t for t in trust if t.split("@", 1)[0] in (entry.key, entry.hub_id)), None)
+    return entry.key if trust is True and params.model.name in (entry.key, entry.hub_id) else None
+
+
+def remote_code_opted_in(params: Any, entry: ModelEntry) -> bool:
+    """``model.trust_remote_code`` names this model (a list of registry keys / hub ids, each optionally
+    ``@commit``), or is ``true`` while ``model.name`` is this model: the opt-in is per model, never for
+    a whole zero-shot list."""
+    return _trust_item(params, entry) is not None
 
 
 def pinned_settings(params: Any, entry: ModelEntry) -> dict:
@@ -92,8 +99,10 @@ def pinned_settings(params: Any, entry: ModelEntry) -> dict:
         raise ModelError(f"{entry.key} ({entry.hub_id}) runs Python code from its hub repository (in its own "
                          f"pinned environment): read that code, then opt in for this model with "
                          f"model.trust_remote_code: [{entry.key}] in your params file")
-    revision = pinned_revision(entry, params.model.revision if params.model.name in (entry.key, entry.hub_id)
-                               else None, params.model.allow_unpinned_remote_code, remote=True)
+    item = _trust_item(params, entry) or ""
+    own = params.model.revision if params.model.name in (entry.key, entry.hub_id) else None
+    revision = pinned_revision(entry, item.split("@", 1)[1] if "@" in item else own,
+                               params.model.allow_unpinned_remote_code, remote=True)
     dtype = choose_dtype(params.model.precision)
     quant = entry.load_in_4bit if entry.load_in_4bit is not None else params.model.load_in_4bit
     return {"revision": revision, "dtype": str(dtype).replace("torch.", ""), "load_in_4bit": bool(quant)}

@@ -21,11 +21,12 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from ..io import atomic_write_json
 
-__all__ = ["PinnedRecipe", "PinnedEnvError", "ENV_STAMP", "env_root", "env_dir", "ensure_env", "parent_site_dirs"]
+__all__ = ["PinnedRecipe", "PinnedEnvError", "ENV_STAMP", "LOCAL_ENV_ROOT", "env_root", "env_dir", "ensure_env",
+           "ensure_env_with_fallback", "parent_site_dirs", "runner_path"]
 
 ENV_STAMP = "jpcap_env.json"  # written last: an environment without it is incomplete and rebuilt
 
@@ -44,13 +45,16 @@ class PinnedRecipe:
     runner: str
 
 
+LOCAL_ENV_ROOT = Path.home() / ".cache" / "jpcap" / "envs"
+
+
 def env_root(params: Any) -> Path:
     """Where pinned environments live: ``<persist_dir>/envs`` when set (Colab: Drive, so a new runtime
     finds it), else ``~/.cache/jpcap/envs`` (``JPCAP_ENV_DIR`` overrides both)."""
     if os.environ.get("JPCAP_ENV_DIR"):
         return Path(os.environ["JPCAP_ENV_DIR"])
     persist = getattr(params.run, "persist_dir", None)
-    return Path(persist) / "envs" if persist else Path.home() / ".cache" / "jpcap" / "envs"
+    return Path(persist) / "envs" if persist else LOCAL_ENV_ROOT
 
 
 def env_dir(root: Path, name: str, requirements: Sequence[str]) -> Path:
@@ -98,8 +102,9 @@ def ensure_env(root: Path, name: str, requirements: Sequence[str], timeout: floa
     with FileLock(str(folder) + ".lock"):
         if stamp.is_file() and python.is_file():
             return python
-        _run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(folder)], "creating the virtual environment",
-             name, timeout)
+        # --copies: no symlinks (a Google Drive folder cannot hold them)
+        _run([sys.executable, "-m", "venv", "--clear", "--copies", "--without-pip", str(folder)],
+             f"creating the virtual environment {folder}", name, timeout)
         out = subprocess.run([str(python), "-c", "import sysconfig;print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
         Path(out, "_jpcap_parent.pth").write_text("\n".join(parent_site_dirs()) + "\n", encoding="utf-8")
@@ -114,10 +119,20 @@ def ensure_env(root: Path, name: str, requirements: Sequence[str], timeout: floa
     return python
 
 
+def ensure_env_with_fallback(root: Path, name: str, requirements: Sequence[str]) -> Path:
+    """:func:`ensure_env` in ``root``; if that folder cannot hold an environment (a network drive that
+    refuses executables), in :data:`LOCAL_ENV_ROOT` instead, saying so (it is rebuilt per runtime)."""
+    try:
+        return ensure_env(root, name, requirements)
+    except (PinnedEnvError, OSError) as exc:
+        if Path(root) == LOCAL_ENV_ROOT or "installing" in str(exc):
+            raise
+        print(f"{name}: no environment possible in {root} ({str(exc)[:160]}); using {LOCAL_ENV_ROOT} "
+              "(rebuilt in each new runtime)")
+        return ensure_env(LOCAL_ENV_ROOT, name, requirements)
+
+
 def runner_path() -> Path:
     """The runner script (standard library + torch + transformers only: it runs in the pinned env)."""
     return Path(__file__).with_name("pinned_runner.py")
 
-
-def describe(python: Optional[Path]) -> str:
-    return f"pinned env {python.parent.parent.name}" if python else "pinned env"

@@ -127,7 +127,7 @@ _register(ModelEntry(
     loader="native", params_b=2.9, prompt="caption ja", licence="Gemma Terms of Use (gated)",
     trained_on_stair=None, contamination_note="mix checkpoint fine-tuned on multilingual COCO-35L captions "
     "(COCO images, machine-translated captions), not STAIR itself",
-    t4_recipe="fp16", max_new_tokens=40, gated=True,
+    t4_recipe="fp16", max_new_tokens=40, gated=True, load_in_4bit=False,
     notes="gated on the hub: accept the licence and log in first; the processor adds <image> tokens, "
     "BOS and the closing newline around the 'caption ja' prefix itself",
     run_here='tiny config: load + batched generate in tests; no real checkpoint'))
