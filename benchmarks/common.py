@@ -122,6 +122,36 @@ def synthetic_images(n: int, width: int = 640, height: int = 480, seed: int = 0)
             for i in range(n)]
 
 
+# A COCO-like mix of image sizes (width, height) → share. Approximate, from the common sizes of COCO
+# train/val 2014 (landscape 640-wide dominates, then portrait and 4:3/16:9 variants); used where a
+# benchmark should not see one size only.
+COCO_LIKE_SIZES = {(640, 480): 0.42, (480, 640): 0.14, (640, 427): 0.14, (427, 640): 0.05, (500, 375): 0.05,
+                   (640, 360): 0.04, (375, 500): 0.03, (612, 612): 0.03, (640, 512): 0.02, (640, 425): 0.02,
+                   (640, 428): 0.02, (333, 500): 0.01, (640, 640): 0.02, (480, 360): 0.01}
+
+
+def coco_like_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``n`` (width, height) pairs drawn from :data:`COCO_LIKE_SIZES` (seeded)."""
+    rng = np.random.default_rng(seed)
+    sizes = list(COCO_LIKE_SIZES)
+    p = np.array(list(COCO_LIKE_SIZES.values()))
+    return [sizes[i] for i in rng.choice(len(sizes), size=n, p=p / p.sum())]
+
+
+def write_images(folder: Path, n: int, mix: str = "coco", seed: int = 0) -> Path:
+    """``n`` noise JPEGs in ``folder`` (uniform 640×480, or the COCO-like size mix); kept if present."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = coco_like_sizes(n, seed) if mix == "coco" else [(640, 480)] * n
+    for i, (w, h) in enumerate(sizes):
+        path = folder / f"img_{i:05d}.jpg"
+        if not path.exists():
+            Image.fromarray((np.random.default_rng(seed + i).random((h, w, 3)) * 255).astype("uint8")).save(
+                path, quality=90)
+    return folder
+
+
 def synthetic_batch(arch: str, bs: int, max_pixels: int, prompt_len: int = 20, cap_len: int = 24, seed: int = 0,
                     min_pixels: int = 56 * 56, model_dir: Path | None = None):
     """A training batch like the probe's: 640×480 images, 20 prompt + 24 caption tokens, labels on the

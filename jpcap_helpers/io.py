@@ -141,7 +141,8 @@ def _inherited_tokens() -> dict[str, str]:
 def run_lock(run_dir: str | os.PathLike, purpose: str) -> Iterator[None]:
     """Hold the run folder's advisory lock while writing to it: one writer per run folder.
 
-    Re-entrant in this process and in processes it starts (``jpcap run`` → notebook kernels → train).
+    Re-entrant in this process and in processes it starts (``jpcap run`` → notebook kernels → train);
+    under ``accelerate launch`` rank 0 holds it for all ranks.
     A second writer gets :class:`RunLockedError` naming the holder's PID, command and start time. The
     lock is an OS file lock (``filelock``): a killed holder releases it, and the next writer takes over
     and says so.
@@ -153,6 +154,9 @@ def run_lock(run_dir: str | os.PathLike, purpose: str) -> Iterator[None]:
 
     from filelock import FileLock, Timeout
 
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        yield    # another process of the same `accelerate launch` (rank 0) holds it for the launch
+        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = (run_dir / ".jpcap.lock").resolve()

@@ -19,6 +19,7 @@ from ..text import normalize_caption
 from .options import EngineOptions
 from .pinned import caption_records_pinned
 from .pipeline import caption_records, error_text
+from .sharding import caption_sharded, process_group
 
 __all__ = ["FINETUNED_SUFFIX", "CONSTANT_SYSTEM", "prediction_path", "write_prediction_meta", "split_files",
            "run_zero_shot", "run_finetuned", "caption_file", "write_constant_baseline"]
@@ -97,14 +98,19 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
         if max_images is not None:
             records = records[:max_images]
         out = prediction_path(params, system, split)
-        summary = caption_records(
-            model, processor, entry, records, params.images_dir, out,
-            batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
-            num_beams=params.generation.num_beams, prompt=params.generation.prompt,
-            decoder=params.generation.decoder, extra={"split": split}, options=options)
-        write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
-                              revision=params.model.revision or entry.revision or summary.get("commit"),
-                              adapter=adapter)
+
+        def caption(shard: list, path: Path, split: str = split) -> dict:
+            return caption_records(
+                model, processor, entry, shard, params.images_dir, path,
+                batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
+                num_beams=params.generation.num_beams, prompt=params.generation.prompt,
+                decoder=params.generation.decoder, extra={"split": split}, options=options)
+
+        summary = caption_sharded(caption, records, out)  # one GPU, or sharded under accelerate launch
+        if process_group()[0] == 0:
+            write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
+                                  revision=params.model.revision or entry.revision or summary.get("commit"),
+                                  adapter=adapter)
         rows.append({"model": system, "split": split, "hub_id": entry.hub_id,
                      "contamination": contamination_flag(entry), **summary,
                      "pred_path": str(out), "split_path": str(path)})
@@ -151,6 +157,7 @@ def run_zero_shot(params: Any, splits: Optional[Sequence[str]] = None, models: O
     max_images = max_images if max_images is not None else params.zero_shot.max_images
     rows = []
     with run_lock(params.run_dir, "caption"):
+        process_group()  # under accelerate launch: bind each process to its GPU before a model loads
         files = split_files(params, splits)
         for name in names:
             if not files:
@@ -185,6 +192,7 @@ def run_finetuned(params: Any, adapter: str | Path, splits: Optional[Sequence[st
     splits = list(splits if splits is not None else params.evaluate.splits)
     max_images = max_images if max_images is not None else params.evaluate.max_images
     with run_lock(params.run_dir, "caption"):
+        process_group()  # under accelerate launch: bind each process to its GPU before a model loads
         files = split_files(params, splits)
         model, processor, entry = load_model(params, adapter=str(adapter))
         try:
@@ -203,15 +211,20 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
     """Caption ``records`` with one model into ``out`` (resumable JSONL + ``.meta.json``): what
     ``jpcap caption`` runs. ``name`` is a registry key or hub id; ``model_dir`` a local folder in its
     hub layout instead of the hub; ``adapter`` a trained LoRA adapter on top. A pinned-environment
-    model runs there (no adapter). Generation settings come from ``params.generation``; holds the
-    output folder's lock (one writer)."""
+    model runs there (no adapter, one GPU). Generation settings come from ``params.generation``.
+    Under ``accelerate launch`` the records are sharded over the GPUs (:mod:`.sharding`). Rank 0
+    holds the output folder's lock (one writer)."""
     out = Path(out)
     entry = resolve(name)
     gen = params.generation
+    rank, world, _ = process_group()  # binds this process to its GPU before the model loads
     with run_lock(out.parent, "caption"):
         if runs_pinned(params, entry):
             if adapter:
                 raise ValueError(f"{entry.key} runs in its pinned environment: adapters are not supported there")
+            if world > 1:
+                raise ValueError(f"{entry.key} runs in its pinned environment on one GPU: run it without "
+                                 "accelerate launch")
             settings = pinned_settings(params, entry)
             summary = caption_records_pinned(
                 entry, model_dir or model_path(params, entry.key), records, images_dir, out,
@@ -222,16 +235,23 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
         else:
             quant = None if adapter else entry.load_in_4bit
             model, processor, entry = load_model(params, name, load_in_4bit=quant, adapter=adapter, path=model_dir)
-            try:
-                summary = caption_records(
-                    model, processor, entry, records, images_dir, out, batch_size=gen.batch_size,
+
+            def caption(shard: list, path: Path) -> dict:
+                return caption_records(
+                    model, processor, entry, shard, images_dir, path, batch_size=gen.batch_size,
                     max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, prompt=gen.prompt,
-                    decoder=gen.decoder, progress=progress, options=options, keep_file_name=keep_file_name)
+                    decoder=gen.decoder, progress=progress and rank == 0, options=options,
+                    keep_file_name=keep_file_name)
+
+            try:
+                summary = caption_sharded(caption, records, out)
             finally:
                 del model, processor
                 _free_memory()
             revision = params.model.revision or entry.revision or summary.get("commit")
-        write_prediction_meta(out, entry, summary, prompt=gen.prompt, revision=revision, adapter=str(adapter or ""))
+        if rank == 0:
+            write_prediction_meta(out, entry, summary, prompt=gen.prompt, revision=revision,
+                                  adapter=str(adapter or ""))
     return summary
 
 

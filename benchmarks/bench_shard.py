@@ -1,0 +1,83 @@
+"""Sharded captioning on several GPUs of one host (issue 18/20): `jpcap caption` over a folder of image
+files under `accelerate launch --multi_gpu --num_processes N` for each N, against N = 1 in the same run.
+Random weights of the real Qwen2-VL-2B shape (bf16, params/h100.yaml generation settings), COCO-like size
+mix. Each N runs twice into separate files: the first pays compilation and graph capture ("cold"), the
+second is timed warm (inductor's cache is on disk; each process still captures its graphs). Rows are
+compared with the one-GPU run's: same ids, none missing or doubled, and the share of equal captions.
+
+    python benchmarks/bench_shard.py --images 2048 --gpus 1 2 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, random_model_dir, versions, write_images  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def caption(model_dir: Path, images: Path, out: Path, gpus: int, batch: int) -> dict:
+    cli = ["-m", "jpcap_helpers.cli", "caption", "--model", "qwen2-vl-2b-instruct", "--model-path", str(model_dir),
+           "--images", str(images), "--out", str(out), "--params", str(ROOT / "params/h100.yaml"),
+           "--set", "model.load_in_4bit=false", "--set", f"generation.batch_size={batch}",
+           "--set", "generation.max_new_tokens=24"]
+    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
+    start = time.perf_counter()
+    res = subprocess.run(launch + cli, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if res.returncode:
+        raise SystemExit(res.stderr[-3000:])
+    meta = json.loads(out.with_suffix(".meta.json").read_text())["last_run"]
+    return {"images_per_s": meta["images_per_s"], "engine_seconds": meta["seconds"], "wall_seconds": round(wall, 1),
+            "processes": meta.get("processes"), "n_done": meta["n_done"], "peak_gpu_gib": meta["peak_gpu_gib"]}
+
+
+def rows(path: Path) -> dict:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        out.setdefault(r["image_id"], []).append(r.get("caption"))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--mix", default="coco", choices=["coco", "uniform"])
+    ap.add_argument("--work", default="/tmp/jpcap-shard")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    model_dir = random_model_dir("qwen2-vl-2b")
+    images = write_images(work / f"images-{args.mix}-{args.images}", args.images, args.mix)
+    emit({"bench": "shard", "versions": versions(), "images": args.images, "mix": args.mix, "batch": args.batch})
+    base = None
+    for gpus in args.gpus:
+        for phase in ("cold", "warm"):
+            out = work / f"pred-{gpus}-{phase}.jsonl"
+            for stale in work.glob(f"pred-{gpus}-{phase}*"):
+                stale.unlink()
+            res = caption(model_dir, images, out, gpus, args.batch)
+            got = rows(out)
+            row = {"bench": "shard", "gpus": gpus, "phase": phase, **res, "rows": sum(len(v) for v in got.values()),
+                   "ids": len(got), "doubled": sum(len(v) > 1 for v in got.values())}
+            if phase == "warm":
+                if gpus == min(args.gpus):
+                    base = (got, res["images_per_s"])
+                else:
+                    same = sum(got.get(i, [None])[0] == c[0] for i, c in base[0].items())
+                    row.update(speedup=round(res["images_per_s"] / base[1], 2), same_ids=set(got) == set(base[0]),
+                               equal_captions=round(same / max(1, len(base[0])), 4))
+            emit(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Captioning on several GPUs: the records sharded over the processes of ``accelerate launch`` or
+``torchrun`` (one per GPU; ``torch.distributed`` gives rank, world size, barriers and the gathering of
+the summaries: NCCL on GPUs, gloo on CPUs).
+
+Each process captions every ``world``-th record (after duplicates and the ids already in the output
+are dropped) into its own kill-safe shard ``<out>.shard-<rank>-of-<world>.jsonl`` — resumable by the
+same rule as one GPU. When all are done, rank 0 merges the shards into ``<out>`` (ids already there are
+skipped, so a merge killed half-way is finished by the next run) and deletes them. The merged file
+holds the rows of a one-GPU run: every record once, none missing (order aside). A run started with
+another number of GPUs first merges what an earlier run left in shards.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .. import io as jio
+
+__all__ = ["process_group", "shard_path", "merge_shards", "caption_sharded"]
+
+
+class _Group:
+    """The launch's process group: ``wait_for_everyone`` and ``gather`` (every process gets the list)."""
+
+    def wait_for_everyone(self) -> None:
+        import torch.distributed as dist
+        dist.barrier()
+
+    def gather(self, obj: Any) -> list:
+        import torch.distributed as dist
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def process_group() -> tuple[int, int, Any]:
+    """(rank, world size, group) under ``accelerate launch`` / ``torchrun`` with more than one process:
+    joins the process group (once) and binds this process to its GPU (``LOCAL_RANK``) before any model
+    loads; (0, 1, None) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), _Group()
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.stem}.shard-{rank}-of-{world}.jsonl")
+
+
+def _shards(out: Path) -> list[Path]:
+    pattern = re.compile(re.escape(out.stem) + r"\.shard-\d+-of-\d+\.jsonl$")
+    return sorted(p for p in out.parent.glob(f"{out.stem}.shard-*.jsonl") if pattern.match(p.name))
+
+
+def merge_shards(out: Path) -> int:
+    """Append every shard's rows whose id ``out`` lacks (a shard's partial last line dropped), then
+    delete the shards. Returns the rows appended. Rank 0 only."""
+    jio.repair_jsonl_tail(out)
+    done = {r.get("image_id") for r in jio.read_jsonl(out, tolerate_partial_last=True)} if out.exists() else set()
+    added = 0
+    for shard in _shards(out):
+        jio.repair_jsonl_tail(shard)
+        rows = []
+        for row in jio.read_jsonl(shard, tolerate_partial_last=True):
+            if row.get("image_id") not in done:
+                done.add(row.get("image_id"))
+                rows.append(row)
+        if rows:
+            added += jio.append_jsonl(out, rows)
+        shard.unlink()
+    return added
+
+
+def _record_id(record: Any) -> Any:
+    return record.get("image_id") if isinstance(record, Mapping) else getattr(record, "image_id", None)
+
+
+def caption_sharded(caption: Callable[[list, Path], dict], records: Sequence[Any], out: str | Path) -> dict:
+    """``caption(records, path) -> summary`` over this process's shard of ``records`` (all of them on
+    one process), merged into ``out``. Every process returns the run's summary: counts summed over the
+    processes, ``images_per_s`` = all rows / the slowest process's seconds, ``processes`` = world."""
+    out = Path(out)
+    rank, world, state = process_group()
+    if world == 1:
+        return {**caption(list(records), out), "processes": 1}
+    if rank == 0:
+        merge_shards(out)  # what an earlier (killed, or other-sized) run left
+    state.wait_for_everyone()
+    done = {r.get("image_id") for r in jio.read_jsonl(out, tolerate_partial_last=True)} if out.exists() else set()
+    seen: set = set()
+    pending, n_dupes = [], 0
+    for record in records:
+        rid = _record_id(record)
+        if rid in done:
+            continue
+        if rid in seen:
+            n_dupes += 1
+            continue
+        seen.add(rid)
+        pending.append(record)
+    summary = caption(pending[rank::world], shard_path(out, rank, world))
+    summaries = state.gather(summary)
+    state.wait_for_everyone()
+    if rank == 0:
+        merge_shards(out)
+    state.wait_for_everyone()
+    total = dict(summaries[0])
+    for key in ("n_done", "n_captioned", "n_errors", "n_skipped_existing"):
+        total[key] = sum(int(s.get(key) or 0) for s in summaries)
+    total.update(out_path=str(out), n_records=len(records), n_skipped_existing=total["n_skipped_existing"] + len(done & {
+        _record_id(r) for r in records}), n_duplicate_records=n_dupes, processes=world,
+        seconds=max(float(s.get("seconds") or 0) for s in summaries),
+        peak_gpu_gib=max((s.get("peak_gpu_gib") or 0) for s in summaries) or None)
+    total["images_per_s"] = round(total["n_done"] / total["seconds"], 3) if total["seconds"] > 0 else 0.0
+    return total
