@@ -56,7 +56,7 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
         "trained_on_stair": entry.trained_on_stair,
         "contamination": contamination_flag(entry),
         "prompt": prompt if prompt is not None else entry.prompt,
-        "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens")},
+        "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens", "constraints")},
         "last_run": dict(summary),
     }
     return jio.atomic_write_json(meta_path, meta)
@@ -97,7 +97,8 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
             model, processor, entry, records, params.images_dir, out,
             batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
             num_beams=params.generation.num_beams, prompt=params.generation.prompt,
-            decoder=params.generation.decoder, extra={"split": split}, options=options)
+            decoder=params.generation.decoder, extra={"split": split}, options=options,
+            constraints=params.generation.constraints)
         write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
                               revision=params.model.revision or entry.revision or summary.get("commit"),
                               adapter=adapter)
