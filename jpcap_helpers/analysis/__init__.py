@@ -1,13 +1,13 @@
 """Analysis of finished runs (docs/ablations.md): ablation sweeps and their comparison
 (:mod:`.ablations`, runner in :mod:`.sweeps`), automatic failure flags (:mod:`.flags`), the
-failure-case browser (:mod:`.browser`) and the notebooks' tables and figures (:mod:`.reports`).
+failure-case browser (:mod:`.browser`), human evaluation (:mod:`.human_eval`) and the notebooks' tables and figures (:mod:`.reports`).
 
 Use the modules: ``from jpcap_helpers.analysis import ablations, browser, flags, reports``. They are
 imported on first use (``reports`` loads matplotlib and the Japanese font).
 """
 import importlib
 
-__all__ = ["ablations", "browser", "flags", "reports", "sweeps"]
+__all__ = ["ablations", "browser", "flags", "human_eval", "reports", "sweeps"]
 
 
 def __getattr__(name: str):
