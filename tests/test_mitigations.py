@@ -30,3 +30,33 @@ def test_flag_rate_cis_bracket_the_rate():
                                 {i: ["赤い 丸"] for i in range(40)})
     rate, lo, hi = mitigations.flag_rate_cis(df, n_resamples=500)["non_japanese"]
     assert rate == 0.25 and lo < 0.25 < hi and 0 <= lo and hi <= 1
+
+
+def test_review_decisions_filter_predictions(tmp_path):
+    from jpcap_helpers.analysis import browser as jb
+    from jpcap_helpers.analysis import decisions
+
+    refs = tmp_path / "test.jsonl"
+    colours = ["赤い", "青い", "白い", "黒い"]
+    refs.write_text("".join(json.dumps({"image_id": i, "file_name": f"{i}.jpg", "captions": [f"{c} 丸 が ある"]},
+                                       ensure_ascii=False) + "\n" for i, c in enumerate(colours)), encoding="utf-8")
+    preds = tmp_path / "m__test.jsonl"
+    preds.write_text("".join(json.dumps({"image_id": i, "caption": c}, ensure_ascii=False) + "\n"
+                             for i, c in enumerate(["赤い 丸 が ある", "犬 が 走る", "白い 丸 が ある", "猫"])),
+                     encoding="utf-8")
+    fb = jb.FailureBrowser.from_sources([jb.PredictionSource("m", preds)], refs, tmp_path)
+    store = decisions.DecisionStore(tmp_path / "decisions.jsonl")
+    panel = decisions.DecisionPanel(fb, store, reviewer="t")
+    assert set(panel.w_image.options) <= {0, 1, 2, 3} and panel.w_image.options
+    panel.decide(1, "reject")
+    panel.decide(3, "reject")
+    panel.decide(3, "accept")                      # changed my mind: the last decision counts
+    with open(store.path, "a", encoding="utf-8") as fh:
+        fh.write('{"model": "m", "image_id": 2, "decision": "maybe"}\n{"model"')
+    assert store.load() == {("m", 1): "reject", ("m", 3): "accept"} and len(store.bad_lines) == 2
+    table = decisions.apply_decisions(preds, "m", store, refs, tmp_path / "kept.jsonl", n_resamples=100)
+    kept = [json.loads(line)["image_id"] for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert kept == [0, 2, 3] and list(table["n_images"]) == [4, 3] and table["coverage"].iloc[1] == 0.75
+    import pytest
+    with pytest.raises(ValueError, match="decision"):
+        store.decide("m", 0, "drop")
