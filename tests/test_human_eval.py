@@ -158,3 +158,28 @@ def test_widget_headless_submit_and_resume(sample, tmp_path):
     assert resumed.current["item_id"] == w.current["item_id"]
     w.begin("bad name!")
     assert "rater" in w.status.value
+
+
+def test_sample_for_run_draws_once_then_reloads(tmp_path):
+    from jpcap_helpers.params import Params
+
+    P = Params.from_dict({"run": {"name": "r", "output_dir": str(tmp_path / "out"), "seed": 5},
+                          "data": {"root": str(tmp_path / "data")}, "evaluate": {"splits": ["test", "yj_test"]}})
+    P.processed_dir.mkdir(parents=True)
+    (P.processed_dir / "test.jsonl").write_text("".join(
+        json.dumps({"image_id": i, "file_name": f"{i}.jpg", "captions": ["丸"]}) + "\n" for i in range(8)))
+    preds = P.run_dir / "predictions"
+    preds.mkdir(parents=True)
+    for s in ("m", "m+ft"):
+        (preds / f"{s}__test.jsonl").write_text("".join(
+            json.dumps({"image_id": i, "caption": f"{s} {i}"}) + "\n" for i in range(8 if s == "m" else 6)))
+    (P.run_dir / "scores").mkdir()
+    (P.run_dir / "scores" / "m+ft__test.json").write_text(json.dumps({"per_image": [
+        {"image_id": i, "CIDEr": i / 3} for i in range(6)]}))
+    assert he.default_systems(["constant-caption", "m", "m+ft"]) == ["m", "m+ft"]
+    s = he.sample_for_run(P, tmp_path / "s.json", ["m", "m+ft"], n=4)
+    assert len(s.items) == 4 and s.seed == 5 and all(it["split"] == "test" for it in s.items)
+    assert {it["image_id"] for it in s.items} <= set(range(6)), "only images both systems captioned"
+    assert he.sample_for_run(P, tmp_path / "s.json", ["m+ft", "m"], n=10).items == s.items, "reloaded, not redrawn"
+    with pytest.raises(ValueError, match="move the file"):
+        he.sample_for_run(P, tmp_path / "s.json", ["m", "other"])

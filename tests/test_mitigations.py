@@ -60,3 +60,12 @@ def test_review_decisions_filter_predictions(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="decision"):
         store.decide("m", 0, "drop")
+
+
+def test_compact_folds_the_intervals():
+    import pandas as pd
+
+    df = pd.DataFrame([{"variant": "x", "CIDEr": 1.234, "CIDEr_lo": 1.0, "CIDEr_hi": 1.5, "empty": 0.25,
+                        "empty_lo": 0.1, "empty_hi": 0.4}])
+    assert mitigations.compact(df).to_dict("records") == [
+        {"variant": "x", "CIDEr": "1.23 [1.00, 1.50]", "empty %": "25.0 [10.0, 40.0]"}]

@@ -14,7 +14,7 @@ import numpy as np
 from .. import io as jio
 from . import flags as jflags
 
-__all__ = ["VARIANTS", "flag_rate_cis", "score_variant", "constraint_comparison", "rule_filter"]
+__all__ = ["VARIANTS", "flag_rate_cis", "score_variant", "constraint_comparison", "rule_filter", "compact"]
 
 #: the variants 06 and benchmarks/constraints_effect.py compare (generation.constraints values)
 VARIANTS: dict[str, dict] = {
@@ -138,3 +138,21 @@ def rule_filter(pred_path: str | Path, references_path: str | Path, out_path: st
     df = pd.DataFrame(table)
     df["coverage"] = df["n_images"] / max(len(caps), 1)
     return df
+
+
+def compact(table: Any) -> Any:
+    """The table with each CI folded into its value (``1.99 [1.69, 2.32]``, rates in %), for display."""
+    import pandas as pd
+
+    out = pd.DataFrame(index=table.index)
+    for col in table.columns:
+        if col.endswith(("_lo", "_hi")):
+            continue
+        if f"{col}_lo" in table.columns:
+            pct = col != "CIDEr"
+            fmt = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.2f}")
+            out[col + (" %" if pct else "")] = [f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]" for v, lo, hi in
+                                                 zip(table[col], table[f"{col}_lo"], table[f"{col}_hi"])]
+        else:
+            out[col] = table[col]
+    return out

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ...io import atomic_write_json, read_jsonl
 
-__all__ = ["Sample", "draw_sample", "load_sample", "cider_bands", "items_from_run"]
+__all__ = ["Sample", "draw_sample", "load_sample", "cider_bands", "items_from_run", "default_systems", "sample_for_run"]
 
 BANDS = ("low", "mid", "high")
 
@@ -154,3 +154,35 @@ def items_from_run(params: Any, systems: Sequence[str], splits: Optional[Sequenc
                             "captions": {s: caps[s][iid] for s in systems},
                             "cider": {s: ciders[s][iid] for s in systems if iid in ciders[s]}})
     return out
+
+
+def default_systems(systems: Sequence[str]) -> list[str]:
+    """The pair to rate from a run's systems: the first fine-tuned one (``<model>+…``) and its base
+    model, else the first two that are not the constant-caption floor."""
+    real = [s for s in systems if not s.startswith("constant")]
+    ft = next((s for s in real if "+" in s), None)
+    if ft and ft.split("+", 1)[0] in real:
+        return [ft.split("+", 1)[0], ft]
+    if len(real) < 2:
+        raise ValueError(f"human rating compares two systems; this run has {real or 'none'}")
+    return real[:2]
+
+
+def sample_for_run(params: Any, path: str | Path, systems: Sequence[str], n: int = 30, seed: Optional[int] = None,
+                   splits: Optional[Sequence[str]] = None) -> Sample:
+    """The run's rating sample: loaded from ``path`` when it exists (so ratings stay matched to it; a
+    file for other systems is an error naming the fix), else drawn (:func:`draw_sample`, seed
+    ``run.seed``) from :func:`items_from_run` and saved there."""
+    path = Path(path)
+    if path.exists():
+        sample = load_sample(path)
+        if sorted(sample.systems) != sorted(systems):
+            raise ValueError(f"{path} holds a sample of {sample.systems}, not {list(systems)}: rate that pair, "
+                             "or move the file (and its ratings) away to draw a new sample")
+        return sample
+    items = items_from_run(params, systems, splits)
+    if not items:
+        raise ValueError(f"no image has predictions of both {list(systems)}: caption with both first")
+    sample = draw_sample(items, systems, n, params.run.seed if seed is None else seed)
+    sample.save(path)
+    return sample
