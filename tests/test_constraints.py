@@ -175,3 +175,17 @@ def test_gpu_graph_replay_applies_the_constraints(tiny):
     assert graphs.n_graph_captures == 1 and torch.equal(a, b)
     cpu = decode.GreedyDecoder(tiny["model"], eos_ids=[], pad_id=pad, max_batch=8, constraints=cons).generate(inputs, 12)
     assert (a == cpu).float().mean() > 0.9   # fp32 CPU vs GPU: the same captions up to rare ties
+
+
+def test_meta_marks_a_file_resumed_under_other_constraints(tmp_path, capsys):
+    pred = tmp_path / "m__test.jsonl"
+    pred.write_text("")
+    base = {"batch_size": 1, "num_beams": 1, "max_new_tokens": 4, "n_skipped_existing": 0, "constraints": None}
+    engine.write_prediction_meta(pred, ENTRY, base)
+    engine.write_prediction_meta(pred, ENTRY, {**base, "n_skipped_existing": 3})   # same setting: fine
+    assert "constraints_mixed" not in json.loads(pred.with_suffix(".meta.json").read_text())["generation"]
+    engine.write_prediction_meta(pred, ENTRY, {**base, "n_skipped_existing": 3, "constraints": {"ban_scripts": ["latin"]}})
+    assert json.loads(pred.with_suffix(".meta.json").read_text())["generation"]["constraints_mixed"] is True
+    assert "delete the file" in capsys.readouterr().out
+    engine.write_prediction_meta(pred, ENTRY, {**base, "n_skipped_existing": 5, "constraints": {"ban_scripts": ["latin"]}})
+    assert json.loads(pred.with_suffix(".meta.json").read_text())["generation"]["constraints_mixed"] is True

@@ -59,6 +59,14 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
         "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens", "constraints")},
         "last_run": dict(summary),
     }
+    old_cons = (old.get("generation") or {}).get("constraints")
+    if old and old_cons != summary.get("constraints") and summary.get("n_skipped_existing"):
+        # resumed under other constraints: the file mixes captions of two settings
+        meta["generation"]["constraints_mixed"] = True
+        print(f"{pred_path}: resumed with other generation.constraints than its earlier rows ({old_cons} → "
+              f"{summary.get('constraints')}): delete the file to caption every image under one setting")
+    elif old.get("generation", {}).get("constraints_mixed"):
+        meta["generation"]["constraints_mixed"] = True
     return jio.atomic_write_json(meta_path, meta)
 
 
