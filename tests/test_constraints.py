@@ -189,3 +189,33 @@ def test_meta_marks_a_file_resumed_under_other_constraints(tmp_path, capsys):
     assert "delete the file" in capsys.readouterr().out
     engine.write_prediction_meta(pred, ENTRY, {**base, "n_skipped_existing": 5, "constraints": {"ban_scripts": ["latin"]}})
     assert json.loads(pred.with_suffix(".meta.json").read_text())["generation"]["constraints_mixed"] is True
+
+
+class _CharTokenizer:
+    """Characters as tokens; anything outside the vocabulary is the unknown token (id 0)."""
+    all_special_ids = [0, 1]
+    unk_token_id = 0
+
+    def __init__(self, chars: str):
+        self.vocab = ["<unk>", "</s>", *chars]
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab.index(c) if c in self.vocab else 0 for c in text]
+
+    def batch_decode(self, ids, **_kw):
+        return ["".join(self.vocab[i] for i in row) for row in ids]
+
+
+def test_untokenizable_terms_are_skipped_and_counted():
+    tok = _CharTokenizer("男性女 aЖ한1。")
+    cons = C.build_constraints(tok, {"ban_words": ["男性", "猫", "女"], "ban_scripts": ["latin", "cyrillic", "hangul"]},
+                               eos_ids=[1])
+    r = cons.report
+    assert r.multi_token == ["男性"] and r.single_token == ["女"]
+    assert "unknown token" in r.skipped["猫"] and "猫" in r.summary()
+    banned = {tok.vocab[i] for i in range(len(tok)) if cons.bias[i] == NEG}
+    assert banned == {"女", "a", "Ж", "한"}          # 1, 。, space, kana-free CJK and the special tokens stay
+    assert r.n_script_tokens == {"latin": 1, "cyrillic": 1, "hangul": 1}
