@@ -183,3 +183,61 @@ def test_sample_for_run_draws_once_then_reloads(tmp_path):
     assert he.sample_for_run(P, tmp_path / "s.json", ["m+ft", "m"], n=10).items == s.items, "reloaded, not redrawn"
     with pytest.raises(ValueError, match="move the file"):
         he.sample_for_run(P, tmp_path / "s.json", ["m", "other"])
+
+
+SHIM = """
+const ANSWERS = %s, ITEMS = %s;
+const el = v => ({value: v});
+const divs = ITEMS.map(id => {
+  const a = ANSWERS[id] || {};
+  return {dataset: {item: id}, classList: {add() {}},
+    querySelector(sel) {
+      if (sel.startsWith("input[type=radio]")) return a.preference ? el(a.preference) : null;
+      if (sel.startsWith("select[name=")) return el(a[sel.slice(12, -1)] === undefined ? "" : String(a[sel.slice(12, -1)]));
+      if (sel === "input[name=comment]") return el(a.comment || "");
+      throw new Error("selector " + sel);
+    },
+    querySelectorAll(sel) {
+      if (sel === "input,select") return [];
+      const m = sel.match(/^input\\[name=(flags_(left|right))\\]:checked$/);
+      if (m) return (a[m[1]] || []).map(el);
+      throw new Error("selector " + sel);
+    }};
+});
+const nodes = {rater: el(%s), download: {}, status: {textContent: ""}};
+global.document = {getElementById: id => nodes[id], querySelectorAll: s => s === ".item" ? divs : [],
+  addEventListener() {}, createElement: () => ({click() { process.stdout.write(global.__blob); }})};
+global.localStorage = {getItem: () => null, setItem() {}};
+global.Blob = class { constructor(parts) { global.__blob = parts.join(""); } };
+global.URL = {createObjectURL: () => "blob:x"};
+"""
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node to run the form's JavaScript")
+def test_html_form_javascript_writes_answers_that_import(sample, tmp_path):
+    import re
+    import subprocess
+
+    page = he.form_html(sample)
+    script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+    ids = re.findall(r'data-item="([^"]+)"', page)
+    first, second, third = ids[:3]
+    answers = {first: {"preference": "right", "adequacy_left": 2, "adequacy_right": 5, "fluency_left": 3,
+                       "fluency_right": 4, "flags_left": ["hallucination", "privacy"], "comment": "猫はいない"},
+               second: {"preference": "tie", "adequacy_left": 3, "adequacy_right": 3, "fluency_left": 3,
+                        "fluency_right": 3},
+               third: {"preference": "left"}}          # started, scores missing: left out and counted
+    js = SHIM % (json.dumps(answers, ensure_ascii=False), json.dumps(ids), json.dumps("yui"))
+    js += script + "\ndocument.getElementById('download').onclick();\n" \
+                   "process.stderr.write(document.getElementById('status').textContent);"
+    run = subprocess.run(["node", "-e", js], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "2 answers saved" in run.stderr and "1 started items" in run.stderr
+    (tmp_path / "yui.jsonl").write_text(run.stdout, encoding="utf-8")
+    res = he.import_form_answers(tmp_path / "yui.jsonl", sample, tmp_path / "r")
+    assert res["imported"] == 2 and not res["invalid"]
+    df, _ = he.load_ratings(tmp_path / "r", sample)
+    got = df.set_index("item_id")
+    assert got.loc[first, "preference"] == "right" and got.loc[first, "flags_left"] == ["hallucination", "privacy"]
+    assert got.loc[first, "comment"] == "猫はいない" and got.loc[second, "adequacy_right"] == 3
+    assert set(got["source"]) == {"form"} and set(got["rater"]) == {"yui"}
