@@ -123,12 +123,23 @@ class ModelParams:
 
 
 @dataclass
+class ConstraintParams:
+    """Constrained decoding (engine/constraints.py); every default is off."""
+    ban_scripts: list[Literal["latin", "hangul", "cyrillic", "greek", "thai", "arabic"]] = _f(factory=list)
+    word_list: Literal["none", "gendered"] = "none"   # gendered: the male/female terms of the gendered flag
+    ban_words: list[str] = _f(factory=list)           # further terms to ban (or penalise)
+    word_penalty: Optional[float] = _f(None, gt=0, le=1000)  # null: ban (-inf); a number: subtract it
+    no_repeat_ngram_size: int = _f(0, ge=0, le=16)    # 0: off
+
+
+@dataclass
 class GenerationParams:
     batch_size: int = _f(16, ge=1, le=4096)
     max_new_tokens: int = _f(40, ge=1, le=1024)
     num_beams: int = _f(1, ge=1, le=16)
     prompt: Optional[str] = None          # None: the model's registry prompt
     decoder: Literal["auto", "hf"] = "auto"  # auto: static-cache greedy decoder where supported
+    constraints: ConstraintParams = _f(factory=ConstraintParams)
 
 
 @dataclass
@@ -482,6 +493,9 @@ def _check_consistency(p: Params, source: str) -> None:
     for section in ("zero_shot", "evaluate"):
         if not getattr(p, section).splits:
             fail(f"{section}.splits", "must name at least one split (e.g. [test, yj_test])")
+    for i, word in enumerate(p.generation.constraints.ban_words):
+        if not word.strip():
+            fail(f"generation.constraints.ban_words[{i}]", "must be a non-empty term (remove the empty entry)")
     tiny = p.model.tiny
     if tiny.hidden_size % tiny.num_attention_heads or tiny.num_attention_heads % tiny.num_key_value_heads:
         fail("model.tiny.num_attention_heads",

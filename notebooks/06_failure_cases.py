@@ -99,3 +99,123 @@ jpcap_helpers.colab.offer_download(reports_dir / "failure_cases.html")
 
 # %%
 display(Markdown(flags.ethics_summary(rates, nouns, split=split, synthetic=P.data.source == "jp-shapes")))
+
+# %% [markdown]
+# ## 5. Mitigations, measured
+# The project plan names two mitigations: filtering (by rule and by a person) and constrained decoding.
+# Each is measured here the same way: CIDEr-D and flag rates with 95 % bootstrap CIs over images. What
+# they can and cannot do (docs/human_eval.md):
+#
+# * **A rule-based filter** drops captions the flags mark as unusable (non-Japanese, empty, looping).
+#   The kept captions score better *because the hard images are gone*: read the coverage next to the
+#   score, it is a choice to show nothing rather than a bad caption, not a better model.
+# * **Human review** does the same with a person's judgement: accept or reject captions in the panel
+#   below the browser; the decisions are kept in `reports/decisions.jsonl` and the filtered predictions
+#   are scored the same way.
+# * **Constrained decoding** (`generation.constraints` in the params) removes tokens before they are
+#   chosen: other scripts (Latin, Hangul, Cyrillic), listed words (by default the gendered terms of the
+#   flag above), repeated n-grams. It removes *words*, not the bias behind them: the model can pick
+#   another word with the same assumption, or spell a banned word through other tokens, and banning a
+#   word the task needs costs CIDEr (the demo's table in benchmarks/results/constraints_effect.md shows
+#   both).
+
+# %%
+from pathlib import Path
+from IPython.display import Image as IPImage
+from jpcap_helpers.analysis import decisions, human_eval, mitigations, your_photo
+focus = fb.w_model.value if fb.w_model.value in fb.models else fb.models[0]
+focus_src = next(s for s in browser.prediction_sources(P, split) if s.label == focus)
+refs_path = P.processed_dir / f"{split}.jsonl"
+mitigations.compact(mitigations.rule_filter(focus_src.predictions, refs_path,
+                                           reports_dir / f"filtered__{focus}__{split}.jsonl",
+                                           n_resamples=P.evaluate.bootstrap_samples))
+
+# %% [markdown]
+# Review captions of the browser's focus model: pick an image of the current page, accept or reject it.
+# Then the next cell scores the predictions without the rejected captions (with no decisions yet both
+# rows are equal).
+
+# %%
+store = decisions.DecisionStore(reports_dir / "decisions.jsonl")
+display(decisions.DecisionPanel(fb, store).widget)
+
+# %%
+mitigations.compact(decisions.apply_decisions(focus_src.predictions, focus, store, refs_path,
+                                             reports_dir / f"reviewed__{focus}__{split}.jsonl",
+                                             n_resamples=P.evaluate.bootstrap_samples))
+
+# %% [markdown]
+# Constrained decoding: the same images captioned without and with the default constraint set
+# (`mitigations.VARIANTS`: scripts + gendered terms + no repeated trigram), base model and adapter. On
+# a real model this captions `max_images` images per variant and system (minutes on a T4).
+
+# %%
+adapter = P.run_dir / "adapter"
+constrained = mitigations.constraint_comparison(P, split=split, adapter=adapter if adapter.exists() else None,
+                                                max_images=60)
+atomic_write_text(reports_dir / "constraints_effect.csv", constrained.to_csv(index=False))
+mitigations.compact(constrained)
+
+# %% [markdown]
+# ## 6. Human evaluation
+# Automatic metrics and flags are proxies; people judge captions directly. A blind A/B test of the
+# base model against the fine-tuned one: a sample of images stratified by split (in-domain `test`,
+# out-of-domain `yj_test`) and by per-image CIDEr band (low / mid / high), drawn once with the run's
+# seed and kept in `reports/human_eval/sample.json` (rating the same sample is what makes raters
+# comparable). Each rater sees the image and the two captions as A and B in a random order, says which
+# is better (or a tie), scores adequacy and fluency 1–5 and flags hallucination, bias or privacy
+# problems. Each judgement is appended to `reports/human_eval/ratings/<name>.jsonl` at once, so a rater
+# can stop and come back. Classmates without Jupyter use the HTML form below and send back the file it
+# downloads.
+
+# %%
+he_dir = reports_dir / "human_eval"
+systems = human_eval.default_systems(fb.models)
+sample = human_eval.sample_for_run(P, he_dir / "sample.json", systems, n=30)
+print(f"sample {sample.sample_id}: {len(sample.items)} images of {systems};",
+      ", ".join(f"{k} {v['drawn']}/{v['available']}" for k, v in sample.strata.items()))
+
+# %% [markdown]
+# The rater (type your name, press start; it resumes where you stopped). Headless runs only display it.
+
+# %%
+display(human_eval.RaterWidget(sample, he_dir / "ratings").widget)
+
+# %% [markdown]
+# Results from whatever ratings exist: win rates with 95 % bootstrap CIs over items, agreement
+# between raters (Cohen's κ for two, Fleiss' κ for more, on the items every rater judged) and Spearman's
+# ρ between the raters' adequacy/fluency and per-image CIDEr. With 30 items and a few raters the
+# intervals are wide and κ moves a lot with one changed answer: report the number of items with every
+# number, and read the ratings as a check on the metrics, not as a verdict.
+
+# %%
+he_report = human_eval.human_eval_report(sample, he_dir / "ratings", n_resamples=P.evaluate.bootstrap_samples)
+display(Markdown(he_report["text"]))
+for key in ("win_rates", "correlations", "flags"):
+    if key in he_report:
+        display(he_report[key])
+
+# %% [markdown]
+# The same sample as one self-contained HTML page (images embedded). Raters open it in any browser,
+# answer, and press *Download answers*; import each returned file with
+# `human_eval.import_form_answers("<name>.jsonl", sample, he_dir / "ratings")` — it checks every line
+# as the widget does, skips what that rater already judged and counts bad lines — then re-run the
+# results cell.
+
+# %%
+form_path = human_eval.export_form(sample, he_dir / "rating_form.html")
+print(f"wrote {form_path} ({form_path.stat().st_size / 1024:.0f} KiB)")
+jpcap_helpers.colab.offer_download(form_path)
+
+# %% [markdown]
+# ## 7. Caption your own photo
+# Put a photo's path in `my_photo` (on Colab: upload it with the file browser on the left, e.g.
+# `/content/my.jpg`). The base model and the fine-tuned adapter caption it side by side, with the flags
+# that need no references. Without a photo a jp-shapes scene is drawn, the only world the offline tiny
+# model knows. The photo stays on this machine; do not publish captions of people without their consent.
+
+# %%
+my_photo = None   # e.g. "/content/my.jpg"
+photo = Path(my_photo) if my_photo else your_photo.toy_photo(reports_dir / "toy_photo.jpg")
+display(IPImage(filename=str(photo), width=224))
+your_photo.caption_photos(P, [photo], adapter=adapter)

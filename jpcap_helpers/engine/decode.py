@@ -129,8 +129,10 @@ class GreedyDecoder:
 
     def __init__(self, model: Any, *, eos_ids: Sequence[int], pad_id: Optional[int], max_batch: int,
                  cuda_graphs: Optional[bool] = None, prefill: str = "own", compile_prefill: bool = False,
-                 compile_step: bool = False):
+                 compile_step: bool = False, constraints: Any = None):
         self.model = model
+        # constrained decoding (engine/constraints.py): applied to the logits before every argmax
+        self.constraints = constraints if constraints is not None and constraints.active else None
         self.base = unwrap(model)
         self.inner = self.base.model
         self.lm = self.inner.language_model
@@ -207,6 +209,8 @@ class GreedyDecoder:
             o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=attn.scaling)
             h = self._step_out(layer, h, o.reshape(bp, 1, -1))
         logits = self.head(self.lm.norm(h)[:, -1])
+        if self.constraints is not None:  # device tensors only: no host sync, capturable
+            logits = self.constraints.apply(logits, self.out[:bp], self.step_idx)
         nxt = logits.argmax(-1)
         self.out[:bp].index_copy_(1, self.step_idx.view(1), nxt.view(bp, 1))
         self.tok[:bp].copy_(nxt.view(bp, 1))
@@ -295,7 +299,13 @@ class GreedyDecoder:
         for i, layer in enumerate(self.lm.layers):
             h = self._prefill_fn(layer, self._rope, h, cos, sin, self.k[i, :batch, :, :length],
                                  self.v[i, :batch, :, :length])
-        return self.head(self.lm.norm(h[:, -1:]))[:, -1].argmax(-1)
+        return self._first(self.head(self.lm.norm(h[:, -1:]))[:, -1])
+
+    def _first(self, logits: torch.Tensor) -> torch.Tensor:
+        """The first new token per row (constrained with nothing generated yet)."""
+        if self.constraints is not None:
+            logits = self.constraints.apply(logits, self.out[:logits.shape[0]], 0)
+        return logits.argmax(-1)
 
     @torch.no_grad()
     def generate(self, inputs: Mapping[str, Any], max_new_tokens: int,
@@ -340,10 +350,10 @@ class GreedyDecoder:
                 first = self._own_prefill(embeds, position_ids)
             else:
                 out = self.inner(position_ids=position_ids, use_cache=True, **kwargs)
-                first = self.head(out.last_hidden_state[:, -1]).argmax(-1)
                 cache = out.cache
                 k0 = cache.layers[0].keys
                 self._ensure_capacity(length, max_new_tokens, k0.dtype, k0.shape[1], k0.shape[3])
+                first = self._first(self.head(out.last_hidden_state[:, -1]))
                 graph = self._graph(bp) if use_graph else None
                 for i, layer in enumerate(cache.layers):
                     self.k[i, :batch, :, :length].copy_(layer.keys)

@@ -102,10 +102,11 @@ class Decoder:
     Qwen2-VL / Qwen2.5-VL with ``decoder="auto"``, else HF ``generate`` with ``gen_cfg``."""
 
     def __init__(self, model: Any, entry: ModelEntry, gen_cfg: Any, batch_size: int, decoder: str,
-                 options: EngineOptions = EngineOptions()):
+                 options: EngineOptions = EngineOptions(), constraints: Any = None):
         if decoder not in ("auto", "hf"):
             raise ValueError(f"decoder must be 'auto' or 'hf', got {decoder!r}")
         self.model, self.gen_cfg = model, gen_cfg
+        self.constraints = constraints if constraints is not None and constraints.active else None
         self.fast = None
         if decoder == "auto" and decode.supports(model, entry.family, gen_cfg.num_beams):
             eos = gen_cfg.eos_token_id or []
@@ -116,7 +117,8 @@ class Decoder:
             self.fast = decode.GreedyDecoder(model, eos_ids=eos if isinstance(eos, list) else [eos],
                                              pad_id=gen_cfg.pad_token_id, max_batch=batch_size,
                                              compile_prefill=compile_prefill,
-                                             compile_step=compile_prefill and options.compile_step)
+                                             compile_step=compile_prefill and options.compile_step,
+                                             constraints=self.constraints)
         self.name = "static-cache greedy" if self.fast is not None else "hf generate"
         self.preprocess_device = None
         if self.fast is not None and self.fast.device.type == "cuda" and options.preprocess_on_gpu:
@@ -137,8 +139,15 @@ class Decoder:
                 if value.is_floating_point():
                     value = value.to(dtype)
             moved[key] = value
+        extra = {}
+        if self.constraints is not None:
+            from transformers import LogitsProcessorList
+
+            from .constraints import ConstraintProcessor
+            extra["logits_processor"] = LogitsProcessorList(
+                [ConstraintProcessor(self.constraints, moved["input_ids"].shape[1])])
         with torch.no_grad():  # not inference_mode: the trainer goes on training this model afterwards
-            out = self.model.generate(**moved, generation_config=self.gen_cfg)
+            out = self.model.generate(**moved, generation_config=self.gen_cfg, **extra)
         return out[:, moved["input_ids"].shape[1]:]
 
 

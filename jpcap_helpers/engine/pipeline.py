@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from .. import io as jio
 from ..models import ModelEntry, ModelError
 from ..text import normalize_caption
+from .constraints import Constraints, build_constraints, describe
 from .generation import GPU_IMAGE_PROCESSORS, Decoder, generate_batch, generation_config, prepare_inputs
 from .images import group_key, image_size, load_image_for_model, load_image_tensor, resolve_image
 from .options import EngineOptions
@@ -306,7 +307,8 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                     max_new_tokens: int = 40, num_beams: int = 1, prompt: Optional[str] = None,
                     progress: bool = True, extra: Optional[Mapping[str, Any]] = None,
                     retry_errors: bool = False, decoder: str = "auto",
-                    options: EngineOptions = EngineOptions(), keep_file_name: bool = False) -> dict:
+                    options: EngineOptions = EngineOptions(), constraints: Any = None,
+                    keep_file_name: bool = False) -> dict:
     """Caption ``records`` (dicts or objects with ``image_id`` and ``file_name`` relative to
     ``images_dir``) into the JSONL ``out_path``, one ``{"image_id", "caption", "model", **extra}``
     row per image, appended after every batch.
@@ -319,13 +321,14 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     decodes Qwen2-VL / Qwen2.5-VL greedily with :class:`.decode.GreedyDecoder` (batches of one visual
     grid, static KV cache, CUDA-graph steps and image preprocessing on the GPU); other models, beam
     search and ``decoder="hf"`` use HF ``generate`` on left-padded batches. ``options`` holds the
-    engine's speed levers (:class:`EngineOptions`). An image that cannot be read or processed becomes
+    engine's speed levers (:class:`EngineOptions`). ``constraints`` (``generation.constraints`` or a
+    built :class:`.constraints.Constraints`) constrains both decoders (docs/human_eval.md). An image that cannot be read or processed becomes
     a row with ``"caption": ""`` and ``"error"`` (a failing batch is retried image by image).
     ``keep_file_name`` adds each record's ``file_name`` to its row (captioning a folder of photos).
 
     Returns a summary: n_records, n_done (rows written now), n_captioned, n_errors,
     n_skipped_existing, n_duplicate_records, seconds, images_per_s, peak_gpu_gib (CUDA), decoder,
-    commit.
+    commit, constraints (their provenance record, or None).
     """
     import torch
 
@@ -348,8 +351,12 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     if pad is None:
         pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else (eos[0] if eos else None)
+    if constraints is not None and not isinstance(constraints, Constraints):
+        constraints = build_constraints(tok, constraints, eos)
+        if constraints is not None and (constraints.report.skipped or constraints.report.n_duplicates):
+            print(f"constraints: {constraints.report.summary()}")
     run_decoder = Decoder(model, entry, generation_config(model, max_new_tokens, num_beams, eos, pad), batch_size,
-                          decoder, options)
+                          decoder, options, constraints=constraints)
     captioner = BatchCaptioner(processor, entry, run_decoder, build_prompt(entry, processor, instruction=prompt),
                                extra, keep_file_name)
     batches = make_batches(ready, batch_size, one_grid=run_decoder.fast is not None)
@@ -380,4 +387,5 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
         "decoder": run_decoder.name,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "commit": getattr(model, "jpcap_commit", None),
+        "constraints": describe(run_decoder.constraints),
     }

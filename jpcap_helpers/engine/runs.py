@@ -60,10 +60,19 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
         "trained_on_stair": entry.trained_on_stair,
         "contamination": contamination_flag(entry),
         "prompt": prompt if prompt is not None else entry.prompt,
-        "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens", "decoder")},
+        "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens", "decoder",
+                                                    "constraints")},
         "card_generation": entry.card_generation,  # the model card's own settings (not used unless asked)
         "last_run": dict(summary),
     }
+    old_cons = (old.get("generation") or {}).get("constraints")
+    if old and old_cons != summary.get("constraints") and summary.get("n_skipped_existing"):
+        # resumed under other constraints: the file mixes captions of two settings
+        meta["generation"]["constraints_mixed"] = True
+        print(f"{pred_path}: resumed with other generation.constraints than its earlier rows ({old_cons} → "
+              f"{summary.get('constraints')}): delete the file to caption every image under one setting")
+    elif old.get("generation", {}).get("constraints_mixed"):
+        meta["generation"]["constraints_mixed"] = True
     return jio.atomic_write_json(meta_path, meta)
 
 
@@ -104,7 +113,8 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
                 model, processor, entry, shard, params.images_dir, path,
                 batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
                 num_beams=params.generation.num_beams, prompt=params.generation.prompt,
-                decoder=params.generation.decoder, extra={"split": split}, options=options)
+                decoder=params.generation.decoder, extra={"split": split}, options=options,
+                constraints=params.generation.constraints)
 
         summary = caption_sharded(caption, records, out)  # one GPU, or sharded under accelerate launch
         if process_group()[0] == 0:
@@ -117,10 +127,18 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
     return rows
 
 
+def _warn_unconstrained(params: Any, entry: ModelEntry) -> None:
+    c = params.generation.constraints
+    if c.ban_scripts or c.word_list != "none" or c.ban_words or c.no_repeat_ngram_size:
+        print(f"{entry.key}: generation.constraints are not applied in a pinned environment (its own "
+              "transformers' generate); its captions are unconstrained")
+
+
 def _caption_splits_pinned(params: Any, entry: ModelEntry, files: Mapping[str, Path],
                            max_images: Optional[int], path: Optional[str] = None) -> list[dict]:
     """:func:`_caption_splits` for a model that runs in its pinned environment (one subprocess a split)."""
     settings = pinned_settings(params, entry)
+    _warn_unconstrained(params, entry)
     rows = []
     for split, split_path in files.items():
         records = list(jio.read_jsonl(split_path))
@@ -226,6 +244,7 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
                 raise ValueError(f"{entry.key} runs in its pinned environment on one GPU: run it without "
                                  "accelerate launch")
             settings = pinned_settings(params, entry)
+            _warn_unconstrained(params, entry)
             summary = caption_records_pinned(
                 entry, model_dir or model_path(params, entry.key), records, images_dir, out,
                 env_parent=env_root(params), dtype=settings["dtype"], load_in_4bit=settings["load_in_4bit"],
@@ -241,7 +260,7 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
                     model, processor, entry, shard, images_dir, path, batch_size=gen.batch_size,
                     max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, prompt=gen.prompt,
                     decoder=gen.decoder, progress=progress and rank == 0, options=options,
-                    keep_file_name=keep_file_name)
+                    constraints=gen.constraints, keep_file_name=keep_file_name)
 
             try:
                 summary = caption_sharded(caption, records, out)
