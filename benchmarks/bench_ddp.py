@@ -1,0 +1,82 @@
+"""DDP training throughput (issue 18/20): `jpcap train` on 1, 2, 4 … GPUs under `accelerate launch`,
+final defaults (bf16, compile, lean activations; QLoRA or LoRA r32 on the top 6 layers + projector),
+random weights of the real Qwen2-VL-2B shape, jp-shapes captions on COCO-like image sizes (640×480,
+480×640, 640×427; ≤ 448² pixels → ≤ 256 image tokens). Micro-batch 8 per GPU, no accumulation (global
+batch 8 × GPUs). samples/s = the train log's global rate, median over steps after --skip (compilation
+and graph capture excluded; reported apart as the first steps' seconds).
+
+    python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, random_model_dir, versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def overrides(model_dir: Path, method: str, gpus: int, steps: int, micro: int) -> list[str]:
+    return [f"model.name={model_dir}", f"model.load_in_4bit={'true' if method == 'qlora' else 'false'}",
+            "model.max_pixels=200704", "model.min_pixels=3136", "run.cpu_threads=null",
+            "data.toy.image_sizes=[[640,480],[480,640],[640,427]]", "data.max_caption_tokens=32",
+            f"train.micro_batch_size={micro}", f"train.effective_batch_size={micro * gpus}",
+            f"train.max_steps={steps}", "train.eval_images=0", f"train.save_every={steps}", "train.top_k_layers=6",
+            "train.learning_rate=2.0e-4", "train.gradient_checkpointing=false", "train.epochs=50"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--method", default="qlora", choices=["qlora", "lora"])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--skip", type=int, default=10)
+    ap.add_argument("--micro", type=int, default=8)
+    args = ap.parse_args(argv)
+    from jpcap_helpers import data, models
+    from jpcap_helpers.params import load_params
+
+    model_dir = random_model_dir("qwen2-vl-2b")
+    base = overrides(model_dir, args.method, 1, args.steps, args.micro)
+    from jpcap_helpers.params import parse_overrides
+    params = load_params(ROOT / "params/smoke.yaml", {**parse_overrides(base), "run.name": "ddp-bench-data"})
+    data.fetch_raw(params)
+    data.prepare_from_params(params, models.load_tokenizer(params), reject=models.processor_rejection, progress=False)
+    emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro})
+    rates = {}
+    for gpus in args.gpus:
+        run = f"ddp-bench-{args.method}-{gpus}"
+        launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
+                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
+        cmd = launch + ["-m", "jpcap_helpers.cli", "train", str(ROOT / "params/smoke.yaml"), "--no-resume",
+                        "--run-name", run]
+        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro):
+            cmd += ["--set", item]
+        t = time.perf_counter()
+        res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if res.returncode:
+            emit({"bench": "ddp", "gpus": gpus, "error": res.stderr[-1500:]})
+            continue
+        log = Path(params.run.output_dir) / run / "train_log.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        steps = [r for r in rows if r.get("samples_per_s") is not None]
+        warm = [r["samples_per_s"] for r in steps if r["step"] > args.skip]
+        first = [r for r in steps if r["step"] <= 2]
+        rates[gpus] = statistics.median(warm)
+        emit({"bench": "ddp", "method": args.method, "gpus": gpus, "samples_per_s": round(rates[gpus], 2),
+              "per_gpu": round(rates[gpus] / gpus, 2), "speedup": round(rates[gpus] / rates[min(rates)], 2),
+              "first_steps_s": [round(r.get("global_batch", args.micro * gpus) / r["samples_per_s"], 2) for r in first],
+              "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
+
+
+if __name__ == "__main__":
+    main()
