@@ -124,6 +124,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_caption(args) -> int:
+    from .engine.sharding import process_group
+
+    process_group()  # under accelerate launch: first, before anything touches CUDA (one GPU per process)
     from .engine import caption_file, folder_records
     from .io import read_jsonl
     from .params import Params, load_params, parse_overrides

@@ -37,19 +37,46 @@ class _Group:
 
 def process_group() -> tuple[int, int, Any]:
     """(rank, world size, group) under ``accelerate launch`` / ``torchrun`` with more than one process:
-    joins the process group (once) and binds this process to its GPU (``LOCAL_RANK``) before any model
-    loads; (0, 1, None) otherwise."""
+    joins the process group (once) and binds this process to its GPU before any model loads; (0, 1,
+    None) otherwise.
+
+    Each process is shown only its own GPU (``CUDA_VISIBLE_DEVICES`` narrowed to the ``LOCAL_RANK``-th
+    one, when CUDA is not initialised yet): every process then compiles for ``cuda:0`` and reuses the
+    kernels another process put in inductor's on-disk cache instead of compiling its own. The group only
+    synchronises small objects (barriers, the summaries), so it runs on gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if not torch.cuda.is_initialized() and visible != "":
+            ids = visible.split(",") if visible else [str(i) for i in range(_gpu_count())]
+            if local < len(ids):
+                os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
+        elif torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size(), _Group()
+
+
+def _gpu_count() -> int:
+    """GPUs on this host without initialising CUDA in this process (NVML)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount()
+    except Exception:
+        import subprocess
+
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+            return sum(line.startswith("GPU ") for line in out.splitlines())
+        except (OSError, subprocess.SubprocessError):
+            return 0
 
 
 def shard_path(out: Path, rank: int, world: int) -> Path:
