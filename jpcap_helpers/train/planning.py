@@ -59,12 +59,13 @@ def training_state_restored(session: TrainSession) -> Iterator[dict]:
 def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
     """The first micro-batches of epoch 0, and the seconds each took to load and collate."""
     m = session.params.train.micro_batch_size
-    order = epoch_order(len(session.data.pairs), session.params.run.seed, 0)
+    order = epoch_order(session.data.n_samples, session.params.run.seed, 0)
+    dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
     batches, seconds = [], []
     for k in range(max(PROBE_MICRO_BATCHES, 2)):
         idx = order[(k * m) % len(order):][:m]
         t0 = time.perf_counter()
-        batches.append(session.data.collator([session.data.dataset[int(i)] for i in idx]))
+        batches.append(collator([dataset[int(i)] for i in idx]))
         seconds.append(time.perf_counter() - t0)
     return batches, seconds
 
