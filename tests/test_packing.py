@@ -194,3 +194,26 @@ def test_packed_training_resumes_on_the_same_curve(project):
         assert resumed.losses[step] == pytest.approx(ref.losses[step], abs=1e-5), step
     log = T.read_train_log(params.run_dir)
     assert log["step"].tolist() == [1, 2, 3, 4] and (log["captions_per_s"] > 0).all()
+
+
+def test_plan_counts_packed_samples_and_costs_per_caption(project):
+    unpacked = T.plan(make_params(project, "plan-unpacked", max_steps=2))
+    packed = T.plan(make_params(project, "plan-packed", max_steps=2, pack_captions=True))
+    assert packed["captions_per_sample"] == pytest.approx(packed["n_train_pairs"] / packed["n_train_images"])
+    assert packed["steps_per_epoch"] == packed["n_train_images"] // packed["effective_batch_size"]
+    assert unpacked["captions_per_sample"] == 1 and unpacked["steps_per_epoch"] == unpacked["n_train_pairs"] // 8
+    # the cost model per caption: the image and the prefix are shared by the packed captions
+    assert packed["cost_model_t4"]["tflop_per_sample"] < unpacked["cost_model_t4"]["tflop_per_sample"] / 2
+    assert "packed: a sample is an image" in T.format_plan(packed)
+
+
+def test_a_missing_image_trains_nothing_and_is_counted_per_caption(project):
+    params, _, processor, entry = _fresh(project)
+    samples = packed_samples(params, 2, 3)
+    whole = packing.PackedCollator(processor, entry.prompt)(samples)
+    samples[1] = {"image": None, "missing": "gone.jpg", "captions": samples[1]["captions"], "image_id": 0}
+    batch = packing.PackedCollator(processor, entry.prompt)(samples)
+    assert batch["missing_images"] == ["gone.jpg"] * 3 and int(batch["n_captions"]) == 3
+    rows = batch["target_index"] // batch["input_ids"].shape[1]
+    assert (rows == 0).all() and packing.target_count(batch) == int((whole["target_index"] < whole["input_ids"].shape[1]).sum())
+    assert not (batch["segment_ids"][1] > 0).any()
