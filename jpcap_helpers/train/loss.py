@@ -94,7 +94,10 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
 
 
 def plain_loss(model: Any, batch: dict) -> Any:
-    """The reference: a full forward with ``labels`` (the transformers loss, mean over targets)."""
+    """The reference: a full forward with ``labels`` (the transformers loss, mean over targets); unpacked
+    batches only (a packed batch has no ``labels``: use :func:`caption_loss`)."""
+    if is_packed(batch):
+        raise ValueError("plain_loss takes unpacked batches (train.pack_captions: false); caption_loss takes both")
     return model(**batch, use_cache=False).loss
 
 
