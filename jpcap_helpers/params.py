@@ -166,6 +166,8 @@ class TrainParams:
     gradient_checkpointing: bool = True
     max_grad_norm: float = _f(1.0, gt=0)
     label_smoothing: float = _f(0.0, ge=0, lt=1)   # of the caption loss; 0: off (validation loss never smoothed)
+    pack_captions: bool = False           # one packed sample per image: its captions share one image+prompt prefix
+    captions_per_image: int = _f(0, ge=0, le=1000)   # with pack_captions: captions per packed sample (0: all)
     eval_every: int = _f(200, ge=0)       # optimizer steps between validations (0: off)
     eval_images: int = _f(200, ge=0)
     save_every: int = _f(200, ge=0)       # 0: only the final adapter, no checkpoints
@@ -481,6 +483,11 @@ def _check_consistency(p: Params, source: str) -> None:
     if t.effective_batch_size % t.micro_batch_size:
         fail("train.effective_batch_size",
              f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+    if t.captions_per_image and not t.pack_captions:
+        fail("train.captions_per_image", "only applies with train.pack_captions: true (set it to 0 or turn packing on)")
+    if t.pack_captions and p.model.attn_implementation == "flash_attention_2":
+        fail("train.pack_captions", "needs an explicit 4-D attention mask: use model.attn_implementation sdpa "
+             "(or eager/auto), not flash_attention_2")
     if p.model.min_pixels > p.model.max_pixels:
         fail("model.min_pixels", "must not exceed model.max_pixels")
     for i, size in enumerate(p.data.toy.image_sizes):

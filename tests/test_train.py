@@ -869,13 +869,19 @@ def test_cost_model_matches_the_stated_recipe_cost_and_sizes_the_t4_preset(proje
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     from jpcap_helpers.params import load_params
-    from jpcap_helpers.train.costs import cost_estimate, model_flops_per_sample
+    from jpcap_helpers.train.costs import cost_estimate, model_flops_per_caption, model_flops_per_sample
     from tests.conftest import qwen2_vl_2b_config
 
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(qwen2_vl_2b_config(AutoTokenizer.from_pretrained(tiny_model_dir)))
     flops = model_flops_per_sample(model, seq_len=234 + 30 + 25, n_patches=234 * 4)
     assert 3.5e12 < flops < 4.5e12
+    # packing: one caption per image is the unpacked row; 5 share the ViT and the 264-token prefix
+    assert model_flops_per_caption(model, 234 + 30, 25, 234 * 4, 1) == pytest.approx(flops)
+    packed = model_flops_per_caption(model, 234 + 30, 25, 234 * 4, 5)
+    assert 3.5 < flops / packed < 4.5
     p = load_params(project_root / "params" / "colab_t4.yaml")
+    per_image = p.train.captions_per_image or 5
+    per_caption = model_flops_per_caption(model, 234 + 30, 25, 234 * 4, per_image if p.train.pack_captions else 1)
     captions = p.data.train_subset * 5 * p.train.epochs
-    assert cost_estimate(flops, captions)["hours"] <= 2.0
+    assert cost_estimate(per_caption, captions)["hours"] <= 2.0

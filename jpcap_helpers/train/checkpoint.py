@@ -189,7 +189,7 @@ def apply_checkpoint(session: Any, ckpt: Checkpoint) -> dict:
     if ckpt.world_size != session.world:
         raise TrainError(f"{ckpt.path}: saved with {ckpt.world_size} process(es), resuming with "
                          f"{session.world}: the data order per process would differ; resume with the same count")
-    if not np.array_equal(ckpt.epoch_order, epoch_order(len(session.data.pairs), session.params.run.seed,
+    if not np.array_equal(ckpt.epoch_order, epoch_order(session.data.n_samples, session.params.run.seed,
                                                         ckpt.epoch)):
         raise TrainError(f"{ckpt.path}: the epoch's sample order differs from the saved one (numpy changed?)")
     model = session.accelerator.unwrap_model(session.loss_module).model
@@ -238,7 +238,7 @@ def save_checkpoint(session: Any, step: int, position: dict, counters: dict) -> 
             torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
         pairs = session.data.pairs
         np.save(tmp / "pair_rows.npy", np.asarray([p["row"] for p in pairs], dtype=np.int64))
-        np.save(tmp / "epoch_order.npy", epoch_order(len(pairs), session.params.run.seed, position["epoch"]))
+        np.save(tmp / "epoch_order.npy", epoch_order(session.data.n_samples, session.params.run.seed, position["epoch"]))
         atomic_write_json(tmp / "state.json", {
             "step": step, **position, **counters, "world_size": session.world,
             "fingerprint": resume_fingerprint(session.params), "pairs_digest": session.data.digest,

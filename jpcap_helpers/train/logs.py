@@ -17,7 +17,7 @@ __all__ = ["LOG_FLUSH_EVERY", "LOG_COLUMNS", "TrainResult", "read_train_log", "t
 
 LOG_FLUSH_EVERY = 10             # train_log.jsonl rows are buffered this many steps (and at evals/saves)
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "val_loss", "val_CIDEr", "skipped"]
-_SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "val_loss", "val_CIDEr")
+_SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "captions_per_s", "val_loss", "val_CIDEr")
 
 
 @dataclass

@@ -113,6 +113,7 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
             while step_in_epoch < last:
                 t_step = time.perf_counter()
                 micro, missing = _next_micro_batches(session, batches)
+                captions = sum(int(b["n_captions"]) for b in micro if "n_captions" in b) * session.world
                 lr = session.scheduler.get_last_lr()[0]
                 n_tokens, n_missing = count_step(session, micro, missing)
                 loss_sum, finite = forward_backward(session, micro, n_tokens)
@@ -130,6 +131,8 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
                        "samples_per_s": t.effective_batch_size / (time.perf_counter() - t_step), "skipped": skipped}
                 if n_missing:
                     row["missing_images"] = n_missing
+                if session.data.packed is not None:   # a sample is an image's packed captions
+                    row["captions_per_s"] = captions / (time.perf_counter() - t_step)
 
                 val = {}
                 if session.eval_enabled and (step % t.eval_every == 0 or step == session.total_steps):

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 from .batches import IGNORE_INDEX
 from .lora import causal_lm
+from .packing import is_packed, packed_attention_mask, packed_position_ids
 
 __all__ = ["visual_features", "language_forward", "caption_loss", "plain_loss", "make_loss_module"]
 
@@ -29,19 +30,25 @@ def visual_features(base: Any, pixel_values: Any, grid_thw: Any) -> tuple[Any, l
 
 
 def language_forward(base: Any, batch: dict, embeds: Any, sizes: list[int],
-                     use_mm_encoder_outputs: Optional[bool] = None) -> Any:
+                     use_mm_encoder_outputs: Optional[bool] = None, attention_mask: Any = None,
+                     position_ids: Any = None) -> Any:
     """The language model's forward with the image features in place of the image tokens.
 
     ``use_mm_encoder_outputs``: hand the features over as ``mm_encoder_outputs`` (transformers 5) or
     scatter them into the token embeddings (older 5.x); None decides from the installed transformers.
+    ``attention_mask`` / ``position_ids`` replace the batch's 2-D mask and the model's own positions
+    (packed batches: a 4-D block mask and explicit 3-D positions).
     """
     import torch
 
     inner = base.model
     if use_mm_encoder_outputs is None:
         use_mm_encoder_outputs = "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
-    common = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    common = dict(input_ids=batch["input_ids"],
+                  attention_mask=batch["attention_mask"] if attention_mask is None else attention_mask,
                   image_grid_thw=batch["image_grid_thw"], use_cache=False)
+    if position_ids is not None:
+        common["position_ids"] = position_ids
     if "mm_token_type_ids" in batch:
         common["mm_token_type_ids"] = batch["mm_token_type_ids"]
     if use_mm_encoder_outputs:
@@ -57,7 +64,8 @@ def language_forward(base: Any, batch: dict, embeds: Any, sizes: list[int],
 
 def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bool] = None,
                  label_smoothing: float = 0.0) -> tuple[Any, Any]:
-    """Fast-path loss: ``(sum of token cross-entropies, number of target tokens)``.
+    """Fast-path loss: ``(sum of token cross-entropies, number of target tokens)``, for plain or packed
+    batches (:mod:`.packing`: the same targets, so the same sum and count as the unpacked rows).
 
     The ViT runs without autograd, the projector with it; hidden states go through ``lm_head`` only
     at positions whose next token is a target, in fp32 for the cross-entropy. ``label_smoothing``
@@ -67,6 +75,16 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
 
     base = causal_lm(model)
     embeds, sizes = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
+    if is_packed(batch):
+        eager = base.config._attn_implementation == "eager"
+        mask = packed_attention_mask(batch["segment_ids"], embeds.dtype if eager else None)
+        out = language_forward(base, batch, embeds, sizes, use_mm_encoder_outputs, attention_mask=mask,
+                               position_ids=packed_position_ids(base, batch))
+        hidden = out.last_hidden_state.flatten(0, 1)[batch["target_index"]]
+        logits = base.lm_head(hidden).float()
+        targets = batch["target_ids"].to(logits.device)
+        return (F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing),
+                targets.new_tensor(targets.numel()))
     out = language_forward(base, batch, embeds, sizes, use_mm_encoder_outputs)
     hidden = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:].to(hidden.device)
@@ -76,7 +94,10 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
 
 
 def plain_loss(model: Any, batch: dict) -> Any:
-    """The reference: a full forward with ``labels`` (the transformers loss, mean over targets)."""
+    """The reference: a full forward with ``labels`` (the transformers loss, mean over targets); unpacked
+    batches only (a packed batch has no ``labels``: use :func:`caption_loss`)."""
+    if is_packed(batch):
+        raise ValueError("plain_loss takes unpacked batches (train.pack_captions: false); caption_loss takes both")
     return model(**batch, use_cache=False).loss
 
 

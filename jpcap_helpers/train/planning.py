@@ -59,12 +59,13 @@ def training_state_restored(session: TrainSession) -> Iterator[dict]:
 def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
     """The first micro-batches of epoch 0, and the seconds each took to load and collate."""
     m = session.params.train.micro_batch_size
-    order = epoch_order(len(session.data.pairs), session.params.run.seed, 0)
+    order = epoch_order(session.data.n_samples, session.params.run.seed, 0)
+    dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
     batches, seconds = [], []
     for k in range(max(PROBE_MICRO_BATCHES, 2)):
         idx = order[(k * m) % len(order):][:m]
         t0 = time.perf_counter()
-        batches.append(session.data.collator([session.data.dataset[int(i)] for i in idx]))
+        batches.append(collator([dataset[int(i)] for i in idx]))
         seconds.append(time.perf_counter() - t0)
     return batches, seconds
 
@@ -166,6 +167,7 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
         "skipped_pairs": session.data.skipped,
         "micro_batch_size": t.micro_batch_size, "accumulation_steps": session.accum,
         "effective_batch_size": t.effective_batch_size, "steps_per_epoch": session.steps_per_epoch,
+        "pack_captions": t.pack_captions, "captions_per_sample": _captions_per_sample(session),
         "total_steps": session.total_steps, "schedule_steps": session.schedule_steps, "start_step": start_step,
         "probe_micro_batch_s": micro_s, "probe_collate_s": collate_s, "probe_optimizer_step_s": opt_time,
         "step_s": step_s, "samples_per_s": t.effective_batch_size / step_s,
@@ -178,11 +180,19 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
     return info
 
 
+def _captions_per_sample(session: TrainSession) -> float:
+    """1 without packing; with it the mean number of captions a packed sample holds."""
+    return len(session.data.pairs) / max(session.data.n_samples, 1)
+
+
 def _t4_cost(session: TrainSession, batches: list[dict], n_samples: int) -> dict:
-    """The cost model's estimate for this run on a T4, from the probe batches' real lengths."""
+    """The cost model's estimate for this run on a T4, from the probe batches' real lengths; per caption
+    (a packed row's FLOPs shared by its captions: the image and prefix count once per image)."""
     seq = float(np.mean([b["input_ids"].shape[1] for b in batches]))
     patches = float(np.mean([float(b["image_grid_thw"].prod(-1).float().mean()) for b in batches]))
-    return cost_estimate(model_flops_per_sample(session.model, seq, patches), n_samples)
+    per_caption = _captions_per_sample(session)
+    return cost_estimate(model_flops_per_sample(session.model, seq, patches) / per_caption,
+                         round(n_samples * per_caption))
 
 
 def _default_session_hours() -> Optional[float]:
@@ -253,7 +263,9 @@ def format_plan(info: dict) -> str:
         f"({100 * info['trainable_share']:.2f}%)",
         f"data: {info['n_train_pairs']:,} pairs / {info['n_train_images']:,} images · "
         f"{info['steps_per_epoch']} steps/epoch · {info['total_steps']} steps of {info['effective_batch_size']} "
-        f"(micro-batch {info['micro_batch_size']} × {info['accumulation_steps']} accumulation)",
+        f"(micro-batch {info['micro_batch_size']} × {info['accumulation_steps']} accumulation)"
+        + (f" · packed: a sample is an image with ≈ {info['captions_per_sample']:.1f} captions"
+           if info.get("pack_captions") else ""),
         f"probe: {info['step_s']:.3f} s/step ({info['samples_per_s']:.1f} samples/s) · peak memory {mem}",
         f"ETA: {info['eta_h']:.2f} h for steps {info['start_step']}→{info['total_steps']}"
         + (f" incl. {info['n_evals']} validations of ~{info['eval_s_each']:.0f} s" if info['n_evals'] else ""),

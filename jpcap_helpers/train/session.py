@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint
 from .errors import TrainError
 from .lora import count_parameters, prepare_model
 from .loss import caption_loss, make_loss_module
+from .packing import PackedCollator, PackedDataset, PackedSamples
 
 __all__ = ["TrainData", "TrainSession", "open_session", "precision_name", "peak_memory", "empty_cache"]
 
@@ -65,17 +66,36 @@ def empty_cache() -> None:
 
 @dataclass
 class TrainData:
-    """The training pairs (as trained on), their dataset and collator, and the validation records."""
+    """The training pairs (as trained on), their dataset and collator (one pair per row: validation,
+    and training without packing), the validation records, and with ``train.pack_captions`` the packed
+    samples and their collator."""
     pairs: list[dict]
     skipped: dict[str, int]
     digest: str
     dataset: PairDataset
     collator: CaptionCollator
     val_records: list[dict]
+    packed: Optional[PackedSamples] = None
+    packed_collator: Optional[PackedCollator] = None
 
     @property
     def n_images(self) -> int:
         return len({p["image_id"] for p in self.pairs})
+
+    @property
+    def n_samples(self) -> int:
+        """Training samples per epoch: pairs, or packed samples (images, or chunks of their captions)."""
+        return len(self.packed) if self.packed is not None else len(self.pairs)
+
+    def epoch_dataset(self, epoch: int) -> Any:
+        """The dataset of ``epoch``'s samples (packed chunks may change between epochs)."""
+        if self.packed is None:
+            return self.dataset
+        return PackedDataset(self.pairs, self.dataset.images_dir, self.packed.for_epoch(epoch))
+
+    @property
+    def train_collator(self) -> Any:
+        return self.packed_collator if self.packed is not None else self.collator
 
 
 @dataclass
@@ -122,7 +142,7 @@ class TrainSession:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.data.pairs) // self.params.train.effective_batch_size
+        return self.data.n_samples // self.params.train.effective_batch_size
 
     @property
     def trainable_params(self) -> list:
@@ -138,11 +158,11 @@ class TrainSession:
         from torch.utils.data import DataLoader
 
         t, seed = self.params.train, self.params.run.seed
-        sampler = StepBatchSampler(epoch_order(len(self.data.pairs), seed, epoch), first, last,
+        sampler = StepBatchSampler(epoch_order(self.data.n_samples, seed, epoch), first, last,
                                    t.effective_batch_size, t.micro_batch_size, self.world, self.rank)
         # an explicit generator: the loader then draws nothing from the global torch RNG (resume-exact)
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        return DataLoader(self.data.dataset, batch_sampler=sampler, collate_fn=self.data.collator,
+        return DataLoader(self.data.epoch_dataset(epoch), batch_sampler=sampler, collate_fn=self.data.train_collator,
                           num_workers=self.num_workers, generator=gen,
                           pin_memory=self.accelerator.device.type == "cuda", persistent_workers=False)
 
@@ -285,13 +305,17 @@ def open_session(params: Any, resume_from: Optional[Checkpoint] = None,
     prompt = params.generation.prompt or entry.prompt
 
     pairs, skipped, digest = _training_pairs(params, processor.tokenizer, resume_from)
-    steps_per_epoch = len(pairs) // t.effective_batch_size
-    if steps_per_epoch < 1:
-        raise TrainError(f"{len(pairs)} training pairs are fewer than one optimizer step's "
-                         f"train.effective_batch_size ({t.effective_batch_size})")
     data = TrainData(pairs=pairs, skipped=skipped, digest=digest, dataset=PairDataset(pairs, params.images_dir),
                      collator=CaptionCollator(processor, prompt, padding_side="right"),
                      val_records=read_val_records(params, t.eval_images) if t.eval_every > 0 else [])
+    if t.pack_captions:
+        data.packed = PackedSamples(pairs, t.captions_per_image, params.run.seed)
+        data.packed_collator = PackedCollator(processor, prompt)
+    steps_per_epoch = data.n_samples // t.effective_batch_size
+    if steps_per_epoch < 1:
+        what = "packed samples (images)" if t.pack_captions else "training pairs"
+        raise TrainError(f"{data.n_samples} {what} are fewer than one optimizer step's "
+                         f"train.effective_batch_size ({t.effective_batch_size})")
     total_steps, schedule_steps = _step_counts(params, steps_per_epoch, resume_from)
 
     trainable, total = count_parameters(model)

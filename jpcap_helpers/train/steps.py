@@ -6,8 +6,8 @@ import contextlib
 import math
 from typing import Any, Optional
 
-from .batches import IGNORE_INDEX
 from .errors import TrainError
+from .packing import target_count
 
 __all__ = ["MAX_CONSECUTIVE_NONFINITE", "count_step", "forward_backward", "clip_and_step", "guard_non_finite"]
 
@@ -22,7 +22,7 @@ def count_step(session: Any, micro_batches: list[dict], missing: int = 0) -> tup
     """(target tokens of the whole step, samples skipped for a missing image) over every process."""
     import torch
 
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    local = sum(target_count(b) for b in micro_batches)
     counts = torch.tensor([float(local), float(missing)], device=session.accelerator.device)
     if session.world > 1:
         counts = session.accelerator.reduce(counts, "sum")
