@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Optional
 from ..models import ModelEntry, ModelError
 from ..models.pinned_env import PinnedEnvError, ensure_env_with_fallback, runner_path
 from ..text import normalize_caption
-from .pipeline import RESERVED_FIELDS, RowWriter, error_text, existing_ids, pending_items
+from .pipeline import RESERVED_FIELDS, RowWriter, error_text, existing_ids, pending_items, run_summary
 from .prompts import build_prompt, clean_output
 
 __all__ = ["caption_records_pinned"]
@@ -104,14 +104,7 @@ def caption_records_pinned(entry: ModelEntry, model_path: str, records: Iterable
                              "Rows written so far are kept; run again to resume.")
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - start
-    n_done = writer.n_captioned + writer.n_errors
-    return {
-        "model": entry.key, "out_path": str(out_path), "n_records": pending.n_records, "n_done": n_done,
-        "n_captioned": writer.n_captioned, "n_errors": writer.n_errors,
-        "n_skipped_existing": pending.n_skipped, "n_duplicate_records": pending.n_dupes,
-        "seconds": round(seconds, 3), "images_per_s": round(n_done / seconds, 3) if seconds > 0 and n_done else 0.0,
-        "batch_size": 1, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-        "decoder": f"hf generate (pinned env, transformers {versions})" if versions else "hf generate (pinned env)",
-        "peak_gpu_gib": None, "commit": commit,
-    }
+    return run_summary(entry, out_path, pending, writer, time.perf_counter() - start, batch_size=1,
+                       num_beams=num_beams, max_new_tokens=max_new_tokens, peak_gpu_gib=None, commit=commit,
+                       decoder=f"hf generate (pinned env, transformers {versions})" if versions
+                       else "hf generate (pinned env)", constraints=None)

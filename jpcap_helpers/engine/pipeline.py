@@ -27,7 +27,7 @@ from .images import group_key, image_size, load_image_for_model, load_image_tens
 from .options import EngineOptions
 from .prompts import build_prompt, clean_output, stop_token_ids, tokenizer_of
 
-__all__ = ["caption_records", "error_text", "Item", "Pending", "PreparedBatch", "existing_ids", "pending_items", "sort_by_visual_tokens",
+__all__ = ["caption_records", "run_summary", "error_text", "Item", "Pending", "PreparedBatch", "existing_ids", "pending_items", "sort_by_visual_tokens",
            "make_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
 
 RESERVED_FIELDS = {"image_id", "caption", "model", "error", "file_name"}
@@ -127,6 +127,19 @@ def make_batches(ready: list[Item], batch_size: int, one_grid: bool) -> list[lis
         group = list(group)
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
+
+
+def run_summary(entry: ModelEntry, out_path: Path, pending: Pending, writer: "RowWriter", seconds: float,
+                **fields: Any) -> dict:
+    """The summary a captioning run returns (and ``.meta.json`` keeps): counts, time, rate, ``fields``."""
+    n_done = writer.n_captioned + writer.n_errors
+    return {
+        "model": entry.key, "out_path": str(out_path), "n_records": pending.n_records, "n_done": n_done,
+        "n_captioned": writer.n_captioned, "n_errors": writer.n_errors,
+        "n_skipped_existing": pending.n_skipped, "n_duplicate_records": pending.n_dupes,
+        "seconds": round(seconds, 3), "images_per_s": round(n_done / seconds, 3) if seconds > 0 and n_done else 0.0,
+        **fields,
+    }
 
 
 class RowWriter:
@@ -376,16 +389,8 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
-    n_done = writer.n_captioned + writer.n_errors
-    return {
-        "model": entry.key, "out_path": str(out_path), "n_records": pending.n_records, "n_done": n_done,
-        "n_captioned": writer.n_captioned, "n_errors": writer.n_errors,
-        "n_skipped_existing": pending.n_skipped, "n_duplicate_records": pending.n_dupes,
-        "seconds": round(seconds, 3), "images_per_s": round(n_done / seconds, 3) if seconds > 0 and n_done else 0.0,
-        "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-        "decoder": run_decoder.name,
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "commit": getattr(model, "jpcap_commit", None),
-        "constraints": describe(run_decoder.constraints),
-    }
+    return run_summary(entry, out_path, pending, writer, time.perf_counter() - start,
+                       batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                       decoder=run_decoder.name,
+                       peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+                       commit=getattr(model, "jpcap_commit", None), constraints=describe(run_decoder.constraints))
