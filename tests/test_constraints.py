@@ -162,6 +162,7 @@ def test_caption_records_records_the_constraints(tiny, tmp_path):
     assert json.loads(meta.read_text())["generation"]["constraints"]["ban_scripts"] == ["latin"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
 def test_gpu_graph_replay_applies_the_constraints(tiny):
     model = copy.deepcopy(tiny["model"]).to("cuda")

@@ -217,3 +217,99 @@ def test_a_missing_image_trains_nothing_and_is_counted_per_caption(project):
     rows = batch["target_index"] // batch["input_ids"].shape[1]
     assert (rows == 0).all() and packing.target_count(batch) == int((whole["target_index"] < whole["input_ids"].shape[1]).sum())
     assert not (batch["segment_ids"][1] > 0).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (the lead runs these): the real Qwen2-VL-2B shape
+# ---------------------------------------------------------------------------------------------
+
+REAL_SIZES = [(448, 336), (336, 448), (392, 392)]   # three grids, landscape/portrait/square
+
+
+def real_shape_params(project, tmp_path_factory, run: str, **train):
+    from pathlib import Path
+
+    from jpcap_helpers import models
+    from tests.test_train import real_shape_model_dir
+
+    tiny_params = make_params(project, "tok")
+    models.ensure_tiny_model(tiny_params)
+    folder = tmp_path_factory.getbasetemp() / "qwen2vl-2b-random"
+    if not (folder / "config.json").exists():
+        real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
+    params = make_params(project, run, **train)
+    params.model.name, params.model.max_pixels = str(folder), 448 * 448
+    return params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_real_shape_packed_equals_plain(project, tmp_path_factory, monkeypatch):
+    """Qwen2-VL-2B's shape (random weights, fp32): packed loss = mean of the plain per-caption losses
+    and the LoRA/projector gradients match, three image grids and uneven caption counts in one batch."""
+    from jpcap_helpers import models
+
+    params = real_shape_params(project, tmp_path_factory, "gpu-pack-equiv", top_k_layers=6, lora_rank=32,
+                               lora_alpha=32, projector="trainable")
+    params.model.precision, params.model.compile = "fp32", False
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the plain Conv3d in full fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model, processor, entry = models.load_model(params, for_training=True)
+    model = T.prepare_model(model, params)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    reference = unpatched_copy(model)
+    pairs, _ = T.read_pairs(params)
+    groups = packing.group_by_image(pairs)
+    ds = T.PairDataset(pairs, params.images_dir)
+    smp = []
+    for g, size, k in zip(groups, REAL_SIZES, (5, 2, 4)):
+        item = ds[g[0]]
+        smp.append({"image": item["image"].resize(size), "image_id": item["image_id"],
+                    "captions": [pairs[i]["caption"] for i in g[:k]]})
+    packed = packing.PackedCollator(processor, entry.prompt)(smp)
+    plain = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(smp))
+    assert len({tuple(g) for g in packed["image_grid_thw"].tolist()}) == 3
+    to_gpu = lambda b: {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    s, n = T.caption_loss(model, to_gpu(packed))
+    (s / n).backward()
+    ref = T.plain_loss(reference, to_gpu(plain))
+    ref.backward()
+    assert (s / n).item() == pytest.approx(ref.item(), rel=1e-4)
+    ref_grads = dict(reference.named_parameters())
+    checked = 0
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            err = (p.grad - ref_grads[k].grad).norm() / ref_grads[k].grad.norm().clamp_min(1e-30)
+            assert err < 1e-3, (k, float(err))
+            checked += 1
+    assert checked > 0
+    del model, reference
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_real_shape_packed_training_stays_finite(project, tmp_path_factory, precision):
+    """The T4 recipe with packing (4-bit, gradient checkpointing) in fp16 (as on a T4, GradScaler) and
+    bf16: 12 steps of the real shape give finite losses and gradient norms."""
+    import math
+
+    params = real_shape_params(project, tmp_path_factory, f"gpu-pack-{precision}", load_in_4bit=True, max_steps=12,
+                               micro_batch_size=2, effective_batch_size=4, top_k_layers=6, lora_rank=32,
+                               lora_alpha=32, lora_dropout=0.05, gradient_checkpointing=True, learning_rate=2e-4,
+                               pack_captions=True, captions_per_image=0)
+    params.model.precision = precision
+    result = T.train(params, resume=False)
+    log = T.read_train_log(params.run_dir)
+    assert log["loss"].map(math.isfinite).all(), log[["step", "loss", "skipped"]]
+    assert log["grad_norm"].dropna().map(math.isfinite).tail(4).all(), log[["step", "grad_norm", "skipped"]]
+    assert (log["skipped"] == "non-finite loss").sum() == 0
+    assert result.steps == 12 and (log["captions_per_s"] > 0).all()
+    print(f"packed {precision}: peak {result.peak_memory_gib:.1f} GiB, losses "
+          f"{[round(v, 3) for v in result.losses.values()]}")
