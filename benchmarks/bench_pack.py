@@ -197,6 +197,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--unpacked-scale", type=int, nargs="+", default=[1],
                     help="unpacked rows at these multiples of the recipe's micro-batch (memory-matched comparisons)")
+    ap.add_argument("--packed-scale", type=float, nargs="+", default=[1],
+                    help="packed rows at these multiples of the recipe's micro-batch of images")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke check on a tiny random model")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():   # several shapes per run: keep every row compiled (h100 recipe)
@@ -207,7 +209,8 @@ def main(argv=None) -> None:
     for recipe in args.recipes.split(","):
         model, params, dtype = load(path, recipe, args.tiny)
         m = params.train.micro_batch_size
-        data = synthetic_data(m, params.model.max_pixels, path)
+        n_images = max(m, max(round(m * s) for s in args.packed_scale))
+        data = synthetic_data(n_images, params.model.max_pixels, path)
         base = {"bench": "pack", "recipe": recipe, "micro_batch_size": m,
                 "gradient_checkpointing": params.train.gradient_checkpointing, "compile": params.model.compile,
                 "image_tokens": data["n_image_tokens"]}
@@ -215,9 +218,13 @@ def main(argv=None) -> None:
                                     dtype, steps),
                 "packed_same_images": measure({**base, "layout": "packed", "images": m}, model, packed_batch(data, m),
                                               dtype, steps)}
+        measured = list(rows.values())
         for scale in (s for s in args.unpacked_scale if s != 1):   # rows of one pair each: m*s pairs of m images
-            measure({**base, "layout": "unpacked", "images": m * scale}, model,
-                    unpacked_batch(data, m * scale), dtype, steps)
+            measured.append(measure({**base, "layout": "unpacked", "images": m * scale}, model,
+                                    unpacked_batch(data, m * scale), dtype, steps))
+        for scale in (s for s in args.packed_scale if s != 1):
+            measured.append(measure({**base, "layout": "packed", "images": round(m * scale)}, model,
+                                    packed_batch(data, round(m * scale)), dtype, steps))
         k = max(1, round(m / CAPTIONS_PER_IMAGE))
         rows["packed_same_captions"] = measure({**base, "layout": "packed", "images": k}, model,
                                                packed_batch(data, k), dtype, steps)
@@ -227,8 +234,26 @@ def main(argv=None) -> None:
                 emit({"bench": "pack", "recipe": recipe, "ratio": name, "images": r["images"],
                       "speedup_captions_per_s": round(r["captions_per_s"] / ref["captions_per_s"], 2),
                       "memory_ratio": round(r["peak_gib"] / ref["peak_gib"], 3) if ref["peak_gib"] else None})
+        for line in equal_memory(r for r in measured + [rows["packed_same_captions"]] if r):
+            emit({"bench": "pack", "recipe": recipe, **line})
         del model
         free()
+
+
+def equal_memory(rows) -> list[dict]:
+    """For each packed row: the fastest unpacked row that needs no more peak memory, and the ratio of their
+    captions/s (the memory-matched comparison; none where every unpacked row needs more memory)."""
+    rows = list(rows)
+    unpacked = [r for r in rows if r["layout"] == "unpacked"]
+    out = []
+    for p in (r for r in rows if r["layout"] == "packed"):
+        fits = [u for u in unpacked if u["peak_gib"] is not None and u["peak_gib"] <= p["peak_gib"]]
+        if fits:
+            best = max(fits, key=lambda u: u["captions_per_s"])
+            out.append({"equal_memory": f"packed {p['images']} images vs unpacked {best['captions']} pairs",
+                        "packed_peak_gib": p["peak_gib"], "unpacked_peak_gib": best["peak_gib"],
+                        "speedup_captions_per_s": round(p["captions_per_s"] / best["captions_per_s"], 2)})
+    return out
 
 
 if __name__ == "__main__":
