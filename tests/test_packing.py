@@ -247,21 +247,14 @@ def real_shape_params(project, tmp_path_factory, run: str, **train):
 def test_gpu_real_shape_packed_equals_plain(project, tmp_path_factory, monkeypatch):
     """Qwen2-VL-2B's shape (random weights, fp32): packed loss = mean of the plain per-caption losses
     and the LoRA/projector gradients match, three image grids and uneven caption counts in one batch."""
-    from jpcap_helpers import models
+    from tests.test_train import perturbed_with_reference
 
     params = real_shape_params(project, tmp_path_factory, "gpu-pack-equiv", top_k_layers=6, lora_rank=32,
                                lora_alpha=32, projector="trainable")
     params.model.precision, params.model.compile = "fp32", False
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the plain Conv3d in full fp32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    model, processor, entry = models.load_model(params, for_training=True)
-    model = T.prepare_model(model, params)
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    reference = unpatched_copy(model)
+    model, processor, entry, reference = perturbed_with_reference(params)
     pairs, _ = T.read_pairs(params)
     groups = packing.group_by_image(pairs)
     ds = T.PairDataset(pairs, params.images_dir)

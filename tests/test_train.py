@@ -781,6 +781,18 @@ def test_tiny_on_cuda_resume_matches(project, method):
         assert resumed.losses[step] == pytest.approx(ref.losses[step], rel=1e-2, abs=1e-3)
 
 
+def perturbed_with_reference(params, scale: float = 0.01):
+    """The training model (LoRA B made non-zero, so the adapters matter) and an unpatched copy of it."""
+    model, processor, entry = models.load_model(params, for_training=True)
+    model = T.prepare_model(model, params)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    return model, processor, entry, unpatched_copy(model)
+
+
 @gpu
 @pytest.mark.gpu
 def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, monkeypatch):
@@ -799,14 +811,7 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, m
     # the plain model's Conv3d patch embedding would run in TF32 through cuDNN (its default), the fast
     # path's equivalent matmul in full fp32: compare both in fp32
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    model, processor, entry = models.load_model(params, for_training=True)
-    model = T.prepare_model(model, params)
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    reference = unpatched_copy(model)
+    model, processor, entry, reference = perturbed_with_reference(params)
     batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 4))
     batch = {k: v.to("cuda") for k, v in batch.items()}
     s, n = T.caption_loss(model, batch)
