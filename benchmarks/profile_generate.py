@@ -133,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--engine-images", type=int, default=512)
     ap.add_argument("--engine-only", action="store_true",
                     help="only the engine's GPU timeline (busy time and idle gaps) on --engine-images files")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --engine-only: profile the whole run this many times in one process (a later "
+                         "run finds the pinned host blocks and the allocator's cache warm: do the long pauses stay?)")
     args = ap.parse_args(argv)
     from jpcap_helpers import engine, models
     from jpcap_helpers.engine import decode
@@ -154,8 +157,9 @@ def main(argv=None):
                                           max_new_tokens=NEW_TOKENS, progress=False)
         run(bs)  # compilation and graph capture
         run(bs)
-        emit({"bench": "profile_generate", "stage": "engine timeline (CUDA-only profiler)", "batch": bs,
-              **engine_timeline(run)})
+        for i in range(args.repeat):
+            emit({"bench": "profile_generate", "stage": "engine timeline (CUDA-only profiler)", "batch": bs,
+                  "repeat": i + 1, **engine_timeline(run)})
         return
     import numpy as np
     tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().pin_memory()
