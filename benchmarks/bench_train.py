@@ -131,7 +131,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compile-off", action="store_true", help="add rows without torch.compile (lever probe)")
     ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
+    ap.add_argument("--compile-unmeasured", action="store_true",
+                    help="use regional torch.compile for this arch even if its model type is not in "
+                         "fastpath.COMPILE_MEASURED (with --compile-off: measure whether it pays)")
     args = ap.parse_args(argv)
+    if args.compile_unmeasured:
+        import json
+
+        from jpcap_helpers.models import fastpath
+        model_type = json.loads((random_model_dir(args.arch) / "config.json").read_text())["model_type"]
+        fastpath.COMPILE_MEASURED = tuple(set(fastpath.COMPILE_MEASURED) | {model_type})
     rows = args.rows.split(",")
     emit({"bench": "train", "versions": versions(), "arch": args.arch})
     path = random_model_dir(args.arch)
