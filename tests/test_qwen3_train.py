@@ -95,7 +95,11 @@ def test_projector_is_the_merger_and_the_deepstack_mergers(project, tiny_qwen3_d
     visual = T.causal_lm(model).model.visual
     assert not visual.patch_embed._forward_hooks, "no requires-grad hook on the ViT input"
     batch = T.CaptionCollator(processor, entry.prompt)(unpacked(image_samples(params, 2, 1)))
+    vit_out = []
+    hook = visual.blocks[-1].register_forward_hook(lambda _m, _a, out: vit_out.append(out.requires_grad))
     embeds, sizes, feats = T.visual_features(T.causal_lm(model), batch["pixel_values"], batch["image_grid_thw"])
+    hook.remove()
+    assert vit_out == [False], "the frozen ViT builds no autograd graph"
     assert len(feats) == n_deepstack and all(f.shape == embeds.shape for f in feats)
     assert all(f.requires_grad == (projector == "trainable") for f in [embeds, *feats])
     s, _ = T.caption_loss(model, batch)

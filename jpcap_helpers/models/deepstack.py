@@ -9,8 +9,9 @@ right after decoder layer ``j``, for ``j < len(features)`` (``_deepstack_process
 ``f`` cast to the hidden states' dtype). Qwen2-VL / Qwen2.5-VL have no deepstack: every function here
 returns the empty case for them.
 
-Used by the training fast path (:mod:`jpcap_helpers.train.loss`: frozen ViT without autograd, the
-mergers with it) and by the greedy decoder's own prefill (:mod:`jpcap_helpers.engine.decode`).
+Used by the training fast path (:mod:`jpcap_helpers.train.loss`: the frozen ViT without an autograd
+graph, the projector — merger and deepstack mergers — with it) and by the greedy decoder's own prefill
+(:mod:`jpcap_helpers.engine.decode`).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["deepstack_mergers", "projector_module_names", "run_frozen_tower", "project",
-           "encoder_output", "text_forward", "add_deepstack", "add_deepstack_at"]
+__all__ = ["deepstack_mergers", "projector_module_names", "projector", "tower_features", "encoder_output",
+           "text_forward", "add_deepstack", "add_deepstack_at"]
 
 
 def deepstack_mergers(visual: Any) -> list:
@@ -34,47 +35,34 @@ def projector_module_names(visual: Any) -> list[str]:
     return ["merger"] + [f"deepstack_merger_list.{j}" for j in range(len(deepstack_mergers(visual)))]
 
 
-def run_frozen_tower(visual: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The vision tower under ``no_grad``: (the main merger's input, each deepstack merger's input).
+def projector(visual: Any) -> list:
+    """The projector modules: the main ``merger`` and the deepstack mergers."""
+    return [visual.merger, *deepstack_mergers(visual)]
 
-    The inputs are the tower's own intermediate states (read by forward pre-hooks on the mergers), so
-    :func:`project` recomputes the projector outputs with autograd from exactly what the tower fed them.
+
+def _to_weight_dtype(module: Any, args: tuple) -> tuple:
+    """Forward pre-hook: the input in the dtype of the module's trainable weights (fp32 masters), else of
+    its weights — what autocast does for its linear layers anyway, and needed without autocast."""
+    params = [p for p in module.parameters() if p.requires_grad] or list(module.parameters())
+    return (args[0].to(params[0].dtype), *args[1:])
+
+
+def tower_features(visual: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(image embeddings, deepstack features) from the vision tower's own forward, in image order.
+
+    The frozen tower builds no autograd graph without ``no_grad`` (its weights and inputs need no
+    gradient), so autograd records from the projector on: the merger and the deepstack mergers when they
+    train, and what the tower does after them (Qwen2.5-VL puts its window-ordered tokens back in image
+    order after the merger). The projector's inputs are cast to its weights' dtype.
     """
-    mergers = deepstack_mergers(visual)
-    captured: list = [None] * len(mergers)
-
-    def grab(j):
-        def hook(_module, args):
-            captured[j] = args[0]
-        return hook
-
-    handles = [m.register_forward_pre_hook(grab(j)) for j, m in enumerate(mergers)]
+    handles = [m.register_forward_pre_hook(_to_weight_dtype) for m in projector(visual)]
     try:
-        with torch.no_grad():
-            hidden = visual(pixel_values, grid_thw=grid_thw).last_hidden_state
+        out = visual(pixel_values, grid_thw=grid_thw)
     finally:
         for h in handles:
             h.remove()
-    if any(c is None for c in captured):
-        raise RuntimeError("the vision tower did not call every deepstack merger (deepstack_visual_indexes "
-                           "beyond its depth?)")
-    return hidden, captured
-
-
-def _as_input_of(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the dtype of the module's trainable weights (fp32 masters), else of its weights."""
-    params = [p for p in module.parameters() if p.requires_grad] or list(module.parameters())
-    return x.to(params[0].dtype)
-
-
-def project(visual: Any, hidden: torch.Tensor, deepstack_inputs: Sequence[torch.Tensor]
-            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(image embeddings, deepstack features): the main merger and each deepstack merger on their inputs,
-    with autograd where their weights train."""
-    embeds = visual.merger(_as_input_of(visual.merger, hidden))
-    features = [m(_as_input_of(m, x)) for m, x in zip(deepstack_mergers(visual), deepstack_inputs)]
-    return embeds, features
+    return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
 
 
 def encoder_output(embeds: torch.Tensor, sizes: list[int], deepstack: Sequence[torch.Tensor]) -> Any:

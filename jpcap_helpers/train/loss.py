@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Optional, Sequence
 
-from ..models.deepstack import encoder_output, project, run_frozen_tower, text_forward
+from ..models.deepstack import encoder_output, text_forward, tower_features
 from .batches import IGNORE_INDEX
 from .lora import causal_lm
 from .packing import is_packed, packed_attention_mask, packed_position_ids
@@ -15,14 +15,12 @@ __all__ = ["visual_features", "language_forward", "caption_loss", "plain_loss", 
 
 
 def visual_features(base: Any, pixel_values: Any, grid_thw: Any) -> tuple[Any, list[int], list[Any]]:
-    """(projector outputs, image-token count per image, deepstack features): the frozen ViT without
-    autograd, then the merger and — Qwen3-VL — the deepstack mergers (maybe trainable) with it."""
+    """(projector outputs, image-token count per image, deepstack features): the vision tower's own
+    forward, the frozen ViT building no autograd graph, the merger and — Qwen3-VL — the deepstack
+    mergers with one where they train (:func:`~jpcap_helpers.models.deepstack.tower_features`)."""
     visual = base.model.visual
     vit_dtype = next(visual.patch_embed.parameters()).dtype
-    # the mergers' no-grad outputs inside this call are discarded (≈1% of the vision FLOPs each) and
-    # recomputed with autograd from the inputs the tower fed them
-    hidden, deepstack_inputs = run_frozen_tower(visual, pixel_values.to(vit_dtype), grid_thw)
-    embeds, deepstack = project(visual, hidden, deepstack_inputs)
+    embeds, deepstack = tower_features(visual, pixel_values.to(vit_dtype), grid_thw)
     sizes = (grid_thw.prod(-1) // visual.spatial_merge_size ** 2).tolist()
     return embeds, sizes, deepstack
 
