@@ -40,7 +40,8 @@ def prompt_inputs(q, images):
 
 
 def hf_greedy(model, inputs, n: int, eos: list[int]) -> torch.Tensor:
-    cfg = generation.generation_config(model, n, 1, eos, model.generation_config.pad_token_id)
+    pad = model.generation_config.pad_token_id
+    cfg = generation.generation_config(model, n, 1, eos, 0 if pad is None else pad)
     with torch.no_grad():
         return model.generate(**inputs, generation_config=cfg)[:, inputs["input_ids"].shape[1]:]
 
