@@ -3,7 +3,7 @@ baselines) against the project's caption engine with a LoRA adapter applied — 
 random weights of the real architecture, synthetic 640×480 images, exactly 24 new tokens (greedy; a
 random model practically never emits the end token).
 
-    python benchmarks/bench_generate.py [--arch qwen2-vl-2b] [--images 1024] [--batch 64 128 256] [--headline]
+    python benchmarks/bench_generate.py [--arch qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--images 1024] [--batch 64 128 256] [--headline]
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--arch", default="qwen2-vl-2b", choices=["qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b"])
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--loop-images", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
@@ -155,7 +155,7 @@ def main(argv=None):
     from jpcap_helpers.train import TrainError
     try:
         adapter = make_adapter(model_dir, Path("/tmp/jpcap-bench") / f"{args.arch}-adapter")
-    except TrainError as e:  # Qwen3-VL: no fine-tuning, captioned zero-shot
+    except TrainError as e:  # an architecture the trainer refuses: captioned zero-shot
         adapter = None
         emit({"bench": "generate", "arch": args.arch, "note": f"no adapter: {e}"})
     with_adapter = "merged adapter" if adapter else "no adapter"

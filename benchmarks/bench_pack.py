@@ -2,7 +2,7 @@
 throughput in captions/s and peak memory, same run, same synthetic data (640×480 images, a 20-token
 prompt, 5 captions per image of 15–30 tokens, COCO-like), fast path with random weights of the real shape.
 
-    python benchmarks/bench_pack.py [--arch qwen2-vl-2b] [--recipes t4,h100] [--steps 6]
+    python benchmarks/bench_pack.py [--arch qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--recipes t4,h100] [--steps 6]
     python benchmarks/bench_pack.py --tiny          # CPU smoke check: a tiny random model, fp32, LoRA
 
 Recipes: ``t4`` = params/colab_t4.yaml (fp16 autocast, 4-bit, gradient checkpointing, no compile) and
@@ -87,20 +87,20 @@ def load(path: Path, recipe: str, tiny: bool):
     return model, params, dtype
 
 
-def synthetic_data(n_images: int, max_pixels: int, model_dir: Path, seed: int = 0) -> dict:
+def synthetic_data(n_images: int, max_pixels: int, model_dir: Path, arch: str = "qwen2-vl-2b", seed: int = 0) -> dict:
     """Image patches and token ids: per image a prefix (chat + image tokens + prompt + assistant header)
     and 5 captions of 15–30 tokens, each ending with ``<|im_end|>``."""
     import json
 
     from transformers import Qwen2VLImageProcessor
 
-    ip = Qwen2VLImageProcessor(patch_size=14)
+    ip = Qwen2VLImageProcessor(patch_size=CONFIGS[ARCHS[arch]]["vision"].get("patch_size", 14))  # Qwen3-VL: 16
     out = ip(images=synthetic_images(n_images, seed=seed), return_tensors="pt",
              size={"shortest_edge": 56 * 56, "longest_edge": max_pixels})
     thw = out["image_grid_thw"]
     n_img = int(thw[0].prod()) // 4
     cfg = json.loads((model_dir / "config.json").read_text())
-    ids = special_ids(processor_for("qwen2-vl-2b").tokenizer)
+    ids = special_ids(processor_for(arch).tokenizer)
     g = torch.Generator().manual_seed(seed)
     prefixes, captions = [], []
     for _ in range(n_images):
@@ -192,7 +192,7 @@ def measure(row: dict, model, batch: dict, dtype, steps: int) -> dict | None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="qwen2-vl-2b", choices=["qwen2-vl-2b"])
+    ap.add_argument("--arch", default="qwen2-vl-2b", choices=list(ARCHS))
     ap.add_argument("--recipes", default="t4,h100")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--unpacked-scale", type=int, nargs="+", default=[1],
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
         model, params, dtype = load(path, recipe, args.tiny)
         m = params.train.micro_batch_size
         n_images = max(m, max(round(m * s) for s in args.packed_scale))
-        data = synthetic_data(n_images, params.model.max_pixels, path)
+        data = synthetic_data(n_images, params.model.max_pixels, path, "qwen2-vl-2b" if args.tiny else args.arch)
         base = {"bench": "pack", "recipe": recipe, "micro_batch_size": m,
                 "gradient_checkpointing": params.train.gradient_checkpointing, "compile": params.model.compile,
                 "image_tokens": data["n_image_tokens"]}

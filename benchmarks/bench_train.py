@@ -1,7 +1,7 @@
 """Training throughput and peak memory: the cookbook-style QLoRA baseline and the project's trainer,
 same run, same GPU, same synthetic batches (640×480 images, 20 prompt + 24 caption tokens).
 
-    python benchmarks/bench_train.py [--arch qwen2-vl-2b] [--batch 8 16 32] [--rows all]
+    python benchmarks/bench_train.py [--arch qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--batch 8 16 32] [--rows all]
 
 Rows: cookbook (prepare_model_for_kbit_training + gradient checkpointing + full-vocabulary loss +
 default max_pixels), jpcap QLoRA with params/h100.yaml defaults (regional torch.compile included),
@@ -42,9 +42,10 @@ def cookbook_model(path: Path, top_k: int = 6):
     m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q,
                                                     device_map={"": 0}, attn_implementation="sdpa")
     m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
-    from jpcap_helpers.train import lora_target_modules
+    from jpcap_helpers.train import lora_target_modules, projector_modules
+    # the same trainable set as the jpcap rows: LoRA + the projector (Qwen3-VL: with its deepstack mergers)
     cfg = LoraConfig(r=32, lora_alpha=32, lora_dropout=0.05, target_modules=lora_target_modules(m, top_k),
-                     modules_to_save=["merger"], task_type="CAUSAL_LM")
+                     modules_to_save=projector_modules(m), task_type="CAUSAL_LM")
     return get_peft_model(m, cfg)
 
 
@@ -125,7 +126,7 @@ def fast(model, batch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="qwen2-vl-2b")
+    ap.add_argument("--arch", default="qwen2-vl-2b", choices=["qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b"])
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--rows", default="cookbook,qlora,lora,t4")
     ap.add_argument("--steps", type=int, default=6)

@@ -37,10 +37,10 @@ def main(argv=None):
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
             ev[0].record()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                embeds, sizes = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
+                embeds, sizes, deepstack = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
                 ev[1].record()
                 mem_vit = torch.cuda.max_memory_allocated()
-                out = language_forward(base, batch, embeds, sizes)
+                out = language_forward(base, batch, embeds, sizes, deepstack=deepstack)
                 hidden = out.last_hidden_state[:, :-1]
                 targets = batch["labels"][:, 1:]
                 sel = targets != -100

@@ -194,7 +194,7 @@ def test_native_family_loads_and_captions_a_batch(family, shapes, tmp_path):
     assert any(r["caption"] for r in rows), "the scrambled model should emit some text"
     single_rows = {r["image_id"]: r["caption"] for r in jio.read_jsonl(tmp_path / "s.jsonl")}
     assert {r["image_id"]: r["caption"] for r in rows} == single_rows
-    fast = family in ("qwen2_vl", "qwen2_5_vl")  # the static-cache greedy decoder's families
+    fast = family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the static-cache greedy decoder's families
     assert batched["decoder"] == ("static-cache greedy" if fast else "hf generate")
     if fast:
         hf = engine.caption_records(model, processor, entry, shapes["records"], shapes["data"], tmp_path / "h.jsonl",

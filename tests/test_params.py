@@ -8,8 +8,14 @@ import yaml
 from jpcap_helpers.params import Params, ParamsError, field_docs, load_params, parse_overrides
 from jpcap_helpers.session import setup
 
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "params").glob("*.yaml"))
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "colab_t4.yaml", "colab_t4_ablations.yaml", "h100.yaml"])
+
+def test_every_shipped_params_file_is_checked():
+    assert {"smoke.yaml", "colab_t4.yaml", "colab_t4_ablations.yaml", "colab_t4_qwen3.yaml", "h100.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_params_validate(project_root, name):
     p = load_params(project_root / "params" / name)
     assert p.run.name

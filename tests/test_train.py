@@ -188,7 +188,7 @@ def test_projector_switch_and_frozen_vision(project, projector):
     assert not visual.patch_embed._forward_hooks, "no requires-grad hook on the ViT input"
     batch = T.CaptionCollator(models.load_model(params)[1], models.REGISTRY["tiny-qwen2-vl"].prompt)(
         samples(params, 2))
-    embeds, _ = T.visual_features(T.causal_lm(model), batch["pixel_values"], batch["image_grid_thw"])
+    embeds, _, _ = T.visual_features(T.causal_lm(model), batch["pixel_values"], batch["image_grid_thw"])
     assert embeds.requires_grad == (projector == "trainable")
     loss, n = T.caption_loss(model, batch)
     loss.backward()

@@ -1,4 +1,4 @@
-"""Fast greedy caption decoding for Qwen2-VL and Qwen2.5-VL (the caption engine's default decoder).
+"""Fast greedy caption decoding for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the caption engine's default decoder).
 
 HF ``generate`` pays, per batch, a Python loop over the rows to build multimodal rotary positions
 (``get_rope_index``), a growing (dynamic) KV cache, and ~30 kernel launches per layer for every new
@@ -9,9 +9,11 @@ token. Captions are short and every prompt is the same text around one image, so
 2. runs the vision tower and projector (the model's own code; for Qwen2-VL its rotary positions and
    segment bounds are computed once per batch shape), then prefills the prompt through one
    layer function, ``_prefill_layer``, that writes keys and values straight into fixed buffers (the
-   language model's layers' math; on GPUs where ``model.compile`` is on, one ``torch.compile`` of it
-   serves every layer). ``prefill="model"`` prefills through the model's forward and copies its cache
-   instead (the previous default; the tests compare both);
+   language model's layers' math, with Qwen3-VL's per-head q/k norms; on GPUs where ``model.compile``
+   is on, one ``torch.compile`` of it serves every layer). Qwen3-VL's deepstack features are added at
+   the image tokens after the first layers as its text model adds them (:mod:`..models.deepstack`).
+   ``prefill="model"`` prefills through the model's forward and copies its cache instead (the previous
+   default; the tests compare both);
 3. decodes token by token with a fixed-shape step over those buffers. On CUDA the step is captured
    once per batch-size bucket as a CUDA graph and replayed (one launch per token instead of
    hundreds); a 4-bit (bitsandbytes) model runs the same step eagerly. ``compile_step`` compiles its
@@ -32,9 +34,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..models.deepstack import add_deepstack_at
+
 __all__ = ["SUPPORTED_FAMILIES", "supports", "unwrap", "has_4bit", "GreedyDecoder"]
 
-SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _CACHE_ROUND = 64  # KV capacity is rounded up to this many positions (fewer re-allocations)
 
 
@@ -45,8 +49,8 @@ def unwrap(model: Any) -> Any:
 
 
 def supports(model: Any, family: str, num_beams: int = 1) -> bool:
-    """Whether :class:`GreedyDecoder` can caption with ``model``: a Qwen2-VL / Qwen2.5-VL language model
-    with full attention in every layer, greedy decoding."""
+    """Whether :class:`GreedyDecoder` can caption with ``model``: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+    language model with full attention in every layer, greedy decoding."""
     if family not in SUPPORTED_FAMILIES or num_beams != 1:
         return False
     base = unwrap(model)
@@ -70,6 +74,18 @@ def _bucket(n: int, cap: int) -> int:
     return min(b, max(cap, n))
 
 
+def _qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys, values ``(batch, heads, length, head_dim)`` as the model's attention makes them:
+    Qwen3-VL normalises each query and key head (``q_norm`` / ``k_norm``) before the transpose."""
+    bsz, length, _ = x.shape
+    q = attn.q_proj(x).view(bsz, length, -1, attn.head_dim)
+    k = attn.k_proj(x).view(bsz, length, -1, attn.head_dim)
+    v = attn.v_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v
+
+
 def _prefill_layer(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
     """One decoder layer over the whole prompt (causal, no padding), writing its keys/values into the
@@ -78,9 +94,7 @@ def _prefill_layer(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, si
     attn = layer.self_attn
     bsz, length, _ = h.shape
     x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+    q, k, v = _qkv(attn, x)
     q, k = rope(q, k, cos, sin)
     k_out.copy_(k)
     v_out.copy_(v)
@@ -92,12 +106,7 @@ def _prefill_layer(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, si
 
 def _step_layer_in(layer: Any, rope: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """A decoding step's layer up to attention: norm, projections, rotary (one new token per row)."""
-    attn = layer.self_attn
-    bsz = h.shape[0]
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
+    q, k, v = _qkv(layer.self_attn, layer.input_layernorm(h))
     q, k = rope(q, k, cos, sin)
     return q, k, v
 
@@ -273,10 +282,12 @@ class GreedyDecoder:
             self._vision_cache[key] = cached
         return cached
 
-    def _prompt_embeddings(self, kwargs: Mapping[str, Any], ids: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the projector's image features at the image-pad positions (``ids`` and
-        ``grid``: the batch's host copies; every row has the same layout, so the positions come from
-        row 0 and nothing here waits for the GPU)."""
+    def _prompt_embeddings(self, kwargs: Mapping[str, Any], ids: torch.Tensor, grid: torch.Tensor
+                           ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """(token embeddings with the projector's image features at the image-pad positions, Qwen3-VL's
+        deepstack features (else empty), those positions on the device). ``ids`` and ``grid``: the
+        batch's host copies; every row has the same layout, so the positions come from row 0 and nothing
+        here waits for the GPU."""
         embeds = self.lm.embed_tokens(kwargs["input_ids"])
         vision = self._vision_inputs(grid)
         if vision is None:
@@ -284,21 +295,26 @@ class GreedyDecoder:
         else:
             image = self.inner.get_image_features(kwargs["pixel_values"], grid, return_dict=True, **vision)
         features = torch.cat(list(image.pooler_output), dim=0).to(embeds.dtype)
+        deepstack = [torch.cat(list(f), dim=0) for f in (getattr(image, "deepstack_features", None) or [])]
         where = torch.nonzero(ids[0] == self.base.config.image_token_id).squeeze(1)
         if where.numel() * ids.shape[0] != features.shape[0]:
             raise ValueError(f"{where.numel()} image tokens per prompt but {features.shape[0]} image features "
                              f"for {ids.shape[0]} rows")
         if self.device.type == "cuda":  # a blocking copy would wait here for the vision tower to finish
             where = where.pin_memory().to(self.device, non_blocking=True)
-        return embeds.index_copy(1, where, features.view(ids.shape[0], where.numel(), -1))
+        return embeds.index_copy(1, where, features.view(ids.shape[0], where.numel(), -1)), deepstack, where
 
-    def _own_prefill(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt through every layer into the KV buffers; returns the first new token per row."""
+    def _own_prefill(self, h: torch.Tensor, position_ids: torch.Tensor, deepstack: Sequence[torch.Tensor] = (),
+                     where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The prompt through every layer into the KV buffers (deepstack feature ``i`` added at the image
+        positions ``where`` after layer ``i``); returns the first new token per row."""
         batch, length, _ = h.shape
         cos, sin = self.lm.rotary_emb(h, position_ids)
         for i, layer in enumerate(self.lm.layers):
             h = self._prefill_fn(layer, self._rope, h, cos, sin, self.k[i, :batch, :, :length],
                                  self.v[i, :batch, :, :length])
+            if i < len(deepstack):
+                h = add_deepstack_at(h, where, deepstack[i])
         return self._first(self.head(self.lm.norm(h[:, -1:]))[:, -1])
 
     def _first(self, logits: torch.Tensor) -> torch.Tensor:
@@ -343,11 +359,11 @@ class GreedyDecoder:
             use_graph = self.cuda_graphs and max_new_tokens > 1 and not torch.is_autocast_enabled("cuda")
             if self.prefill == "own":
                 attn0 = self.lm.layers[0].self_attn
-                embeds = self._prompt_embeddings(kwargs, ids, grid)
+                embeds, deepstack, where = self._prompt_embeddings(kwargs, ids, grid)
                 self._ensure_capacity(length, max_new_tokens, embeds.dtype,
                                       attn0.k_proj.out_features // attn0.head_dim, attn0.head_dim)
                 graph = self._graph(bp) if use_graph else None
-                first = self._own_prefill(embeds, position_ids)
+                first = self._own_prefill(embeds, position_ids, deepstack, where)
             else:
                 out = self.inner(position_ids=position_ids, use_cache=True, **kwargs)
                 cache = out.cache

@@ -1,6 +1,6 @@
 """One batch of images → captions' raw text: the processor's inputs (optionally prepared on the GPU,
 on a side stream), the greedy generation config, and the decoder — the fast greedy decoder
-(:mod:`.decode`) for Qwen2-VL / Qwen2.5-VL, else HF ``generate``."""
+(:mod:`.decode`) for Qwen2-VL / Qwen2.5-VL / Qwen3-VL, else HF ``generate``."""
 from __future__ import annotations
 
 import copy
@@ -99,7 +99,7 @@ def prepare_inputs(processor: Any, prompts: list[str], images: list, device: Any
 
 class Decoder:
     """One batch of processor inputs → new token ids: the fast greedy decoder (:mod:`.decode`) for
-    Qwen2-VL / Qwen2.5-VL with ``decoder="auto"``, else HF ``generate`` with ``gen_cfg``."""
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL with ``decoder="auto"``, else HF ``generate`` with ``gen_cfg``."""
 
     def __init__(self, model: Any, entry: ModelEntry, gen_cfg: Any, batch_size: int, decoder: str,
                  options: EngineOptions = EngineOptions(), constraints: Any = None):

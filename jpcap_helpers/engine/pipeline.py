@@ -331,7 +331,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     Images are sorted by visual-token count; decoding is greedy (``num_beams`` > 1: beam search) up
     to ``max_new_tokens``, stopping at the model's end tokens; only new tokens are decoded, then
     cleaned (:func:`clean_output`) and normalised (``text.normalize_caption``). ``decoder="auto"``
-    decodes Qwen2-VL / Qwen2.5-VL greedily with :class:`.decode.GreedyDecoder` (batches of one visual
+    decodes Qwen2-VL / Qwen2.5-VL / Qwen3-VL greedily with :class:`.decode.GreedyDecoder` (batches of one visual
     grid, static KV cache, CUDA-graph steps and image preprocessing on the GPU); other models, beam
     search and ``decoder="hf"`` use HF ``generate`` on left-padded batches. ``options`` holds the
     engine's speed levers (:class:`EngineOptions`). ``constraints`` (``generation.constraints`` or a

@@ -118,9 +118,10 @@ _register(ModelEntry(
     key="qwen3-vl-2b-instruct", hub_id="Qwen/Qwen3-VL-2B-Instruct", revision=None, family="qwen3_vl",
     loader="native", params_b=2.1, prompt=CAPTION_PROMPT_JA, licence="Apache-2.0", trained_on_stair=None,
     contamination_note="training data undisclosed; STAIR use unknown",
-    t4_recipe="fp16 or 4-bit NF4",
-    run_here=("tiny config: load + batched generate in tests; fine-tuning not "
-              "supported yet (deepstack); no real checkpoint"),
+    t4_recipe="fp16, or 4-bit NF4 for QLoRA (params/colab_t4_qwen3.yaml; T4 time estimated)",
+    run_here=("tiny config: load + batched generate in tests; fine-tuning (LoRA, QLoRA, packing; deepstack "
+              "mergers in the projector) and the fast greedy decoder tested equal to transformers on tiny "
+              "random weights (CPU); GPU tests of the real shape written, not run here; no real checkpoint (no hub)"),
 ))
 _register(ModelEntry(
     key="paligemma-3b", hub_id="google/paligemma-3b-mix-224", revision=None, family="paligemma",

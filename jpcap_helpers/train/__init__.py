@@ -1,4 +1,4 @@
-"""QLoRA / LoRA fine-tuning of a Qwen2-VL captioner on processed STAIR-format pairs (or jp-shapes).
+"""QLoRA / LoRA fine-tuning of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL captioner on processed STAIR-format pairs (or jp-shapes).
 
 One loop for every face: the tiny model on a CPU (fp32), a free Colab T4 (fp16 + loss scaling, 4-bit
 NF4 language model), a big GPU (bf16) and several GPUs under ``accelerate launch`` (DDP).
@@ -28,7 +28,15 @@ from .errors import TrainError
 from .export import export_adapter, merge_adapter
 from .logs import TrainResult, read_train_log
 from .loop import TrainOptions, train
-from .lora import LORA_TARGETS, causal_lm, count_parameters, lora_target_modules, prepare_model, text_layer_count
+from .lora import (
+                   LORA_TARGETS,
+                   causal_lm,
+                   count_parameters,
+                   lora_target_modules,
+                   prepare_model,
+                   projector_modules,
+                   text_layer_count,
+)
 from .loss import caption_loss, language_forward, plain_loss, visual_features
 from .planning import COLAB_FREE_T4_USABLE_HOURS, COLAB_SESSION_MAX_HOURS, format_plan, plan
 from .steps import MAX_CONSECUTIVE_NONFINITE
@@ -42,6 +50,7 @@ __all__ = [
     "read_pairs", "read_val_records", "truncate_captions", "PairDataset", "CaptionCollator", "chat_messages",
     "epoch_order", "StepBatchSampler", "IGNORE_INDEX", "ASSISTANT_HEADER", "END_TOKEN",
     # model and loss
-    "prepare_model", "lora_target_modules", "text_layer_count", "count_parameters", "causal_lm", "LORA_TARGETS",
+    "prepare_model", "lora_target_modules", "projector_modules", "text_layer_count", "count_parameters", "causal_lm",
+    "LORA_TARGETS",
     "caption_loss", "plain_loss", "visual_features", "language_forward",
 ]

@@ -1,5 +1,6 @@
 """What trains: every weight frozen, LoRA (peft) on the top-k language layers, the projector
-(``model.visual.merger``) trained or not; the vision tower never builds an autograd graph."""
+(``model.visual.merger``, and Qwen3-VL's deepstack mergers ``model.visual.deepstack_merger_list.*``)
+trained or not; the vision tower never builds an autograd graph."""
 from __future__ import annotations
 
 import re
@@ -8,12 +9,13 @@ from typing import Any
 
 from .errors import TrainError
 
-__all__ = ["LORA_TARGETS", "causal_lm", "text_layer_count", "lora_target_modules", "prepare_model",
-           "count_parameters"]
+__all__ = ["LORA_TARGETS", "SUPPORTED_MODEL_TYPES", "causal_lm", "text_layer_count", "lora_target_modules",
+           "projector_modules", "prepare_model", "count_parameters"]
 
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# the fast path matches transformers' forward for these (tests/test_train.py, tests/test_qwen3_train.py)
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _LAYER_RE = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
 
 
@@ -61,12 +63,20 @@ def lora_target_modules(model: Any, top_k_layers: int | str) -> list[str]:
     return out
 
 
+def projector_modules(model: Any) -> list[str]:
+    """The projector as peft ``modules_to_save`` names: ``merger`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and
+    Qwen3-VL's deepstack mergers, which project intermediate ViT layers into the language model."""
+    from ..models.deepstack import projector_module_names
+
+    return projector_module_names(model.model.visual)
+
+
 def _add_lora(model: Any, t: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
                         target_modules=lora_target_modules(model, t.top_k_layers), task_type="CAUSAL_LM",
-                        modules_to_save=["merger"] if t.projector == "trainable" else None)
+                        modules_to_save=projector_modules(model) if t.projector == "trainable" else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # peft reads a deprecated transformers property
         return get_peft_model(model, config)
@@ -105,8 +115,9 @@ def prepare_model(model: Any, params: Any) -> Any:
     model_type = getattr(model.config, "model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TrainError(f"fine-tuning {model_type or type(model).__name__} is not supported: the fast path "
-                         "covers Qwen2-VL and Qwen2.5-VL (Qwen3-VL's deepstack visual features are not wired "
-                         "in yet); zero-shot captioning of it works")
+                         "covers Qwen2-VL, Qwen2.5-VL and Qwen3-VL (model types "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}), tested equal to their transformers forward; "
+                         "zero-shot captioning of other models works")
     for p in model.parameters():
         p.requires_grad_(False)
     for cfg in (model.config, getattr(model.config, "text_config", None)):

@@ -1,10 +1,12 @@
-"""The fast-path loss: the frozen ViT without autograd, the projector with it, the language model fed
-the image features directly, logits and cross-entropy only at caption positions (docs/training.md)."""
+"""The fast-path loss: the frozen ViT without autograd, the projector (with Qwen3-VL's deepstack mergers)
+with it, the language model fed the image features directly, logits and cross-entropy only at caption
+positions (docs/training.md)."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+from ..models.deepstack import encoder_output, text_forward, tower_features
 from .batches import IGNORE_INDEX
 from .lora import causal_lm
 from .packing import is_packed, packed_attention_mask, packed_position_ids
@@ -12,35 +14,28 @@ from .packing import is_packed, packed_attention_mask, packed_position_ids
 __all__ = ["visual_features", "language_forward", "caption_loss", "plain_loss", "make_loss_module"]
 
 
-def visual_features(base: Any, pixel_values: Any, grid_thw: Any) -> tuple[Any, list[int]]:
-    """Projector outputs per image: the frozen ViT without autograd, then the merger (maybe trainable)."""
-    import torch
-
+def visual_features(base: Any, pixel_values: Any, grid_thw: Any) -> tuple[Any, list[int], list[Any]]:
+    """(projector outputs, image-token count per image, deepstack features): the vision tower's own
+    forward, the frozen ViT building no autograd graph, the merger and — Qwen3-VL — the deepstack
+    mergers with one where they train (:func:`~jpcap_helpers.models.deepstack.tower_features`)."""
     visual = base.model.visual
     vit_dtype = next(visual.patch_embed.parameters()).dtype
-    with torch.no_grad():
-        # last_hidden_state is the ViT output before the merger; the merger output of this no-grad
-        # call is discarded (≈1% of the vision FLOPs) and recomputed below with autograd
-        hidden = visual(pixel_values.to(vit_dtype), grid_thw=grid_thw).last_hidden_state
-    merger = visual.merger
-    params_ = [p for p in merger.parameters() if p.requires_grad] or list(merger.parameters())
-    embeds = merger(hidden.to(params_[0].dtype))
+    embeds, deepstack = tower_features(visual, pixel_values.to(vit_dtype), grid_thw)
     sizes = (grid_thw.prod(-1) // visual.spatial_merge_size ** 2).tolist()
-    return embeds, sizes
+    return embeds, sizes, deepstack
 
 
 def language_forward(base: Any, batch: dict, embeds: Any, sizes: list[int],
                      use_mm_encoder_outputs: Optional[bool] = None, attention_mask: Any = None,
-                     position_ids: Any = None) -> Any:
-    """The language model's forward with the image features in place of the image tokens.
+                     position_ids: Any = None, deepstack: Sequence[Any] = ()) -> Any:
+    """The language model's forward with the image features in place of the image tokens (and, for
+    Qwen3-VL, the ``deepstack`` features added after its first layers, by the model's own code).
 
     ``use_mm_encoder_outputs``: hand the features over as ``mm_encoder_outputs`` (transformers 5) or
     scatter them into the token embeddings (older 5.x); None decides from the installed transformers.
     ``attention_mask`` / ``position_ids`` replace the batch's 2-D mask and the model's own positions
     (packed batches: a 4-D block mask and explicit 3-D positions).
     """
-    import torch
-
     inner = base.model
     if use_mm_encoder_outputs is None:
         use_mm_encoder_outputs = "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
@@ -52,13 +47,14 @@ def language_forward(base: Any, batch: dict, embeds: Any, sizes: list[int],
     if "mm_token_type_ids" in batch:
         common["mm_token_type_ids"] = batch["mm_token_type_ids"]
     if use_mm_encoder_outputs:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        features = BaseModelOutputWithPooling(pooler_output=torch.split(embeds, sizes))
-        return inner(mm_encoder_outputs={"image": features}, **common)
+        return inner(mm_encoder_outputs={"image": encoder_output(embeds, sizes, deepstack)}, **common)
     ids = batch["input_ids"]
     tok_embeds = inner.get_input_embeddings()(ids)
     mask = (ids == base.config.image_token_id).unsqueeze(-1).expand_as(tok_embeds)
     tok_embeds = tok_embeds.masked_scatter(mask, embeds.to(tok_embeds.dtype))
+    if deepstack:
+        common.pop("input_ids")
+        return text_forward(inner, tok_embeds, ids, deepstack, **common)
     return inner(inputs_embeds=tok_embeds, **common)
 
 
@@ -74,18 +70,18 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
     import torch.nn.functional as F
 
     base = causal_lm(model)
-    embeds, sizes = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
+    embeds, sizes, deepstack = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
     if is_packed(batch):
         eager = base.config._attn_implementation == "eager"
         mask = packed_attention_mask(batch["segment_ids"], embeds.dtype if eager else None)
         out = language_forward(base, batch, embeds, sizes, use_mm_encoder_outputs, attention_mask=mask,
-                               position_ids=packed_position_ids(base, batch))
+                               position_ids=packed_position_ids(base, batch), deepstack=deepstack)
         hidden = out.last_hidden_state.flatten(0, 1)[batch["target_index"]]
         logits = base.lm_head(hidden).float()
         targets = batch["target_ids"].to(logits.device)
         return (F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing),
                 targets.new_tensor(targets.numel()))
-    out = language_forward(base, batch, embeds, sizes, use_mm_encoder_outputs)
+    out = language_forward(base, batch, embeds, sizes, use_mm_encoder_outputs, deepstack=deepstack)
     hidden = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:].to(hidden.device)
     sel = targets != IGNORE_INDEX
