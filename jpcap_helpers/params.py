@@ -139,6 +139,8 @@ class GenerationParams:
     num_beams: int = _f(1, ge=1, le=16)
     prompt: Optional[str] = None          # None: the model's registry prompt
     decoder: Literal["auto", "hf"] = "auto"  # auto: static-cache greedy decoder where supported
+    grid_buckets: int = _f(0, ge=0, le=64)  # K > 0: images moved to K canonical visual grids; 0: off
+    warmup: bool = False                  # one blank batch per (grid, batch bucket) before the timed run
     constraints: ConstraintParams = _f(factory=ConstraintParams)
 
 
