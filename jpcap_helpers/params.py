@@ -170,6 +170,7 @@ class TrainParams:
     label_smoothing: float = _f(0.0, ge=0, lt=1)   # of the caption loss; 0: off (validation loss never smoothed)
     pack_captions: bool = False           # one packed sample per image: its captions share one image+prompt prefix
     captions_per_image: int = _f(0, ge=0, le=1000)   # with pack_captions: captions per packed sample (0: all)
+    group_by_grid: bool = False           # micro-batches grouped by visual grid within shuffled windows
     eval_every: int = _f(200, ge=0)       # optimizer steps between validations (0: off)
     eval_images: int = _f(200, ge=0)
     save_every: int = _f(200, ge=0)       # 0: only the final adapter, no checkpoints

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..data import load_image, resolve_image_path
-from .batches import CaptionCollator, epoch_order
+from .batches import CaptionCollator
 from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
 from .rng import rng_state, set_rng_state
 from .session import TrainSession, open_session, peak_memory, precision_name
@@ -59,7 +59,7 @@ def training_state_restored(session: TrainSession) -> Iterator[dict]:
 def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
     """The first micro-batches of epoch 0, and the seconds each took to load and collate."""
     m = session.params.train.micro_batch_size
-    order = epoch_order(session.data.n_samples, session.params.run.seed, 0)
+    order = session.sample_order(0)
     dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
     batches, seconds = [], []
     for k in range(max(PROBE_MICRO_BATCHES, 2)):
