@@ -87,7 +87,7 @@ def eta_check(run_dir: Path, gpus: int) -> dict:
     plan = json.loads((run_dir / "train_plan.json").read_text())
     result = json.loads((run_dir / "train_result.json").read_text())
     run_s, warm_s = float(result["seconds"]), float(plan.get("probe_warmup_s", 0.0))
-    row = {"bench": "ddp-eta", "gpus": gpus, "eta_s": round(plan["eta_s"], 1), "steady_s": plan.get("steady_s"),
+    row = {"bench": "ddp-eta", "gpus": gpus, "eta_s": round(plan["eta_s"], 1), "steady_s": round(plan.get("steady_s") or 0.0, 1),
            "probe_step_s": round(plan["step_s"], 4), "probe_warmup_s": round(warm_s, 1),
            "probe_warmup_micro_batches": plan.get("probe_warmup_micro_batches"),
            "probe_warmup_extra_s": plan.get("probe_warmup_extra_s"), "measured_run_s": round(run_s, 1),
