@@ -212,3 +212,59 @@ def test_bad_generation_params_name_the_key(key, value, match):
     assert (ok.generation.grid_buckets, ok.generation.warmup) == (4, True)
     assert (Params().generation.grid_buckets, Params().generation.warmup) == (0, False)
 
+
+
+def _spy_decoders(monkeypatch) -> list:
+    """The Decoder objects caption_records makes, and what their fast decoder held after the warm-up."""
+    made = []
+    real_warm_up = pipeline.warm_up
+
+    class Spy(generation.Decoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append({"decoder": self})
+
+    def warm_up(captioner, batches):
+        out = real_warm_up(captioner, batches)
+        fast = captioner.decoder.fast
+        made[-1].update(capacity=fast.capacity, captures=fast.n_graph_captures, graphs=set(fast._graphs))
+        return out
+
+    monkeypatch.setattr(pipeline, "Decoder", Spy)
+    monkeypatch.setattr(pipeline, "warm_up", warm_up)
+    return made
+
+
+def test_after_the_warmup_the_run_allocates_no_new_buffers(project, tmp_path, monkeypatch):
+    """The warm-up sizes the decoder's KV buffers for the longest prompt first: the timed run then never
+    re-allocates them (on a GPU a re-allocation drops every captured graph)."""
+    prompt = engine.build_prompt(ENTRY, project["processor"])
+    lengths = [generation.prepare_inputs(project["processor"], [prompt], [Image.new("RGB", size)])["input_ids"].shape[1]
+               for size in set(SIZES)]
+    # the KV capacity is rounded up to 64 positions: pick the caption length so that the prompts straddle
+    # a boundary (a run meeting the longest prompt only after the warm-up would have to re-allocate)
+    max_new = -(-(min(lengths) + 1) // 64) * 64 - min(lengths)
+    assert max(lengths) + max_new > min(lengths) + max_new > 0 and max(lengths) > min(lengths)
+    made = _spy_decoders(monkeypatch)
+    _caption(project, tmp_path / "w.jsonl", warmup=True, max_new_tokens=max_new)   # 9 grids, batch 4
+    fast = made[-1]["decoder"].fast
+    assert made[-1]["capacity"] >= max(lengths) + max_new and fast.capacity == made[-1]["capacity"]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_gpu_warmup_captures_every_graph_up_front(project, tmp_path, monkeypatch):
+    """On CUDA: after the warm-up the run captures no further graph, and its rows equal a run without
+    warm-up (CPU-preprocessed pixels in both, so only the warm-up differs)."""
+    import copy
+
+    model = copy.deepcopy(project["model"]).to("cuda")
+    kw = dict(batch_size=4, max_new_tokens=6, progress=False, options=engine.EngineOptions(preprocess_on_gpu=False))
+    args = (model, project["processor"], ENTRY, project["records"], project["images"])
+    engine.caption_records(*args, tmp_path / "cold.jsonl", grid_buckets=3, **kw)
+    made = _spy_decoders(monkeypatch)
+    s = engine.caption_records(*args, tmp_path / "warm.jsonl", grid_buckets=3, warmup=True, **kw)
+    fast = made[-1]["decoder"].fast
+    assert fast.cuda_graphs and made[-1]["captures"] >= 1 and s["warmup_seconds"] > 0
+    assert fast.n_graph_captures == made[-1]["captures"] and set(fast._graphs) == made[-1]["graphs"]
+    assert _rows(tmp_path / "cold.jsonl") == _rows(tmp_path / "warm.jsonl")
