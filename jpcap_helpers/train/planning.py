@@ -79,13 +79,21 @@ def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[floa
 
 
 def _time_micro_batch(session: TrainSession, batch: dict) -> float:
-    """Seconds of forward + backward of one micro-batch (as its own step's only micro-batch)."""
+    """Seconds of forward + backward of one micro-batch (as its own step's only micro-batch); under
+    several processes the slowest process's, so that every process takes the same warm-up decisions
+    (each micro-batch synchronises gradients: all must run the same number)."""
+    import torch
+
     batch = session.to_device(batch)
     t0 = time.perf_counter()
     n_tokens, _ = count_step(session, [batch])
     forward_backward(session, [batch], n_tokens)
     _sync(session)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if session.world > 1:
+        seconds = float(session.accelerator.reduce(torch.tensor([seconds], device=session.accelerator.device),
+                                                   "max")[0])
+    return seconds
 
 
 def _warm_up(session: TrainSession, batches: list[dict]) -> list[float]:
