@@ -3,7 +3,8 @@ final defaults (bf16, compile, lean activations; QLoRA or LoRA r32 on the top 6 
 random weights of the real Qwen2-VL-2B shape, jp-shapes captions on COCO-like image sizes (640×480,
 480×640, 640×427; ≤ 448² pixels → ≤ 256 image tokens). Micro-batch 8 per GPU, no accumulation (global
 batch 8 × GPUs). samples/s = the train log's global rate, median over steps after --skip (compilation
-and graph capture excluded; reported apart as the first steps' seconds).
+and graph capture excluded; reported apart as the first steps' seconds). Each run also prints the plan's
+ETA against the measured run time (row ``ddp-eta``: issue 18's honest probe).
 
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
 """
@@ -76,6 +77,28 @@ def main(argv=None) -> None:
               "per_gpu": round(rates[gpus] / gpus, 2), "speedup": round(rates[gpus] / rates[min(rates)], 2),
               "first_steps_s": [round(r.get("global_batch", args.micro * gpus) / r["samples_per_s"], 2) for r in first],
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
+        emit(eta_check(Path(params.run.output_dir) / run, gpus))
+
+
+def eta_check(run_dir: Path, gpus: int) -> dict:
+    """The plan's ETA (train_plan.json: steady steps + the probe's warm-up once) against the measured run:
+    train_result.json's seconds (after the probe, whose warm-up the run then no longer pays) and those
+    plus the probe's warm-up (what a fresh process pays in all)."""
+    plan = json.loads((run_dir / "train_plan.json").read_text())
+    result = json.loads((run_dir / "train_result.json").read_text())
+    run_s, warm_s = float(result["seconds"]), float(plan.get("probe_warmup_s", 0.0))
+    row = {"bench": "ddp-eta", "gpus": gpus, "eta_s": round(plan["eta_s"], 1), "steady_s": round(plan.get("steady_s") or 0.0, 1),
+           "probe_step_s": round(plan["step_s"], 4), "probe_warmup_s": round(warm_s, 1),
+           "probe_warmup_micro_batches": plan.get("probe_warmup_micro_batches"),
+           "probe_warmup_extra_s": plan.get("probe_warmup_extra_s"), "measured_run_s": round(run_s, 1),
+           "measured_probe_warmup_plus_run_s": round(run_s + warm_s, 1)}
+    row["eta_over_measured"] = round(plan["eta_s"] / max(run_s + warm_s, 1e-9), 2)
+    if plan.get("steady_s") is not None:
+        row["steady_over_run"] = round(plan["steady_s"] / max(run_s, 1e-9), 2)
+    print(f"ETA check ({gpus} GPU): plan said {plan['eta_s']:.1f} s (steady {plan.get('steady_s') or 0:.1f} s + "
+          f"warm-up {plan.get('probe_warmup_extra_s') or 0:.1f} s once); measured {run_s:.1f} s of steps after a "
+          f"{warm_s:.1f} s probe warm-up → ETA / (warm-up + run) = {row['eta_over_measured']}", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -4,19 +4,30 @@ random weights of the real architecture, synthetic 640×480 images, exactly 24 n
 random model practically never emits the end token).
 
     python benchmarks/bench_generate.py [--arch qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--images 1024] [--batch 64 128 256] [--headline]
+
+``--first-pass`` measures what a one-shot evaluation pays: the engine over ``--images`` files of the
+``--mix`` (``coco``: the COCO-like size/orientation mix of ``common.COCO_LIKE_SIZES``), in a fresh process
+with an empty inductor cache, twice — the first pass (compilation and graph capture per new shape
+included, or up front with ``--warmup``) and a second, warm pass over the same files — with
+``--warmup`` / ``--grid-buckets K`` as ``generation.warmup`` / ``generation.grid_buckets``. Run one
+setting per process (compiled code stays in the process):
+
+    python benchmarks/bench_generate.py --first-pass --mix coco --images 2048 --batch 256 [--warmup] [--grid-buckets 4]
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
-from common import emit, random_model_dir, synthetic_images, versions  # noqa: E402
+from common import emit, random_model_dir, synthetic_images, versions, write_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 24
@@ -136,6 +147,36 @@ def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) 
             "gpu_only_images_per_s": round(bs / total, 1), "cuda_graphs": dec.cuda_graphs}
 
 
+def first_pass(args, model_dir: Path, adapter) -> None:
+    """The engine's first (cold) and second (warm) pass over one image mix, one setting: rows with
+    images/s after any warm-up, the first pass's images/s including its warm-up, warmup_seconds,
+    n_grids (distinct visual grids met) and n_resized."""
+    from jpcap_helpers import models
+
+    folder = write_images(Path("/tmp/jpcap-bench") / f"mix-{args.mix}-{args.images}", args.images, args.mix)
+    records = [{"image_id": i, "file_name": p.name} for i, p in enumerate(sorted(folder.glob("img_*.jpg")))]
+    records = records[:args.images]
+    model, processor, entry = models.load_model(params_for(model_dir), adapter=str(adapter) if adapter else None)
+    bs = max(args.batch)
+    setting = {"mix": args.mix, "batch": bs, "images": len(records), "warmup": args.warmup,
+               "grid_buckets": args.grid_buckets}
+    for phase in ("first pass (cold)", "second pass (warm)"):
+        out = Path(f"/tmp/jpcap-bench/pred-firstpass-{phase.split()[0]}.jsonl")
+        out.unlink(missing_ok=True)
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        from jpcap_helpers.engine import caption_records
+        s = caption_records(model, processor, entry, records, folder, out, batch_size=bs, max_new_tokens=NEW_TOKENS,
+                            progress=False, grid_buckets=args.grid_buckets, warmup=args.warmup)
+        wall = time.perf_counter() - t
+        emit({"bench": "generate-first-pass", "row": phase, **setting, "decoder": s["decoder"],
+              "images_per_s": s["images_per_s"], "seconds": s["seconds"], "warmup_seconds": s["warmup_seconds"],
+              "first_pass_images_per_s": round(s["n_done"] / (s["seconds"] + s["warmup_seconds"]), 2),
+              "call_wall_s": round(wall, 2), "n_grids": s["n_grids"], "n_resized": s["n_resized"],
+              "canonical_grids": s["canonical_grids"], "n_errors": s["n_errors"],
+              "peak_gib": s.get("peak_gpu_gib")})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="qwen2-vl-2b", choices=["qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b"])
@@ -146,7 +187,15 @@ def main(argv=None):
     ap.add_argument("--headline", action="store_true",
                     help="only the baselines, the default engine (1024 and --images images) and the levers off")
     ap.add_argument("--headline-levers-all", action="store_true", help="levers off on --images images too")
+    ap.add_argument("--first-pass", action="store_true",
+                    help="only the engine's cold first pass and a warm second pass over --mix (module docstring)")
+    ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
+    ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass")
+    ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     args = ap.parse_args(argv)
+    if args.first_pass:  # a cold process: compiled kernels from an empty inductor cache
+        cache = tempfile.mkdtemp(prefix="jpcap-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache, os.path.join(cache, "triton")
     from jpcap_helpers import engine, models
     from jpcap_helpers.engine import EngineOptions, decode
 
@@ -159,6 +208,9 @@ def main(argv=None):
         adapter = None
         emit({"bench": "generate", "arch": args.arch, "note": f"no adapter: {e}"})
     with_adapter = "merged adapter" if adapter else "no adapter"
+    if args.first_pass:
+        first_pass(args, model_dir, adapter)
+        return
     root = Path("/tmp/jpcap-bench/images")
     records = image_records(args.images, root)
     images = [engine.load_image_for_model(root / r["file_name"]) for r in records[:max(args.batch)]]

@@ -6,12 +6,19 @@ mix. The first N runs twice: "cold" pays compilation into inductor's on-disk cac
 shape inside the timed engine seconds — the cost a one-shot evaluation pays on every GPU. Rows are
 compared with the one-GPU run's: same ids, none missing or doubled, and the share of equal captions.
 
-    python benchmarks/bench_shard.py --images 2048 --gpus 1 2 4
+``--warmup`` and ``--grid-buckets K`` set ``generation.warmup`` / ``generation.grid_buckets``: every row
+then reports the engine's images/s after the warm-up (warm rate), the first-pass images/s that include
+it (``first_pass_images_per_s``), ``warmup_seconds``, ``n_grids`` (distinct visual grids met, the most
+any process met) and ``n_resized``. The cold run starts from an empty inductor cache of its own
+(``--work``/inductor-…), so "cold" is cold however often the script ran before.
+
+    python benchmarks/bench_shard.py --images 2048 --gpus 1 2 4 [--warmup] [--grid-buckets 4]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,20 +30,25 @@ from common import emit, random_model_dir, versions, write_images  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def caption(model_dir: Path, images: Path, out: Path, gpus: int, batch: int) -> dict:
+def caption(model_dir: Path, images: Path, out: Path, gpus: int, batch: int, warmup: bool = False,
+            grid_buckets: int = 0, env: dict | None = None) -> dict:
     cli = ["-m", "jpcap_helpers.cli", "caption", "--model", "qwen2-vl-2b-instruct", "--model-path", str(model_dir),
            "--images", str(images), "--out", str(out), "--params", str(ROOT / "params/h100.yaml"),
            "--set", "model.load_in_4bit=false", "--set", f"generation.batch_size={batch}",
-           "--set", "generation.max_new_tokens=24"]
+           "--set", "generation.max_new_tokens=24", "--set", f"generation.warmup={'true' if warmup else 'false'}",
+           "--set", f"generation.grid_buckets={grid_buckets}"]
     launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
     start = time.perf_counter()
-    res = subprocess.run(launch + cli, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(launch + cli, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
     meta = json.loads(out.with_suffix(".meta.json").read_text())["last_run"]
-    return {"images_per_s": meta["images_per_s"], "engine_seconds": meta["seconds"], "wall_seconds": round(wall, 1),
+    warm_s = float(meta.get("warmup_seconds") or 0.0)
+    return {"images_per_s": meta["images_per_s"], "engine_seconds": meta["seconds"], "warmup_seconds": warm_s,
+            "first_pass_images_per_s": round(meta["n_done"] / (meta["seconds"] + warm_s), 3) if meta["n_done"] else 0.0,
+            "n_grids": meta.get("n_grids"), "n_resized": meta.get("n_resized"), "wall_seconds": round(wall, 1),
             "processes": meta.get("processes"), "n_done": meta["n_done"], "peak_gpu_gib": meta["peak_gpu_gib"]}
 
 
@@ -55,18 +67,23 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"])
     ap.add_argument("--work", default="/tmp/jpcap-shard")
+    ap.add_argument("--warmup", action="store_true", help="generation.warmup: compile/capture before the timed run")
+    ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets K (0: off)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     model_dir = random_model_dir("qwen2-vl-2b")
     images = write_images(work / f"images-{args.mix}-{args.images}", args.images, args.mix)
-    emit({"bench": "shard", "versions": versions(), "images": args.images, "mix": args.mix, "batch": args.batch})
+    cache = work / f"inductor-{time.strftime('%Y%m%d-%H%M%S')}"   # empty: the first run is cold
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    emit({"bench": "shard", "versions": versions(), "images": args.images, "mix": args.mix, "batch": args.batch,
+          "warmup": args.warmup, "grid_buckets": args.grid_buckets})
     base = None
     for gpus in args.gpus:
         for phase in (("cold", "warm") if gpus == args.gpus[0] else ("warm",)):
             out = work / f"pred-{gpus}-{phase}.jsonl"
             for stale in work.glob(f"pred-{gpus}-{phase}*"):
                 stale.unlink()
-            res = caption(model_dir, images, out, gpus, args.batch)
+            res = caption(model_dir, images, out, gpus, args.batch, args.warmup, args.grid_buckets, env)
             got = rows(out)
             row = {"bench": "shard", "gpus": gpus, "phase": phase, **res, "rows": sum(len(v) for v in got.values()),
                    "ids": len(got), "doubled": sum(len(v) > 1 for v in got.values())}

@@ -122,9 +122,13 @@ def synthetic_images(n: int, width: int = 640, height: int = 480, seed: int = 0)
             for i in range(n)]
 
 
-# A COCO-like mix of image sizes (width, height) → share. Approximate, from the common sizes of COCO
-# train/val 2014 (landscape 640-wide dominates, then portrait and 4:3/16:9 variants); used where a
-# benchmark should not see one size only.
+# A COCO-like mix of image sizes (width, height) → share, used where a benchmark should not see one size
+# only (`--mix coco` of bench_shard.py, bench_generate.py --first-pass; bench_ddp.py uses its first three).
+# Approximate, from the common sizes of COCO train/val 2014: 640-wide landscape dominates (640×480 alone
+# 42%), then portrait and other 4:3, 3:2, 16:9 and square variants. By orientation: landscape 72%
+# (640×480, 640×427, 500×375, 640×360, 640×512, 640×425, 640×428, 480×360), portrait 23% (480×640,
+# 427×640, 375×500, 333×500), square 5% (612×612, 640×640). At model.max_pixels 448² the 14 sizes give
+# 9 visual grids (the processor's smart_resize; 364×504 for 47% of the images).
 COCO_LIKE_SIZES = {(640, 480): 0.42, (480, 640): 0.14, (640, 427): 0.14, (427, 640): 0.05, (500, 375): 0.05,
                    (640, 360): 0.04, (375, 500): 0.03, (612, 612): 0.03, (640, 512): 0.02, (640, 425): 0.02,
                    (640, 428): 0.02, (333, 500): 0.01, (640, 640): 0.02, (480, 360): 0.01}

@@ -155,7 +155,10 @@ def run_caption(args) -> int:
                            adapter=args.adapter, keep_file_name=args.images is not None)
     print(f"{summary['model']}: {summary['n_captioned']} captioned, {summary['n_errors']} errors, "
           f"{summary['n_skipped_existing']} already done → {args.out} ({summary['images_per_s']} images/s, "
-          f"{summary['decoder']})")
+          f"{summary['decoder']}" + (f", after a {summary['warmup_seconds']:.1f} s warm-up"
+                                    if summary.get("warmup_seconds") else "")
+          + (f", {summary['n_resized']} images moved to {summary['n_grids']} grids" if summary.get("n_resized") else "")
+          + ")")
     return 1 if summary["n_errors"] and not summary["n_captioned"] else 0
 
 

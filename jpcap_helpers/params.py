@@ -139,6 +139,8 @@ class GenerationParams:
     num_beams: int = _f(1, ge=1, le=16)
     prompt: Optional[str] = None          # None: the model's registry prompt
     decoder: Literal["auto", "hf"] = "auto"  # auto: static-cache greedy decoder where supported
+    grid_buckets: int = _f(0, ge=0, le=64)  # K > 0: images moved to K canonical visual grids; 0: off
+    warmup: bool = False                  # one blank batch per (grid, batch bucket) before the timed run
     constraints: ConstraintParams = _f(factory=ConstraintParams)
 
 
@@ -168,6 +170,7 @@ class TrainParams:
     label_smoothing: float = _f(0.0, ge=0, lt=1)   # of the caption loss; 0: off (validation loss never smoothed)
     pack_captions: bool = False           # one packed sample per image: its captions share one image+prompt prefix
     captions_per_image: int = _f(0, ge=0, le=1000)   # with pack_captions: captions per packed sample (0: all)
+    group_by_grid: bool = False           # micro-batches grouped by visual grid within shuffled windows
     eval_every: int = _f(200, ge=0)       # optimizer steps between validations (0: off)
     eval_images: int = _f(200, ge=0)
     save_every: int = _f(200, ge=0)       # 0: only the final adapter, no checkpoints

@@ -1,7 +1,7 @@
 """The caption engine: prompts and output cleaning per family (:mod:`.prompts`), batched resumable
 captioning (:mod:`.pipeline`, levers in :class:`EngineOptions`; a pinned environment's model through
 :mod:`.pinned`), the fast greedy decoder
-(:mod:`.decode`), captioning runs over a params file's splits (:mod:`.runs`) and notebook tables
+(:mod:`.decode`), canonical visual grids (:mod:`.grids`) and the warm-up (:mod:`.warmup`), captioning runs over a params file's splits (:mod:`.runs`) and notebook tables
 (:mod:`.tables`). See docs/models.md."""
 from ..models import contamination_flag
 from .images import folder_records, load_image_for_model

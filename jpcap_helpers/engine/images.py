@@ -3,7 +3,7 @@ headers, and the key that groups images of equal visual-token count into batches
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..data import DEFAULT_MAX_SIDE, load_image, resolve_image_path  # EXIF, RGB, size cap; COCO root or flat
 
@@ -34,19 +34,27 @@ def folder_records(folder: str | Path) -> list[dict]:
     return [{"image_id": int(hashlib.sha1(n.encode("utf-8")).hexdigest()[:12], 16), "file_name": n} for n in names]
 
 
-def load_image_for_model(path: str | Path) -> Any:
-    """An RGB PIL image with EXIF orientation applied and very large images capped (``data.load_image``)."""
-    return load_image(path)
+def load_image_for_model(path: str | Path, size: Optional[tuple[int, int]] = None) -> Any:
+    """An RGB PIL image with EXIF orientation applied and very large images capped (``data.load_image``);
+    with ``size`` = (height, width) resized to exactly that (bicubic, as the Qwen processors resize):
+    a canonical grid of ``generation.grid_buckets`` (:mod:`.grids`)."""
+    image = load_image(path)
+    if size is not None and image.size != (size[1], size[0]):
+        from PIL import Image
+
+        image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
+    return image
 
 
-def load_image_tensor(path: str | Path, pin: bool = True) -> Any:
+def load_image_tensor(path: str | Path, pin: bool = True, size: Optional[tuple[int, int]] = None) -> Any:
     """The same image as a (3, H, W) uint8 tensor, in pinned memory for a fast copy to the GPU (the
     image processor converts a PIL image to exactly this; doing it in the loader threads keeps that
     work off the thread that drives the GPU)."""
     import numpy as np
     import torch
 
-    tensor = torch.from_numpy(np.array(load_image(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    image = load_image_for_model(path, size)
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return tensor.pin_memory() if pin else tensor
 
 

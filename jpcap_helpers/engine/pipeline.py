@@ -2,8 +2,10 @@
 captions, one row per image, written after every batch.
 
 The work, in order: read what ``out_path`` already holds (:func:`existing_ids`), list what is left
-(:func:`pending_items`), sort it by visual-token count and cut it into batches
-(:func:`sort_by_visual_tokens`, :func:`make_batches`), then run the batches through a two-stage
+(:func:`pending_items`), sort it by visual-token count — with ``grid_buckets`` each image first moved
+to one of K canonical grids (:mod:`.grids`) — and cut it into batches (:func:`sort_by_visual_tokens`,
+:func:`make_batches`), optionally warm the decoder up on those shapes (:mod:`.warmup`, untimed), then
+run the batches through a two-stage
 pipeline (:class:`BatchPipeline`): JPEGs are decoded in loader threads two batches ahead and, while
 the GPU works through batch i's vision tower and prefill, batch i-1's rows are written and batch i+1
 is prepared (tokenised, its images preprocessed — on the GPU for the fast decoder).
@@ -23,9 +25,11 @@ from ..models import ModelEntry, ModelError
 from ..text import normalize_caption
 from .constraints import Constraints, build_constraints, describe
 from .generation import GPU_IMAGE_PROCESSORS, Decoder, generate_batch, generation_config, prepare_inputs
+from .grids import GridPlan, plan_grids
 from .images import group_key, image_size, load_image_for_model, load_image_tensor, resolve_image
 from .options import EngineOptions
 from .prompts import build_prompt, clean_output, stop_token_ids, tokenizer_of
+from .warmup import warm_up
 
 __all__ = ["caption_records", "run_summary", "error_text", "Item", "Pending", "PreparedBatch", "existing_ids", "pending_items", "sort_by_visual_tokens",
            "make_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
@@ -41,12 +45,14 @@ def error_text(exc: BaseException) -> str:
 
 @dataclass
 class Item:
-    """One image to caption: its id, file, resolved path, batch sort key and input position."""
+    """One image to caption: its id, file, resolved path, batch sort key, input position, and the
+    (height, width) it is resized to when moved to a canonical grid (``generation.grid_buckets``)."""
     image_id: int
     file_name: str
     path: Path
     key: tuple = ()
     order: int = 0
+    size: Optional[tuple[int, int]] = None
 
 
 def _record_fields(record: Any, where: str) -> tuple[int, str]:
@@ -102,14 +108,21 @@ def pending_items(records: Iterable[Any], done: set[int], images_dir: Path) -> P
     return out
 
 
-def sort_by_visual_tokens(items: list[Item], processor: Any) -> tuple[list[Item], list[tuple[Item, Exception]]]:
+def sort_by_visual_tokens(items: list[Item], processor: Any, grids: Optional[GridPlan] = None
+                          ) -> tuple[list[Item], list[tuple[Item, Exception]]]:
     """Items sorted by visual-token count (read from the image headers), and those whose header could
-    not be read, with the error."""
+    not be read, with the error. With ``grids`` an item whose grid is not canonical gets the canonical
+    grid's key and ``size`` (it is resized to that size when loaded)."""
     ready, failed = [], []
     for item in items:
         try:
             h, w = image_size(item.path)
             item.key = group_key(processor, h, w)
+            if grids is not None and len(item.key) == 3:
+                target = grids.target((item.key[1], item.key[2]))
+                moved = group_key(processor, *target)
+                if target != tuple(item.key[1:]) and tuple(moved[1:]) == target:  # the processor keeps it
+                    item.key, item.size = moved, target
             ready.append(item)
         except Exception as exc:  # unreadable header, missing file
             failed.append((item, exc))
@@ -129,15 +142,19 @@ def make_batches(ready: list[Item], batch_size: int, one_grid: bool) -> list[lis
     return batches
 
 
-def run_summary(entry: ModelEntry, out_path: Path, pending: Pending, writer: "RowWriter", seconds: float,
+def run_summary(entry: ModelEntry, out_path: Path, pending: Pending, writer: "RowWriter", seconds: float, *,
+                warmup_seconds: float = 0.0, n_grids: Optional[int] = None, n_resized: int = 0,
                 **fields: Any) -> dict:
-    """The summary a captioning run returns (and ``.meta.json`` keeps): counts, time, rate, ``fields``."""
+    """The summary a captioning run returns (and ``.meta.json`` keeps): counts, time (``seconds``: the
+    run after any warm-up, which ``warmup_seconds`` counts apart), rate, distinct visual grids met
+    (``n_grids``; None where not known), images moved to a canonical grid (``n_resized``), ``fields``."""
     n_done = writer.n_captioned + writer.n_errors
     return {
         "model": entry.key, "out_path": str(out_path), "n_records": pending.n_records, "n_done": n_done,
         "n_captioned": writer.n_captioned, "n_errors": writer.n_errors,
         "n_skipped_existing": pending.n_skipped, "n_duplicate_records": pending.n_dupes,
         "seconds": round(seconds, 3), "images_per_s": round(n_done / seconds, 3) if seconds > 0 and n_done else 0.0,
+        "warmup_seconds": round(warmup_seconds, 3), "n_grids": n_grids, "n_resized": n_resized,
         **fields,
     }
 
@@ -184,7 +201,11 @@ class BatchCaptioner:
         self.keep_file_name = keep_file_name
         image_processor = type(getattr(processor, "image_processor", None)).__name__
         self.device = decoder.preprocess_device if image_processor in GPU_IMAGE_PROCESSORS else None
-        self.loader: Callable[[Path], Any] = load_image_tensor if self.device is not None else load_image_for_model
+        self.loader: Callable[..., Any] = load_image_tensor if self.device is not None else load_image_for_model
+
+    def load(self, item: Item) -> Any:
+        """``item``'s image as the processor takes it (resized to its canonical grid when it has one)."""
+        return self.loader(item.path, size=item.size) if item.size is not None else self.loader(item.path)
 
     def row(self, item: Item, caption: str = "", error: Optional[BaseException] = None) -> dict:
         row = {"image_id": item.image_id, "caption": caption, **self.fields}
@@ -201,7 +222,7 @@ class BatchCaptioner:
         images = []
         for i, it in enumerate(items):
             try:
-                images.append(loads[i].result() if loads is not None else self.loader(it.path))
+                images.append(loads[i].result() if loads is not None else self.load(it))
                 batch.loaded.append(it)
             except Exception as exc:
                 batch.rows[it.image_id] = self.row(it, error=exc)
@@ -275,7 +296,7 @@ class BatchPipeline:
 
     def _load_ahead(self, i: int) -> None:
         if i < len(self.batches) and i not in self.loads:
-            self.loads[i] = [self.pool.submit(self.captioner.loader, it.path) for it in self.batches[i]]
+            self.loads[i] = [self.pool.submit(self.captioner.load, it) for it in self.batches[i]]
 
     def _prepare(self, i: int) -> PreparedBatch:
         return self.captioner.prepare(self.batches[i], self.loads.pop(i))
@@ -321,7 +342,8 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                     progress: bool = True, extra: Optional[Mapping[str, Any]] = None,
                     retry_errors: bool = False, decoder: str = "auto",
                     options: EngineOptions = EngineOptions(), constraints: Any = None,
-                    keep_file_name: bool = False) -> dict:
+                    keep_file_name: bool = False, grid_buckets: int = 0, grids: Optional[GridPlan] = None,
+                    warmup: bool = False) -> dict:
     """Caption ``records`` (dicts or objects with ``image_id`` and ``file_name`` relative to
     ``images_dir``) into the JSONL ``out_path``, one ``{"image_id", "caption", "model", **extra}``
     row per image, appended after every batch.
@@ -338,26 +360,34 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     built :class:`.constraints.Constraints`) constrains both decoders (docs/human_eval.md). An image that cannot be read or processed becomes
     a row with ``"caption": ""`` and ``"error"`` (a failing batch is retried image by image).
     ``keep_file_name`` adds each record's ``file_name`` to its row (captioning a folder of photos).
+    ``grid_buckets`` K > 0 moves every image to one of K canonical visual grids chosen from all of
+    ``records`` (``grids``: a :class:`.grids.GridPlan` chosen beforehand, e.g. over a whole split before
+    sharding); ``warmup`` runs one blank batch per distinct (grid, batch-size bucket) first, untimed.
 
     Returns a summary: n_records, n_done (rows written now), n_captioned, n_errors,
-    n_skipped_existing, n_duplicate_records, seconds, images_per_s, peak_gpu_gib (CUDA), decoder,
-    commit, constraints (their provenance record, or None).
+    n_skipped_existing, n_duplicate_records, seconds (after the warm-up), images_per_s, warmup_seconds,
+    n_grids (distinct visual grids of the images captioned now), n_resized (of them, moved to a
+    canonical grid), grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit,
+    constraints (their provenance record, or None).
     """
     import torch
 
     if entry.loader == "pinned_env":
         raise ModelError(f"{entry.key} runs in its own pinned environment: caption it with "
                          "engine.caption_records_pinned (02/04 and `jpcap caption` do)")
-    if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
-        raise ValueError("batch_size, max_new_tokens and num_beams must be ≥ 1")
+    if batch_size < 1 or max_new_tokens < 1 or num_beams < 1 or grid_buckets < 0:
+        raise ValueError("batch_size, max_new_tokens and num_beams must be ≥ 1, grid_buckets ≥ 0")
     extra = dict(extra or {})
     clash = RESERVED_FIELDS & set(extra)
     if clash:
         raise ValueError(f"extra must not set {sorted(clash)}: the engine writes those fields")
     images_dir, out_path = Path(images_dir), Path(out_path)
 
+    records = list(records)
+    if grids is None and grid_buckets > 0:  # from every record, captioned or not: a resume keeps the grids
+        grids = plan_grids(processor, records, images_dir, grid_buckets)
     pending = pending_items(records, existing_ids(out_path, entry.key, retry_errors), images_dir)
-    ready, failed = sort_by_visual_tokens(pending.items, processor)
+    ready, failed = sort_by_visual_tokens(pending.items, processor, grids)
 
     tok = tokenizer_of(processor)
     eos = stop_token_ids(model, processor, entry)
@@ -377,6 +407,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    warmup_seconds = warm_up(captioner, batches)[0] if warmup and batches else 0.0
     bar = None
     if progress and pending.items:
         from tqdm.auto import tqdm
@@ -390,7 +421,11 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
         if bar is not None:
             bar.close()
     return run_summary(entry, out_path, pending, writer, time.perf_counter() - start,
+                       warmup_seconds=warmup_seconds, n_grids=len({it.key for it in ready}),
+                       n_resized=sum(it.size is not None for it in ready),
                        batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                       grid_buckets=grid_buckets or (len(grids.grids) if grids is not None else 0),
+                       canonical_grids=grids.as_list() if grids is not None else None, warmup=warmup,
                        decoder=run_decoder.name,
                        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
                        commit=getattr(model, "jpcap_commit", None), constraints=describe(run_decoder.constraints))

@@ -16,6 +16,7 @@ from ..models import ModelEntry, contamination_flag, load_model, resolve
 from ..models.loading import model_path, pinned_settings, runs_pinned
 from ..models.pinned_env import env_root
 from ..text import normalize_caption
+from .grids import plan_grids
 from .options import EngineOptions
 from .pinned import caption_records_pinned
 from .pipeline import caption_records, error_text
@@ -61,7 +62,7 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
         "contamination": contamination_flag(entry),
         "prompt": prompt if prompt is not None else entry.prompt,
         "generation": {k: summary.get(k) for k in ("batch_size", "num_beams", "max_new_tokens", "decoder",
-                                                    "constraints")},
+                                                    "grid_buckets", "warmup", "constraints")},
         "card_generation": entry.card_generation,  # the model card's own settings (not used unless asked)
         "last_run": dict(summary),
     }
@@ -73,6 +74,11 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
               f"{summary.get('constraints')}): delete the file to caption every image under one setting")
     elif old.get("generation", {}).get("constraints_mixed"):
         meta["generation"]["constraints_mixed"] = True
+    old_buckets = (old.get("generation") or {}).get("grid_buckets") or 0
+    if (old and old_buckets != (summary.get("grid_buckets") or 0) and summary.get("n_skipped_existing")) or \
+            (old.get("generation") or {}).get("grid_buckets_mixed"):
+        # resized images change captions: a file resumed under another grid_buckets mixes two settings
+        meta["generation"]["grid_buckets_mixed"] = True
     return jio.atomic_write_json(meta_path, meta)
 
 
@@ -107,14 +113,16 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
         if max_images is not None:
             records = records[:max_images]
         out = prediction_path(params, system, split)
+        gen = params.generation
+        grids = plan_grids(processor, records, params.images_dir, gen.grid_buckets)  # over the whole split
 
-        def caption(shard: list, path: Path, split: str = split) -> dict:
+        def caption(shard: list, path: Path, split: str = split, gen: Any = gen, grids: Any = grids) -> dict:
             return caption_records(
                 model, processor, entry, shard, params.images_dir, path,
-                batch_size=params.generation.batch_size, max_new_tokens=params.generation.max_new_tokens,
-                num_beams=params.generation.num_beams, prompt=params.generation.prompt,
-                decoder=params.generation.decoder, extra={"split": split}, options=options,
-                constraints=params.generation.constraints)
+                batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens,
+                num_beams=gen.num_beams, prompt=gen.prompt,
+                decoder=gen.decoder, extra={"split": split}, options=options,
+                constraints=gen.constraints, grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup)
 
         summary = caption_sharded(caption, records, out)  # one GPU, or sharded under accelerate launch
         if process_group()[0] == 0:
@@ -132,6 +140,9 @@ def _warn_unconstrained(params: Any, entry: ModelEntry) -> None:
     if c.ban_scripts or c.word_list != "none" or c.ban_words or c.no_repeat_ngram_size:
         print(f"{entry.key}: generation.constraints are not applied in a pinned environment (its own "
               "transformers' generate); its captions are unconstrained")
+    if params.generation.grid_buckets or params.generation.warmup:
+        print(f"{entry.key}: generation.grid_buckets and generation.warmup are not applied in a pinned "
+              "environment (one image at a time there)")
 
 
 def _caption_splits_pinned(params: Any, entry: ModelEntry, files: Mapping[str, Path],
@@ -254,13 +265,15 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
         else:
             quant = None if adapter else entry.load_in_4bit
             model, processor, entry = load_model(params, name, load_in_4bit=quant, adapter=adapter, path=model_dir)
+            grids = plan_grids(processor, records, images_dir, gen.grid_buckets)  # over all records
 
             def caption(shard: list, path: Path) -> dict:
                 return caption_records(
                     model, processor, entry, shard, images_dir, path, batch_size=gen.batch_size,
                     max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, prompt=gen.prompt,
                     decoder=gen.decoder, progress=progress and rank == 0, options=options,
-                    constraints=gen.constraints, keep_file_name=keep_file_name)
+                    constraints=gen.constraints, keep_file_name=keep_file_name,
+                    grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup)
 
             try:
                 summary = caption_sharded(caption, records, out)

@@ -141,8 +141,11 @@ def caption_sharded(caption: Callable[[list, Path], dict], records: Sequence[Any
         merge_shards(out)
     state.wait_for_everyone()
     total = dict(summaries[0])
-    for key in ("n_done", "n_captioned", "n_errors", "n_skipped_existing"):
+    for key in ("n_done", "n_captioned", "n_errors", "n_skipped_existing", "n_resized"):
         total[key] = sum(int(s.get(key) or 0) for s in summaries)
+    for key in ("warmup_seconds", "n_grids"):  # per process, in parallel: the largest
+        values = [s[key] for s in summaries if s.get(key) is not None]
+        total[key] = max(values) if values else None
     total.update(out_path=str(out), n_records=len(records), n_skipped_existing=total["n_skipped_existing"] + len(done & {
         _record_id(r) for r in records}), n_duplicate_records=n_dupes, processes=world,
         seconds=max(float(s.get("seconds") or 0) for s in summaries),

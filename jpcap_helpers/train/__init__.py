@@ -4,7 +4,8 @@ One loop for every face: the tiny model on a CPU (fp32), a free Colab T4 (fp16 +
 NF4 language model), a big GPU (bf16) and several GPUs under ``accelerate launch`` (DDP).
 docs/training.md describes the recipe, the fast path, checkpoints and resume.
 
-Modules: :mod:`.batches` (pairs, dataset, collator, order), :mod:`.lora` (what trains),
+Modules: :mod:`.batches` (pairs, dataset, collator, order), :mod:`.grouping` (micro-batches grouped by
+visual grid), :mod:`.lora` (what trains),
 :mod:`.loss` (the fast-path loss), :mod:`.session` (set-up shared by plan and train), :mod:`.steps`
 (one optimizer step), :mod:`.planning` (probe, ETA, Colab fit), :mod:`.validation`,
 :mod:`.checkpoint` and :mod:`.rng` (save/resume, nothing unpickled), :mod:`.logs`, :mod:`.export`
@@ -26,6 +27,7 @@ from .batches import (
 from .checkpoint import KEEP_CHECKPOINTS, RESUME_FREE_KEYS, list_checkpoints, resume_fingerprint
 from .errors import TrainError
 from .export import export_adapter, merge_adapter
+from .grouping import group_window, grouped_order, pair_grids
 from .logs import TrainResult, read_train_log
 from .loop import TrainOptions, train
 from .lora import (
@@ -48,7 +50,8 @@ __all__ = [
     "KEEP_CHECKPOINTS", "MAX_CONSECUTIVE_NONFINITE", "COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS",
     # data
     "read_pairs", "read_val_records", "truncate_captions", "PairDataset", "CaptionCollator", "chat_messages",
-    "epoch_order", "StepBatchSampler", "IGNORE_INDEX", "ASSISTANT_HEADER", "END_TOKEN",
+    "epoch_order", "StepBatchSampler", "IGNORE_INDEX", "ASSISTANT_HEADER", "END_TOKEN", "grouped_order",
+    "group_window", "pair_grids",
     # model and loss
     "prepare_model", "lora_target_modules", "projector_modules", "text_layer_count", "count_parameters", "causal_lm",
     "LORA_TARGETS",

@@ -6,6 +6,7 @@ A checkpoint folder ``<run_dir>/checkpoints/step-N/`` holds::
     state.json                   step, data position, counters, process count, fingerprint, schedule length
     pair_rows.npy                the training pairs (row numbers of the source file), int64
     epoch_order.npy              the current epoch's sample order, int64
+    pair_grids.npy               train.group_by_grid only: each pair's visual grid, int64 (h0, w0, h1, w1, …)
     adapter/                     adapter_model.safetensors + adapter_config.json (PEFT)
     optimizer.pt, scheduler.pt   state dicts of tensors and numbers (torch.load(weights_only=True))
     scaler.pt                    fp16 only, likewise
@@ -30,7 +31,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .batches import epoch_order
 from .errors import TrainError
 from .rng import load_rng_state, rng_state, save_rng_state
 
@@ -48,6 +48,7 @@ RESUME_FREE_KEYS = (
     "train.eval_every", "train.eval_images", "train.save_every", "train.merge_adapter",
     # how validation captions are decoded (generation.prompt stays: every training sample holds it)
     "generation.batch_size", "generation.max_new_tokens", "generation.num_beams", "generation.decoder",
+    "generation.grid_buckets", "generation.warmup",
     # other stages
     "zero_shot", "evaluate", "ablation",
     # where files live (the training pairs themselves are checked by their digest)
@@ -131,6 +132,14 @@ def _read_safetensors(path: Path, what: str) -> dict:
         raise _refuse(path, what, e) from None
 
 
+def _read_grids(path: Path) -> np.ndarray:
+    """``pair_grids.npy``: (height, width) per pair, stored flat."""
+    flat = _read_npy(path, "visual grids of the pairs (.npy)")
+    if len(flat) % 2:
+        raise _refuse(path, "visual grids of the pairs (.npy)", ValueError("odd length"))
+    return flat.reshape(-1, 2)
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint read into memory (validated against the params, not yet applied)."""
@@ -149,6 +158,7 @@ class Checkpoint:
     scheduler: dict = field(repr=False)
     scaler: Optional[dict] = field(repr=False)
     rng: dict = field(repr=False)
+    pair_grids: Optional[np.ndarray] = field(default=None, repr=False)   # train.group_by_grid
 
 
 def load_checkpoint(path: str | os.PathLike, params: Any, rank: int = 0) -> Checkpoint:
@@ -167,7 +177,7 @@ def load_checkpoint(path: str | os.PathLike, params: Any, rank: int = 0) -> Chec
     except (KeyError, TypeError, ValueError) as e:
         raise _refuse(path / "state.json", "checkpoint state (JSON)", e) from None
     _read_json(path / "adapter" / "adapter_config.json", "PEFT adapter config (JSON)")
-    scaler_path = path / "scaler.pt"
+    scaler_path, grids_path = path / "scaler.pt", path / "pair_grids.npy"
     return Checkpoint(
         path=path, **position, pairs_digest=digest,
         pair_rows=_read_npy(path / "pair_rows.npy", "training-pair index (.npy)"),
@@ -178,6 +188,7 @@ def load_checkpoint(path: str | os.PathLike, params: Any, rank: int = 0) -> Chec
         scheduler=_read_torch(path / "scheduler.pt", "scheduler state"),
         scaler=_read_torch(scaler_path, "GradScaler state") if scaler_path.exists() else None,
         rng=load_rng_state(path / f"rng_rank{rank}.safetensors"),
+        pair_grids=_read_grids(grids_path) if grids_path.exists() else None,
     )
 
 
@@ -189,8 +200,7 @@ def apply_checkpoint(session: Any, ckpt: Checkpoint) -> dict:
     if ckpt.world_size != session.world:
         raise TrainError(f"{ckpt.path}: saved with {ckpt.world_size} process(es), resuming with "
                          f"{session.world}: the data order per process would differ; resume with the same count")
-    if not np.array_equal(ckpt.epoch_order, epoch_order(session.data.n_samples, session.params.run.seed,
-                                                        ckpt.epoch)):
+    if not np.array_equal(ckpt.epoch_order, session.sample_order(ckpt.epoch)):
         raise TrainError(f"{ckpt.path}: the epoch's sample order differs from the saved one (numpy changed?)")
     model = session.accelerator.unwrap_model(session.loss_module).model
     result = set_peft_model_state_dict(model, ckpt.adapter)
@@ -238,7 +248,9 @@ def save_checkpoint(session: Any, step: int, position: dict, counters: dict) -> 
             torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
         pairs = session.data.pairs
         np.save(tmp / "pair_rows.npy", np.asarray([p["row"] for p in pairs], dtype=np.int64))
-        np.save(tmp / "epoch_order.npy", epoch_order(session.data.n_samples, session.params.run.seed, position["epoch"]))
+        np.save(tmp / "epoch_order.npy", session.sample_order(position["epoch"]))
+        if session.data.grids is not None:
+            np.save(tmp / "pair_grids.npy", np.asarray(session.data.grids, dtype=np.int64).reshape(-1))
         atomic_write_json(tmp / "state.json", {
             "step": step, **position, **counters, "world_size": session.world,
             "fingerprint": resume_fingerprint(session.params), "pairs_digest": session.data.digest,

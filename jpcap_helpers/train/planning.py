@@ -1,6 +1,11 @@
 """The run plan: time a few real steps (the probe), measure peak memory, estimate the run's duration and
 warn, with params that would fit, when it would not fit a Colab session. The probe leaves the run as
-it found it (weights, optimizer, scaler and RNG restored)."""
+it found it (weights, optimizer, scaler and RNG restored).
+
+The probe first warms up — micro-batches until their time is stable (``torch.compile`` and CUDA-graph
+warm-up make the first ones many times slower), bounded by :data:`PROBE_MAX_WARMUP`, and one optimizer
+step — and times only what follows. The ETA is the steady steps plus the warm-up's extra time once
+(``probe_warmup_s``, reported apart)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,20 +17,23 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..data import load_image, resolve_image_path
-from .batches import CaptionCollator, epoch_order
+from .batches import CaptionCollator
 from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
 from .rng import rng_state, set_rng_state
 from .session import TrainSession, open_session, peak_memory, precision_name
 from .steps import count_step, forward_backward
 
-__all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "probe", "fit_check",
-           "plan", "format_plan"]
+__all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
+           "PROBE_STABLE_RATIO", "probe", "fit_check", "plan", "format_plan"]
 
 # A free Colab session ends after at most ~12 h; a free T4 is often reclaimed much earlier, so plan
 # for 3 usable hours (resume from the last checkpoint in the next session for longer runs).
 COLAB_SESSION_MAX_HOURS = 12.0
 COLAB_FREE_T4_USABLE_HOURS = 3.0
-PROBE_MICRO_BATCHES = 3          # timed probe: the first is warm-up, the others are timed
+PROBE_MICRO_BATCHES = 3          # timed micro-batches, after the warm-up
+PROBE_DISTINCT_BATCHES = 3       # distinct micro-batches collated (warm-up meets each one's shapes)
+PROBE_MAX_WARMUP = 10            # warm-up micro-batches at most
+PROBE_STABLE_RATIO = 1.3         # warm once two consecutive micro-batches differ by less than this factor
 EVAL_PROBE_TOKENS = 4            # tokens of the timed generate that estimates validation time
 
 
@@ -59,10 +67,10 @@ def training_state_restored(session: TrainSession) -> Iterator[dict]:
 def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
     """The first micro-batches of epoch 0, and the seconds each took to load and collate."""
     m = session.params.train.micro_batch_size
-    order = epoch_order(session.data.n_samples, session.params.run.seed, 0)
+    order = session.sample_order(0)
     dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
     batches, seconds = [], []
-    for k in range(max(PROBE_MICRO_BATCHES, 2)):
+    for k in range(PROBE_DISTINCT_BATCHES):
         idx = order[(k * m) % len(order):][:m]
         t0 = time.perf_counter()
         batches.append(collator([dataset[int(i)] for i in idx]))
@@ -70,17 +78,41 @@ def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[floa
     return batches, seconds
 
 
-def _time_micro_batches(session: TrainSession, batches: list[dict]) -> list[float]:
-    """Seconds of forward + backward per micro-batch (each as its own step's only micro-batch)."""
-    seconds = []
-    for batch in batches:
-        batch = session.to_device(batch)
-        t0 = time.perf_counter()
-        n_tokens, _ = count_step(session, [batch])
-        forward_backward(session, [batch], n_tokens)
-        _sync(session)
-        seconds.append(time.perf_counter() - t0)
+def _time_micro_batch(session: TrainSession, batch: dict) -> float:
+    """Seconds of forward + backward of one micro-batch (as its own step's only micro-batch); under
+    several processes the slowest process's, so that every process takes the same warm-up decisions
+    (each micro-batch synchronises gradients: all must run the same number)."""
+    import torch
+
+    batch = session.to_device(batch)
+    t0 = time.perf_counter()
+    n_tokens, _ = count_step(session, [batch])
+    forward_backward(session, [batch], n_tokens)
+    _sync(session)
+    seconds = time.perf_counter() - t0
+    if session.world > 1:
+        seconds = float(session.accelerator.reduce(torch.tensor([seconds], device=session.accelerator.device),
+                                                   "max")[0])
     return seconds
+
+
+def _warm_up(session: TrainSession, batches: list[dict]) -> list[float]:
+    """Micro-batches (cycling through ``batches``) until each batch has run once and two consecutive
+    ones took times within :data:`PROBE_STABLE_RATIO` of each other, at most :data:`PROBE_MAX_WARMUP`;
+    their seconds."""
+    seconds: list[float] = []
+    while len(seconds) < PROBE_MAX_WARMUP:
+        seconds.append(_time_micro_batch(session, batches[len(seconds) % len(batches)]))
+        if len(seconds) >= max(2, len(batches)):
+            a, b = seconds[-2:]
+            if max(a, b) <= PROBE_STABLE_RATIO * max(min(a, b), 1e-9):
+                break
+    return seconds
+
+
+def _time_micro_batches(session: TrainSession, batches: list[dict]) -> list[float]:
+    """Seconds of forward + backward of :data:`PROBE_MICRO_BATCHES` micro-batches (cycling ``batches``)."""
+    return [_time_micro_batch(session, batches[k % len(batches)]) for k in range(PROBE_MICRO_BATCHES)]
 
 
 def _time_optimizer_step(session: TrainSession) -> tuple[float, bool]:
@@ -140,6 +172,8 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(acc.device)
         batches, collate_times = _collate_probe_batches(session)
+        warm_times = _warm_up(session, batches)
+        warm_opt, _ = _time_optimizer_step(session)          # the first step allocates AdamW's state
         step_times = _time_micro_batches(session, batches)
         opt_time, step_skipped = _time_optimizer_step(session)
         peak, peak_kind = peak_memory(acc)
@@ -147,8 +181,11 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
             peak += 2 * 4 * session.trainable / 2**30       # AdamW's two fp32 moments, never allocated
             peak_kind += " + AdamW state (computed: the probe step was skipped by the GradScaler)"
 
-    micro_s = float(np.median(step_times[1:]))
+    micro_s = float(np.median(step_times))
     collate_s = float(np.median(collate_times))
+    warmup_s = float(sum(warm_times) + warm_opt)
+    # paid once: what the warm-up took beyond the same work at the steady speed
+    warmup_extra_s = max(0.0, warmup_s - len(warm_times) * micro_s - opt_time)
     if session.num_workers == 0:      # collation runs in line with compute
         step_s = session.accum * (micro_s + collate_s) + opt_time
     else:                             # loader workers collate while the GPU computes
@@ -156,7 +193,7 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
     remaining = max(0, session.total_steps - start_step)
     eval_s = estimate_eval_seconds(session, micro_s) if session.eval_enabled else 0.0
     n_evals = _count_evals(session.total_steps, start_step, t.eval_every) if session.eval_enabled else 0
-    eta_s = remaining * step_s + n_evals * eval_s
+    eta_s = remaining * step_s + n_evals * eval_s + (warmup_extra_s if remaining else 0.0)
     info = {
         "device": str(acc.device), "processes": session.world, "precision": precision_name(session.dtype),
         "mixed_precision": acc.mixed_precision, "method": session.params.train_method,
@@ -170,6 +207,8 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
         "pack_captions": t.pack_captions, "captions_per_sample": _captions_per_sample(session),
         "total_steps": session.total_steps, "schedule_steps": session.schedule_steps, "start_step": start_step,
         "probe_micro_batch_s": micro_s, "probe_collate_s": collate_s, "probe_optimizer_step_s": opt_time,
+        "probe_warmup_s": warmup_s, "probe_warmup_micro_batches": len(warm_times),
+        "probe_warmup_extra_s": warmup_extra_s, "steady_s": remaining * step_s,
         "step_s": step_s, "samples_per_s": t.effective_batch_size / step_s,
         "eval_s_each": eval_s, "n_evals": n_evals,
         "peak_memory_gib": peak, "peak_memory_kind": peak_kind,
@@ -266,9 +305,12 @@ def format_plan(info: dict) -> str:
         f"(micro-batch {info['micro_batch_size']} × {info['accumulation_steps']} accumulation)"
         + (f" · packed: a sample is an image with ≈ {info['captions_per_sample']:.1f} captions"
            if info.get("pack_captions") else ""),
-        f"probe: {info['step_s']:.3f} s/step ({info['samples_per_s']:.1f} samples/s) · peak memory {mem}",
-        f"ETA: {info['eta_h']:.2f} h for steps {info['start_step']}→{info['total_steps']}"
-        + (f" incl. {info['n_evals']} validations of ~{info['eval_s_each']:.0f} s" if info['n_evals'] else ""),
+        f"probe: {info['step_s']:.3f} s/step ({info['samples_per_s']:.1f} samples/s), timed after "
+        f"{info['probe_warmup_micro_batches']} warm-up micro-batches + 1 optimizer step "
+        f"({info['probe_warmup_s']:.1f} s: compilation, CUDA-graph and allocator warm-up) · peak memory {mem}",
+        f"ETA: {info['eta_h']:.2f} h for steps {info['start_step']}→{info['total_steps']} = steady steps "
+        f"{info['steady_s'] / 3600:.2f} h + warm-up once {info['probe_warmup_extra_s']:.0f} s"
+        + (f" + {info['n_evals']} validations of ~{info['eval_s_each']:.0f} s" if info['n_evals'] else ""),
     ]
     cost = info.get("cost_model_t4")
     if cost:

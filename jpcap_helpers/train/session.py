@@ -27,6 +27,7 @@ from .batches import (
 )
 from .checkpoint import Checkpoint
 from .errors import TrainError
+from .grouping import group_window, grouped_order, pair_grids, sample_grids
 from .lora import count_parameters, prepare_model
 from .loss import caption_loss, make_loss_module
 from .packing import PackedCollator, PackedDataset, PackedSamples
@@ -67,8 +68,8 @@ def empty_cache() -> None:
 @dataclass
 class TrainData:
     """The training pairs (as trained on), their dataset and collator (one pair per row: validation,
-    and training without packing), the validation records, and with ``train.pack_captions`` the packed
-    samples and their collator."""
+    and training without packing), the validation records, with ``train.pack_captions`` the packed
+    samples and their collator, and with ``train.group_by_grid`` each pair's visual grid."""
     pairs: list[dict]
     skipped: dict[str, int]
     digest: str
@@ -77,6 +78,7 @@ class TrainData:
     val_records: list[dict]
     packed: Optional[PackedSamples] = None
     packed_collator: Optional[PackedCollator] = None
+    grids: Optional[Any] = None    # (n_pairs, 2) int64 visual grids, with train.group_by_grid
 
     @property
     def n_images(self) -> int:
@@ -86,6 +88,10 @@ class TrainData:
     def n_samples(self) -> int:
         """Training samples per epoch: pairs, or packed samples (images, or chunks of their captions)."""
         return len(self.packed) if self.packed is not None else len(self.pairs)
+
+    def epoch_grids(self, epoch: int) -> Any:
+        """The visual grid of each of ``epoch``'s samples (``train.group_by_grid``)."""
+        return sample_grids(self.grids, self.packed.for_epoch(epoch) if self.packed is not None else None)
 
     def epoch_dataset(self, epoch: int) -> Any:
         """The dataset of ``epoch``'s samples (packed chunks may change between epochs)."""
@@ -152,13 +158,23 @@ class TrainSession:
     def eval_enabled(self) -> bool:
         return self.params.train.eval_every > 0 and bool(self.data.val_records)
 
+    def sample_order(self, epoch: int) -> Any:
+        """``epoch``'s sample order: :func:`epoch_order` of (seed, epoch), with ``train.group_by_grid``
+        grouped by visual grid within windows (:mod:`.grouping`)."""
+        t, seed = self.params.train, self.params.run.seed
+        order = epoch_order(self.data.n_samples, seed, epoch)
+        if self.data.grids is None:
+            return order
+        return grouped_order(order, self.data.epoch_grids(epoch), t.micro_batch_size,
+                             group_window(t.effective_batch_size, t.micro_batch_size), seed, epoch)
+
     def loader(self, epoch: int, first: int, last: int) -> Any:
         """This process's micro-batches for steps ``first..last-1`` of ``epoch``."""
         import torch
         from torch.utils.data import DataLoader
 
         t, seed = self.params.train, self.params.run.seed
-        sampler = StepBatchSampler(epoch_order(self.data.n_samples, seed, epoch), first, last,
+        sampler = StepBatchSampler(self.sample_order(epoch), first, last,
                                    t.effective_batch_size, t.micro_batch_size, self.world, self.rank)
         # an explicit generator: the loader then draws nothing from the global torch RNG (resume-exact)
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -311,6 +327,9 @@ def open_session(params: Any, resume_from: Optional[Checkpoint] = None,
     if t.pack_captions:
         data.packed = PackedSamples(pairs, t.captions_per_image, params.run.seed)
         data.packed_collator = PackedCollator(processor, prompt)
+    if t.group_by_grid:   # a resume takes the grids the run started with (images may have gone since)
+        saved = resume_from.pair_grids if resume_from is not None else None
+        data.grids = saved if saved is not None else pair_grids(pairs, params.images_dir, processor)
     steps_per_epoch = data.n_samples // t.effective_batch_size
     if steps_per_epoch < 1:
         what = "packed samples (images)" if t.pack_captions else "training pairs"

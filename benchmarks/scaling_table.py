@@ -1,0 +1,187 @@
+"""Scaling table (issue 18): time and cost to fine-tune Qwen2-VL-2B for 3 epochs on the full STAIR train
+split with caption packing and to caption STAIR val + test and YJ Captions, on a T4 (ESTIMATED from the
+cost model), one H200 (MEASURED rows), 2 and 4 H200s (the measured DDP scaling) and 8 (PROJECTED).
+Arithmetic only: every input is a named constant below with its source, or a flag.
+
+    python benchmarks/scaling_table.py [--usd-per-gpu-hour 3.5] [--usd-per-t4-hour 0.35] [--write-results]
+
+``--write-results`` replaces the table between the markers in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from jpcap_helpers.train.costs import T4_EFFECTIVE_TFLOPS, cost_estimate, packed_flops_per_caption  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+START, END = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
+
+# ---- the work (docs/data.md; data/splits.py; params/h100.yaml) --------------------------------------
+STAIR_TRAIN_IMAGES = 82_783      # all of STAIR train = COCO train2014 (data/download.py: 82,783 images)
+STAIR_TRAIN_CAPTIONS = 413_915   # STAIR Captions v1.2 train annotations (≈ 5 per image)
+EPOCHS = 3
+STAIR_VAL_IMAGES = 5_000         # data.val_size: carved from STAIR val (data/splits.py)
+STAIR_TEST_IMAGES = 5_000        # data.test_size: likewise, disjoint from val
+YJ_TEST_IMAGES = 26_500          # YJ Captions 26k: an UPPER bound — yj_test drops every training image
+CAPTION_IMAGES = STAIR_VAL_IMAGES + STAIR_TEST_IMAGES + YJ_TEST_IMAGES
+
+# ---- the model and the cost model (train/costs.py; docs/training.md "Cost model") ------------------
+N_VIT = 665_271_296              # Qwen2-VL-2B vision tower parameters (tests/test_scaling_table.py counts them)
+N_LLM = 1_543_714_304            # its language model
+IMAGE_TOKENS, PATCHES = 234, 936  # a 640×480 COCO image at model.max_pixels 448²
+PROMPT_TOKENS, CAPTION_TOKENS = 30, 25
+
+# ---- measured rates (benchmarks/results/) ----------------------------------------------------------
+H200_TRAIN_CAPTIONS_PER_S = 367.23   # run pack-2 (2026-11-28-pack.jsonl): packed QLoRA, h100.yaml defaults,
+                                     # 16 images × 5 captions per micro-batch, the training step alone
+H200_JPCAP_TRAIN_PAIRS_PER_S = 47.93  # run D1 (2026-11-28-x4.jsonl): `jpcap train` end to end, bf16 LoRA,
+                                      # unpacked, micro-batch 8 (the DDP runs' 1-GPU rate)
+H200_CAPTION_IMAGES_PER_S = 96.34    # run S1 (2026-11-28-x4.jsonl): engine, 1 GPU, warm, COCO-like mix,
+                                     # batch 256, 24 new tokens, no adapter
+DDP_SPEEDUP = {1: 1.0, 2: 1.85, 4: 3.29}   # run D1: jpcap train under DDP, bf16 LoRA, micro-batch 8 per GPU
+T4_CAPTION_IMAGES_PER_S = 2.5        # ESTIMATE (docs/training.md, params/colab_t4.yaml: "≈ 2–3 images/s")
+
+DEFAULT_USD_PER_GPU_HOUR = 3.50      # ASSUMPTION: one H200 on demand (no quote; pass --usd-per-gpu-hour)
+DEFAULT_USD_PER_T4_HOUR = 0.35       # ASSUMPTION: one T4 on demand (a free Colab T4 costs nothing but
+                                     # gives ≈ 3 usable hours per session)
+
+
+def projected_speedup(gpus: int, measured: dict[int, float] = DDP_SPEEDUP) -> tuple[float, bool]:
+    """(speed-up over one GPU, projected?). Measured where it was; beyond, each doubling of GPUs keeps
+    multiplying the parallel efficiency (speed-up / GPUs) by the factor the last measured doubling did."""
+    if gpus in measured:
+        return measured[gpus], False
+    top = max(measured)
+    eff_top, eff_half = measured[top] / top, measured[top // 2] / (top // 2)
+    doublings = math.log2(gpus / top)
+    return gpus * eff_top * (eff_top / eff_half) ** doublings, True
+
+
+def t4_train_captions_per_s() -> float:
+    """The cost model's T4 rate for packed captions (ESTIMATED: 12 TFLOP/s effective)."""
+    per_image = STAIR_TRAIN_CAPTIONS / STAIR_TRAIN_IMAGES
+    flops = packed_flops_per_caption(N_VIT, N_LLM, IMAGE_TOKENS + PROMPT_TOKENS, CAPTION_TOKENS, PATCHES, per_image)
+    return cost_estimate(flops, 1)["samples_per_s"]
+
+
+@dataclass
+class Row:
+    hardware: str
+    gpus: int
+    basis: str
+    train_h: float
+    caption_h: float
+    usd_per_gpu_hour: float
+
+    @property
+    def total_h(self) -> float:
+        return self.train_h + self.caption_h
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpus * self.total_h   # every GPU of the machine is held while captioning, too
+
+    @property
+    def usd(self) -> float:
+        return self.gpu_hours * self.usd_per_gpu_hour
+
+
+def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: float = DEFAULT_USD_PER_T4_HOUR,
+         gpu_counts: tuple[int, ...] = (1, 2, 4, 8)) -> list[Row]:
+    """The table's rows: a T4, then H200 machines of ``gpu_counts`` GPUs."""
+    captions = EPOCHS * STAIR_TRAIN_CAPTIONS
+    out = [Row("T4", 1, "ESTIMATED: cost model (train/costs.py, 12 TFLOP/s effective) and ≈ 2.5 images/s captioning",
+               captions / t4_train_captions_per_s() / 3600, CAPTION_IMAGES / T4_CAPTION_IMAGES_PER_S / 3600,
+               usd_per_t4_hour)]
+    caption_h = CAPTION_IMAGES / H200_CAPTION_IMAGES_PER_S / 3600
+    for gpus in gpu_counts:
+        speedup, projected = projected_speedup(gpus)
+        if gpus == 1:
+            basis = "MEASURED rates: the packed training step alone (run pack-2), the engine on the COCO-like mix (run S1)"
+        elif projected:
+            basis = f"PROJECTED: {speedup:.2f}× (parallel efficiency falling per doubling as from 2 to 4 GPUs)"
+        else:
+            basis = f"DERIVED: measured DDP scaling {speedup:.2f}× (run D1, LoRA) on the 1-GPU rate"
+        out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * speedup) / 3600,
+                       caption_h, usd_per_gpu_hour))
+    return out
+
+
+def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) -> str:
+    """The table and the assumptions it rests on, as markdown."""
+    captions = EPOCHS * STAIR_TRAIN_CAPTIONS
+    lines = [
+        f"Work: **{EPOCHS} epochs × {STAIR_TRAIN_CAPTIONS:,} STAIR train captions** ({STAIR_TRAIN_IMAGES:,} images, "
+        f"packed ≈ {STAIR_TRAIN_CAPTIONS / STAIR_TRAIN_IMAGES:.1f} captions per row) = {captions:,} training captions; "
+        f"**captioning {CAPTION_IMAGES:,} images** = STAIR val {STAIR_VAL_IMAGES:,} + test {STAIR_TEST_IMAGES:,} "
+        f"(`data.val_size`/`test_size`, carved from STAIR val) + YJ Captions ≤ {YJ_TEST_IMAGES:,} (an upper bound: "
+        "`yj_test` drops every training image, and YJ appears to reuse COCO train images, so with the full train "
+        "split far fewer may remain). Validation during training is not counted.",
+        "",
+        f"Price per GPU-hour (assumptions, not quotes): H200 ${usd_per_gpu_hour:.2f} (`--usd-per-gpu-hour`), "
+        f"T4 ${usd_per_t4_hour:.2f} (`--usd-per-t4-hour`; a free Colab T4 costs nothing but gives ≈ 3 usable hours "
+        "per session). A machine's every GPU counts while it captions.",
+        "",
+        "| hardware | train 3 epochs (h) | caption (h) | total (h) | GPU-hours | cost (USD) | basis |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(f"| {r.hardware} | {r.train_h:.2f} | {r.caption_h:.2f} | {r.total_h:.2f} | {r.gpu_hours:.1f} | "
+                     f"{r.usd:,.2f} | {r.basis} |")
+    unpacked_h = captions / H200_JPCAP_TRAIN_PAIRS_PER_S / 3600
+    lines += [
+        "",
+        f"- Training rates: 1× H200 = {H200_TRAIN_CAPTIONS_PER_S} captions/s (run pack-2, "
+        "`results/2026-11-28-pack.jsonl`: packed QLoRA at the `h100.yaml` defaults, the fast path's training step "
+        "alone on random weights — no data loading, validation or checkpoints); the whole `jpcap train` loop was "
+        f"measured only unpacked ({H200_JPCAP_TRAIN_PAIRS_PER_S} pairs/s, run D1: 3 epochs unpacked would take "
+        f"{unpacked_h:.1f} h on one H200). The 2- and 4-GPU rows apply D1's measured DDP speed-ups (bf16 LoRA, "
+        "unpacked, micro-batch 8) to the packed rate: packed steps are longer, which should hide the all-reduce "
+        "better, but that is not measured. The 8-GPU row is a projection, not a measurement. T4: the cost model's "
+        f"{packed_flops_per_caption(N_VIT, N_LLM, IMAGE_TOKENS + PROMPT_TOKENS, CAPTION_TOKENS, PATCHES, STAIR_TRAIN_CAPTIONS / STAIR_TRAIN_IMAGES) / 1e12:.2f} "
+        f"TFLOP per packed caption at an assumed {T4_EFFECTIVE_TFLOPS:g} TFLOP/s ≈ {t4_train_captions_per_s():.1f} "
+        f"captions/s (no T4 was available); on free Colab that is ≈ {math.ceil(table[0].train_h / 3)} sessions of "
+        "≈ 3 usable hours, resuming from checkpoints.",
+        f"- Captioning: {H200_CAPTION_IMAGES_PER_S} images/s on one H200 (run S1, `results/2026-11-28-x4.jsonl`: "
+        "warm inductor cache, the COCO-like size mix, batch 256, 24 new tokens — the default `max_new_tokens` is "
+        "40, and a one-shot run's first pass is slower: 27.3 images/s cold in S1; another host ran 30.2 warm, S2). "
+        "Sharded captioning has not shown a speed-up yet (S1: 0.57× on 2 GPUs, 0.64× on 4), so every H200 row "
+        f"uses the one-GPU rate. T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured).",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(text: str, path: Path = RESULTS) -> None:
+    """Replace what lies between the markers in RESULTS.md with ``text``."""
+    doc = path.read_text(encoding="utf-8")
+    if START not in doc or END not in doc:
+        raise SystemExit(f"{path}: markers {START} … {END} not found")
+    head, rest = doc.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--usd-per-gpu-hour", type=float, default=DEFAULT_USD_PER_GPU_HOUR,
+                    help="price of one H200 GPU-hour (an assumption; default %(default)s)")
+    ap.add_argument("--usd-per-t4-hour", type=float, default=DEFAULT_USD_PER_T4_HOUR,
+                    help="price of one T4 GPU-hour (an assumption; default %(default)s)")
+    ap.add_argument("--write-results", action="store_true", help="put the table into benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.usd_per_gpu_hour < 0 or args.usd_per_t4_hour < 0:
+        raise SystemExit("prices must be ≥ 0")
+    text = markdown(rows(args.usd_per_gpu_hour, args.usd_per_t4_hour), args.usd_per_gpu_hour, args.usd_per_t4_hour)
+    print(text)
+    if args.write_results:
+        write_results(text)
+
+
+if __name__ == "__main__":
+    main()
