@@ -121,7 +121,8 @@ _register(ModelEntry(
     t4_recipe="fp16, or 4-bit NF4 for QLoRA (params/colab_t4_qwen3.yaml; T4 time estimated)",
     run_here=("tiny config: load + batched generate in tests; fine-tuning (LoRA, QLoRA, packing; deepstack "
               "mergers in the projector) and the fast greedy decoder tested equal to transformers on tiny "
-              "random weights (CPU); GPU tests of the real shape written, not run here; no real checkpoint (no hub)"),
+              "random weights (CPU) and on the real shape with random weights (H200, 2026-11-29); speed measured "
+              "there (QLoRA 2.7–5.9× the cookbook, fast decoder 142 images/s); no real checkpoint (no hub)"),
 ))
 _register(ModelEntry(
     key="paligemma-3b", hub_id="google/paligemma-3b-mix-224", revision=None, family="paligemma",
