@@ -553,6 +553,19 @@ def test_gpu_fast_engine_equals_hf_on_tiny_model(project, tmp_path):
     torch.testing.assert_close(on_gpu["pixel_values"].cpu(), on_cpu["pixel_values"], atol=0.05, rtol=0)
 
 
+def check_graph_decoder_tokens(model, inputs, ref, new_tokens: int = 12):
+    """The CUDA-graph decoder (one capture) and its variants — the compiled layer-function prefill, the
+    model-forward prefill, the compiled step — give exactly ``ref``'s tokens; returns the decoder."""
+    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8)
+    assert dec.cuda_graphs
+    got = dec.generate(inputs, new_tokens).cpu()
+    assert dec.n_graph_captures == 1
+    assert torch.equal(got, ref), (got, ref)
+    for options in ({"compile_prefill": True}, {"prefill": "model"}, {"compile_step": True}):
+        other = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, **options).generate(inputs, new_tokens).cpu()
+        assert torch.equal(other, ref), (options, other, ref)
+    return dec
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_gpu_greedy_decoder_real_shape(project):
@@ -570,15 +583,7 @@ def test_gpu_greedy_decoder_real_shape(project):
     cfg = generation.generation_config(model, 12, 1, [], 0)
     with torch.no_grad():
         ref = model.generate(**inputs.to("cuda"), generation_config=cfg)[:, inputs["input_ids"].shape[1]:].cpu()
-    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8)
-    assert dec.cuda_graphs
-    got = dec.generate(inputs, 12).cpu()
-    assert dec.n_graph_captures == 1
-    assert torch.equal(got, ref), (got, ref)
-    # the engine's prefill on such GPUs: one compiled layer function; and the model-forward prefill
-    for options in ({"compile_prefill": True}, {"prefill": "model"}, {"compile_step": True}):
-        other = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, **options).generate(inputs, 12).cpu()
-        assert torch.equal(other, ref), (options, other, ref)
+    dec = check_graph_decoder_tokens(model, inputs, ref)
     # a smaller batch next (another batch-size bucket): a second graph, counters reset, same tokens
     fewer = generation.prepare_inputs(processor, [engine.build_prompt(ENTRY, processor)] * 3, images[:3], device="cuda")
     again = dec.generate(fewer, 12).cpu()

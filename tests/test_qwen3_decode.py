@@ -15,7 +15,7 @@ from jpcap_helpers import engine
 from jpcap_helpers import io as jio
 from jpcap_helpers.engine import decode, generation
 from jpcap_helpers.models import resolve
-from tests.test_engine import copy_processor, scramble_weights
+from tests.test_engine import check_graph_decoder_tokens, copy_processor, scramble_weights
 
 CUDA = torch.cuda.is_available()
 GRID_SIZE = (112, 84)      # every test image resized to one size: one visual grid per batch
@@ -162,13 +162,6 @@ def test_gpu_greedy_decoder_real_shape_qwen3(qwen3):
     images = [Image.fromarray((torch.rand(480, 640, 3, generator=gen) * 255).byte().numpy()) for _ in range(6)]
     inputs = generation.prepare_inputs(processor, [engine.build_prompt(qwen3["entry"], processor)] * 6, images)
     ref = hf_greedy(model, inputs.to("cuda"), 12, []).cpu()
-    dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8)
-    assert dec.cuda_graphs
-    got = dec.generate(inputs, 12).cpu()
-    assert dec.n_graph_captures == 1
-    assert torch.equal(got, ref), (got, ref)
-    for options in ({"compile_prefill": True}, {"prefill": "model"}, {"compile_step": True}):
-        other = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, **options).generate(inputs, 12).cpu()
-        assert torch.equal(other, ref), (options, other, ref)
+    check_graph_decoder_tokens(model, inputs, ref)
     del model
     torch.cuda.empty_cache()

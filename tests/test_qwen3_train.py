@@ -18,8 +18,8 @@ from jpcap_helpers import train as T
 from jpcap_helpers.models import deepstack
 from jpcap_helpers.train import loss as loss_module
 from jpcap_helpers.train import packing
-from tests.test_packing import SIZES, grads, unpacked
-from tests.test_train import make_params, unpatched_copy
+from tests.test_packing import grads, packed_samples, unpacked
+from tests.test_train import make_params, perturbed_with_reference, unpatched_copy
 from tests.test_train import project as project  # noqa: F811  (the module-scoped fixture, reused)
 
 CUDA = torch.cuda.is_available()
@@ -46,19 +46,6 @@ def q3_model(project, model_dir: Path, **train):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     return params, model, processor, entry
-
-
-def image_samples(params, n_images: int, per_image: int) -> list[dict]:
-    """``n_images`` toy images resized to different grids, each with ``per_image`` of its captions."""
-    pairs, _ = T.read_pairs(params)
-    groups = packing.group_by_image(pairs)
-    ds = T.PairDataset(pairs, params.images_dir)
-    out = []
-    for g, size in zip(groups[:n_images], SIZES):
-        item = ds[g[0]]
-        out.append({"image": item["image"].resize(size), "image_id": item["image_id"],
-                    "captions": [pairs[i]["caption"] for i in g[:per_image]]})
-    return out
 
 
 def assert_grads_close(fast: dict, plain: dict, rtol: float = 1e-4) -> float:
@@ -94,7 +81,7 @@ def test_projector_is_the_merger_and_the_deepstack_mergers(project, tiny_qwen3_d
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     visual = T.causal_lm(model).model.visual
     assert not visual.patch_embed._forward_hooks, "no requires-grad hook on the ViT input"
-    batch = T.CaptionCollator(processor, entry.prompt)(unpacked(image_samples(params, 2, 1)))
+    batch = T.CaptionCollator(processor, entry.prompt)(unpacked(packed_samples(params, 2, 1)))
     vit_out = []
     hook = visual.blocks[-1].register_forward_hook(lambda _m, _a, out: vit_out.append(out.requires_grad))
     embeds, sizes, feats = T.visual_features(T.causal_lm(model), batch["pixel_values"], batch["image_grid_thw"])
@@ -119,7 +106,7 @@ def test_fast_path_loss_and_gradients_equal_transformers(project, tiny_qwen3_dir
     ``mm_encoder_outputs`` or the ``inputs_embeds`` route) against the unpatched model's loss."""
     params, model, processor, entry = q3_model(project, tiny_qwen3_dir, gradient_checkpointing=checkpointing)
     reference = unpatched_copy(model)
-    samples = unpacked(image_samples(params, 2, 2))[1:3]        # image 1 caption 2, image 2 caption 1
+    samples = unpacked(packed_samples(params, 2, 2))[1:3]        # image 1 caption 2, image 2 caption 1
     report = {}
     for side in ("right", "left"):
         batch = T.CaptionCollator(processor, entry.prompt, side)(samples)
@@ -144,7 +131,7 @@ def test_packed_loss_and_gradients_equal_transformers(project, tiny_qwen3_dir):
     unpacked rows (gradient checkpointing on)."""
     params, model, processor, entry = q3_model(project, tiny_qwen3_dir, gradient_checkpointing=True)
     reference = unpatched_copy(model)
-    samples = image_samples(params, 3, 5)
+    samples = packed_samples(params, 3, 5)
     samples[1]["captions"] = samples[1]["captions"][:1]
     samples[2]["captions"] = samples[2]["captions"][:3]
     packed = packing.PackedCollator(processor, entry.prompt)(samples)
@@ -172,7 +159,7 @@ def test_packed_4bit_loss_and_gradients_equal_transformers(project, tiny_qwen3_d
     lin = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert lin and all(not m.support_avx512bf16_for_cpu for m in lin)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in T.causal_lm(model).model.visual.modules())
-    samples = image_samples(params, 3, 3)
+    samples = packed_samples(params, 3, 3)
     samples[0]["captions"] = samples[0]["captions"][:2]
     # a 4-bit model cannot be deep-copied unpatched: transformers' forward with labels runs through the
     # same model (its patches are exact: tests/test_fastpath.py)
@@ -196,7 +183,7 @@ def test_dropped_or_misplaced_deepstack_breaks_equality(project, tiny_qwen3_dir,
     """The equality tests can fail: with the deepstack features zeroed (as if dropped), or added one layer
     late, the fast path's loss is not transformers' loss."""
     params, model, processor, entry = q3_model(project, tiny_qwen3_dir)
-    batch = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(image_samples(params, 2, 1)))
+    batch = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(packed_samples(params, 2, 1)))
     original = loss_module.language_forward
     with torch.no_grad():
         ref = T.plain_loss(model, batch).item()
@@ -254,7 +241,7 @@ def test_training_run_validates_and_its_adapter_reloads(project, tiny_qwen3_dir)
     assert not any("visual" in k and "merger" not in k for k in keys)
     trained, processor, entry = models.load_model(params, adapter=str(adapter), for_training=True)
     plain_base, _, _ = models.load_model(params, for_training=True)
-    batch = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(image_samples(params, 2, 1)))
+    batch = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(packed_samples(params, 2, 1)))
     with torch.no_grad():
         reloaded = trained.eval()(**batch, use_cache=False).logits
         base = plain_base.eval()(**batch, use_cache=False).logits
@@ -322,14 +309,7 @@ def test_gpu_real_shape_qwen3_fast_path_equals_plain_path(project, tiny_qwen3_di
     the same LoRA / merger / deepstack-merger gradients (relative 1e-3 per tensor), as the Qwen2-VL test."""
     params = gpu_real_shape(project, tiny_qwen3_dir, tmp_path_factory, f"gpu-q3-{packed}", gradient_checkpointing=True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the plain Conv3d patch embed: full fp32
-    model, processor, entry = models.load_model(params, for_training=True)
-    model = T.prepare_model(model, params)
-    model.eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    reference = unpatched_copy(model)
+    model, processor, entry, reference = perturbed_with_reference(params)
     samples = [{"image": im, "image_id": i, "captions": caps} for i, (im, caps) in enumerate(zip(
         real_images(4), [["赤い丸と青い四角が並んでいる。", "白い背景の上の図形。"], ["緑の三角。"],
                          ["黄色い星が二つある。", "星。", "二つの黄色い星が描かれている絵。"], ["青い円。"]]))]
