@@ -16,6 +16,7 @@
 params_file = "../params/smoke.yaml"   # offline tiny default; Colab T4: "../params/colab_t4.yaml"
 run_name = None                          # None: run.name of the params file
 overrides = {}                           # e.g. {"train.lora_rank": 8}
+compare_with = []                        # other runs in the same output folder, e.g. ["colab_t4_qwen3"]
 
 # %% [markdown]
 # ### Setup
@@ -63,6 +64,26 @@ evaluate.paired_tests(P, metrics)
 # %% [markdown]
 # A positive difference whose interval excludes 0 (p < 0.05) means fine-tuning beat the zero-shot model on
 # that split for these images; an interval across 0 means this test set cannot tell them apart.
+
+# %% [markdown]
+# ## Other runs side by side
+# Each fine-tuning recipe is its own run: `params/colab_t4.yaml` (Qwen2-VL-2B) and
+# `params/colab_t4_qwen3.yaml` (Qwen3-VL-2B, the same recipe) write `outputs/colab_t4` and
+# `outputs/colab_t4_qwen3` in the same (Drive) folder. Once 04 has scored each of them, name the others in
+# `compare_with` to see every run's latest rows in one table. `same images` says whether a run scored the
+# same version of the split as the first run; where it is False the numbers are not comparable.
+
+# %%
+if compare_with:
+    comparison = evaluate.compare_runs([P.run_dir] + [P.run_dir.parent / name for name in compare_with])
+else:
+    comparison = "no other run named in compare_with"
+comparison
+
+# %% [markdown]
+# With the same recipe, data and test images, the difference between two fine-tuned rows is the base
+# model's; compare it with the interval widths above before calling one model better (the paired test
+# works within one run's images).
 
 # %% [markdown]
 # ## Share the adapter

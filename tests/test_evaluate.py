@@ -433,3 +433,43 @@ def test_metrics_csv_append_keeps_rows_and_unions_columns(tmp_path):
 def test_git_commit_outside_repo(tmp_path):
     assert ev.git_commit(tmp_path) == "unknown"
     assert isinstance(ev.git_commit(), str) and ev.git_commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# several runs side by side (04's last table)
+# ---------------------------------------------------------------------------------------------
+
+def _fake_result(cider: float) -> dict:
+    from jpcap_helpers.evaluate import METRICS
+    out = {m: 0.1 for m in METRICS}
+    out.update({"CIDEr": cider, "n_images": 50})
+    out["ci"] = {m: [out[m] - 0.05, out[m] + 0.05] for m in METRICS}
+    return out
+
+
+def _write_run(run_dir, rows):
+    from jpcap_helpers.evaluate import append_metrics_row, metrics_row
+    for model_id, split, cider, split_hash, system in rows:
+        append_metrics_row(run_dir / "metrics.csv", metrics_row(_fake_result(cider), model_id=model_id, split=split,
+                                                                split_hash=split_hash, system=system))
+
+
+def test_compare_runs_puts_runs_side_by_side_and_flags_other_images(tmp_path, capsys):
+    from jpcap_helpers.evaluate import EvaluationError, compare_runs
+    qwen2, qwen3 = tmp_path / "colab_t4", tmp_path / "colab_t4_qwen3"
+    _write_run(qwen2, [("qwen2-vl-2b-instruct", "test", 0.50, "h-test", "qwen2-vl-2b-instruct"),
+                       ("qwen2-vl-2b-instruct", "test", 0.60, "h-test", "qwen2-vl-2b-instruct"),  # a rerun: latest kept
+                       ("qwen2-vl-2b-instruct", "yj_test", 0.30, "h-yj", "qwen2-vl-2b-instruct")])
+    _write_run(qwen3, [("qwen3-vl-2b-instruct", "test", 0.90, "h-test", "qwen3-vl-2b-instruct"),
+                       ("qwen3-vl-2b-instruct", "yj_test", 0.20, "h-yj-other", "qwen3-vl-2b-instruct")])
+    table = compare_runs([qwen2, qwen3])
+    assert table[["Run", "Model", "Split"]].values.tolist() == [
+        ["colab_t4_qwen3", "qwen3-vl-2b-instruct", "test"], ["colab_t4", "qwen2-vl-2b-instruct", "test"],
+        ["colab_t4", "qwen2-vl-2b-instruct", "yj_test"], ["colab_t4_qwen3", "qwen3-vl-2b-instruct", "yj_test"]]
+    assert table["CIDEr"].str.startswith(("0.900", "0.600", "0.300", "0.200")).all()
+    assert table["same images"].tolist() == [True, True, True, False]
+    assert "colab_t4_qwen3 (yj_test) scored other images" in capsys.readouterr().out
+    only_test = compare_runs([qwen2, qwen3], splits=["test"])
+    assert set(only_test["Split"]) == {"test"} and only_test["same images"].all()
+    with pytest.raises(EvaluationError, match="run 04 .* for that run first"):
+        compare_runs([qwen2, tmp_path / "never_evaluated"])
