@@ -75,7 +75,7 @@ evaluate.paired_tests(P, metrics)
 
 # %%
 if compare_with:
-    comparison = evaluate.compare_runs([P.run_dir] + [P.run_dir.parent / name for name in compare_with])
+    comparison = evaluate.compare_runs(evaluate.sibling_runs(P.run_dir, compare_with))
 else:
     comparison = "no other run named in compare_with"
 comparison

@@ -473,3 +473,12 @@ def test_compare_runs_puts_runs_side_by_side_and_flags_other_images(tmp_path, ca
     assert set(only_test["Split"]) == {"test"} and only_test["same images"].all()
     with pytest.raises(EvaluationError, match="run 04 .* for that run first"):
         compare_runs([qwen2, tmp_path / "never_evaluated"])
+
+
+def test_sibling_runs_refuses_paths(tmp_path):
+    from jpcap_helpers.evaluate import EvaluationError, sibling_runs
+    run = tmp_path / "outputs" / "colab_t4"
+    assert sibling_runs(run, ["colab_t4_qwen3"]) == [run, tmp_path / "outputs" / "colab_t4_qwen3"]
+    for bad in ("../secrets", "a/b", "..", "", str(tmp_path), "..\\x"):
+        with pytest.raises(EvaluationError, match="not a run name"):
+            sibling_runs(run, [bad])

@@ -2,7 +2,7 @@
 BLEU-1..4 / ROUGE-L / CIDEr-D on MeCab segmentation, bootstrap CIs and paired tests, metrics.csv
 provenance, scoring a whole run and several runs side by side (notebook 04)."""
 from .bootstrap import bootstrap_ci, bootstrap_samples, paired_bootstrap, per_image_arrays, resample_weights
-from .compare import compare_runs
+from .compare import compare_runs, sibling_runs
 from .loaders import EvaluationError, Predictions, ids_preview, load_predictions, load_references, read_json_lines
 from .metrics import (
     BLEU_N,
@@ -22,5 +22,5 @@ __all__ = [
     "bleu_sufficient_stats", "corpus_bleu_from_stats", "score", "tokenizer_description", "format_table",
     "resample_weights", "bootstrap_samples", "per_image_arrays", "bootstrap_ci", "paired_bootstrap",
     "PROVENANCE_COLUMNS", "SCORE_COLUMNS", "git_commit", "metrics_row", "append_metrics_row", "read_metrics",
-    "BASELINE_SYSTEM", "prediction_files", "evaluate_run", "results_table", "paired_tests", "compare_runs",
+    "BASELINE_SYSTEM", "prediction_files", "evaluate_run", "results_table", "paired_tests", "compare_runs", "sibling_runs",
 ]

@@ -10,7 +10,22 @@ from .loaders import EvaluationError
 from .provenance import read_metrics
 from .runs import results_table
 
-__all__ = ["compare_runs"]
+__all__ = ["compare_runs", "sibling_runs"]
+
+
+def sibling_runs(run_dir: str | Path, names: Iterable[str]) -> list[Path]:
+    """``run_dir`` and the runs named in ``names`` beside it (same output folder). A name must be a
+    plain folder name: a path (``a/b``, ``../x``, absolute) is refused, so nothing outside the output
+    folder is read."""
+    run_dir = Path(run_dir)
+    out = [run_dir]
+    for name in names:
+        name = str(name)
+        if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+            raise EvaluationError(f"compare_with: {name!r} is not a run name — give the run folder's name as it "
+                                  f"stands in {run_dir.parent} (e.g. 'colab_t4_qwen3'), not a path")
+        out.append(run_dir.parent / name)
+    return out
 
 
 def _run_metrics(run_dir: Path, splits: Optional[Sequence[str]]):
