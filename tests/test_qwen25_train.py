@@ -9,8 +9,8 @@ import torch
 
 from jpcap_helpers import train as T
 from jpcap_helpers.train import packing
-from tests.test_packing import grads, unpacked
-from tests.test_qwen3_train import assert_grads_close, image_samples, q3_model
+from tests.test_packing import grads, packed_samples, unpacked
+from tests.test_qwen3_train import assert_grads_close, q3_model
 from tests.test_train import project as project  # noqa: F401,F811  (the module-scoped fixture, reused)
 from tests.test_train import unpatched_copy
 
@@ -20,7 +20,7 @@ def test_windows_reorder_the_tokens(project, tiny_qwen25_dir):
     from transformers.vision_utils import get_vision_window_index
 
     params, model, processor, entry = q3_model(project, tiny_qwen25_dir)
-    batch = T.CaptionCollator(processor, entry.prompt)(unpacked(image_samples(params, 2, 1)))
+    batch = T.CaptionCollator(processor, entry.prompt)(unpacked(packed_samples(params, 2, 1)))
     visual = T.causal_lm(model).model.visual
     window_index, _ = get_vision_window_index(batch["image_grid_thw"], visual.spatial_merge_size, visual.window_size,
                                               visual.patch_size)
@@ -31,7 +31,7 @@ def test_windows_reorder_the_tokens(project, tiny_qwen25_dir):
 def test_fast_path_loss_and_gradients_equal_transformers(project, tiny_qwen25_dir, packed):
     params, model, processor, entry = q3_model(project, tiny_qwen25_dir, gradient_checkpointing=True)
     reference = unpatched_copy(model)
-    samples = image_samples(params, 3 if packed else 2, 3 if packed else 1)
+    samples = packed_samples(params, 3 if packed else 2, 3 if packed else 1)
     plain = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(samples))
     batch = packing.PackedCollator(processor, entry.prompt)(samples) if packed else plain
     s, n = T.caption_loss(model, batch)
