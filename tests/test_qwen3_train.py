@@ -334,17 +334,18 @@ def test_gpu_real_shape_qwen3_fast_path_equals_plain_path(project, tiny_qwen3_di
 @gpu
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
 @pytest.mark.parametrize("method", ["qlora", "lora"])
-def test_gpu_real_shape_qwen3_trains_in_half_precision(project, tiny_qwen3_dir, tmp_path_factory, method):
-    """The real shape trains through ``train()`` in the GPU's half precision (bf16 where native, fp16 +
-    GradScaler on a T4), packed, with gradient checkpointing: finite losses, no non-finite loss."""
-    params = gpu_real_shape(project, tiny_qwen3_dir, tmp_path_factory, f"gpu-q3-{method}", max_steps=8,
+def test_gpu_real_shape_qwen3_trains_in_half_precision(project, tiny_qwen3_dir, tmp_path_factory, method, precision):
+    """The real shape trains through ``train()`` in half precision — the GPU's own (bf16 where native) and
+    fp16 + GradScaler as on a T4 — packed, with gradient checkpointing: finite losses, no non-finite loss."""
+    params = gpu_real_shape(project, tiny_qwen3_dir, tmp_path_factory, f"gpu-q3-{method}-{precision}", max_steps=8,
                             micro_batch_size=2, effective_batch_size=4, load_in_4bit=method == "qlora",
                             gradient_checkpointing=True, pack_captions=True, learning_rate=2e-4, lora_dropout=0.05)
-    params.model.precision = "auto"
+    params.model.precision = precision
     result = T.train(params, resume=False)
     log = T.read_train_log(params.run_dir)
     assert log["loss"].map(math.isfinite).all(), log[["step", "loss", "skipped"]]
     assert (log["skipped"] == "non-finite loss").sum() == 0
-    print(f"\nqwen3-2b {method}: peak {result.peak_memory_gib:.2f} GiB, losses "
+    print(f"\nqwen3-2b {method} {precision}: peak {result.peak_memory_gib:.2f} GiB, losses "
           f"{[round(v, 3) for v in result.losses.values()]}")
