@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -177,6 +178,39 @@ def first_pass(args, model_dir: Path, adapter) -> None:
               "peak_gib": s.get("peak_gpu_gib")})
 
 
+def compile_ab(args, model_dir: Path, adapter) -> None:
+    """The engine with regional ``torch.compile`` (ViT blocks, prefill layer function) against the same
+    engine eager, same run, same files: does compiling pay for this architecture? Also whether both
+    wrote the same captions (float reassociation may flip near-ties; the count is reported)."""
+    from jpcap_helpers import models
+    from jpcap_helpers.io import read_jsonl
+
+    root = Path("/tmp/jpcap-bench/images")
+    records = image_records(args.images, root)
+    bs = max(args.batch)
+    captions, rates = {}, {}
+    for compiled in (False, True):
+        model, processor, entry = models.load_model(params_for(model_dir, **{"model.compile": compiled}),
+                                                    adapter=str(adapter) if adapter else None)
+        tag = "compiled" if compiled else "eager"
+        t = time.perf_counter()
+        engine_rate(model, processor, entry, records[:bs], root, bs, "auto", f"ab-{tag}-warm")
+        first_s = round(time.perf_counter() - t, 1)
+        s = engine_rate(model, processor, entry, records, root, bs, "auto", f"ab-{tag}")
+        rates[tag] = s["images_per_s"]
+        captions[tag] = {r["image_id"]: r["caption"] for r in read_jsonl(Path(s["out_path"]))}
+        emit({"bench": "generate-compile-ab", "arch": args.arch, "row": f"engine, {tag}",
+              "compiled_blocks": bool(getattr(model, "jpcap_compile", False)), "decoder": s["decoder"],
+              "batch": bs, "images": s["n_done"], "images_per_s": s["images_per_s"],
+              "first_call_s": first_s, "peak_gib": s.get("peak_gpu_gib")})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    same = sum(captions["eager"].get(i) == c for i, c in captions["compiled"].items())
+    emit({"bench": "generate-compile-ab", "arch": args.arch, "speedup_compiled": round(rates["compiled"] / rates["eager"], 3),
+          "same_captions": same, "images": len(captions["compiled"])})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="qwen2-vl-2b", choices=["qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b"])
@@ -189,6 +223,11 @@ def main(argv=None):
     ap.add_argument("--headline-levers-all", action="store_true", help="levers off on --images images too")
     ap.add_argument("--first-pass", action="store_true",
                     help="only the engine's cold first pass and a warm second pass over --mix (module docstring)")
+    ap.add_argument("--compile-ab", action="store_true",
+                    help="only the engine compiled vs eager on --images files, same run (with "
+                         "--compile-unmeasured for families not in fastpath.COMPILE_MEASURED)")
+    ap.add_argument("--compile-unmeasured", action="store_true",
+                    help="allow regional torch.compile for this arch although not yet measured")
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
@@ -201,6 +240,10 @@ def main(argv=None):
 
     emit({"bench": "generate", "versions": versions(), "arch": args.arch, "images": args.images})
     model_dir = random_model_dir(args.arch)
+    if args.compile_unmeasured:
+        from jpcap_helpers.models import fastpath
+        model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+        fastpath.COMPILE_MEASURED = tuple(set(fastpath.COMPILE_MEASURED) | {model_type})
     from jpcap_helpers.train import TrainError
     try:
         adapter = make_adapter(model_dir, Path("/tmp/jpcap-bench") / f"{args.arch}-adapter")
@@ -210,6 +253,9 @@ def main(argv=None):
     with_adapter = "merged adapter" if adapter else "no adapter"
     if args.first_pass:
         first_pass(args, model_dir, adapter)
+        return
+    if args.compile_ab:
+        compile_ab(args, model_dir, adapter)
         return
     root = Path("/tmp/jpcap-bench/images")
     records = image_records(args.images, root)

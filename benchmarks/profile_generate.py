@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
 from bench_generate import NEW_TOKENS, image_records, params_for  # noqa: E402
-from common import emit, random_model_dir, synthetic_images, versions  # noqa: E402
+from common import emit, random_model_dir, synthetic_images, versions, write_images  # noqa: E402
 
 
 def wall_ms(fn, reps: int = 3, warmup: int = 1) -> float:
@@ -150,6 +150,95 @@ class HostTimeline:
                                        for label, a, b in longest]}
 
 
+class Labels:
+    """Labels the engine's host steps as profiler ranges (``record_function``), so that a CPU+CUDA profile
+    says which step the driving thread was in during each of the GPU's idle gaps (:func:`gap_causes`)."""
+
+    STEPS = [("pipeline", "RowWriter.emit", "write rows"), ("pipeline", "BatchCaptioner.prepare", "prepare batch"),
+             ("pipeline", "prepare_inputs", "processor"), ("pipeline", "BatchPipeline._between", "while busy"),
+             ("pipeline", "generate_batch", "caption batch"),
+             ("decode", "GreedyDecoder._check_batch", "check batch"),
+             ("decode", "GreedyDecoder._prompt_embeddings", "vision tower + embeddings"),
+             ("decode", "GreedyDecoder._ensure_capacity", "kv capacity"), ("decode", "GreedyDecoder._graph", "graph"),
+             ("decode", "GreedyDecoder._own_prefill", "prefill")]
+
+    def __init__(self):
+        from jpcap_helpers.engine import decode, pipeline
+
+        self.modules, self.saved = {"pipeline": pipeline, "decode": decode}, []
+
+    def __enter__(self):
+        from torch.profiler import record_function
+
+        for mod, dotted, label in self.STEPS:
+            owner = self.modules[mod]
+            *outer, name = dotted.split(".")
+            for part in outer:
+                owner = getattr(owner, part)
+            fn = getattr(owner, name)
+
+            def labelled(*a, _fn=fn, _label=label, **k):
+                with record_function(f"## {_label}"):
+                    return _fn(*a, **k)
+            self.saved.append((owner, name, fn))
+            setattr(owner, name, labelled)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn in reversed(self.saved):
+            setattr(owner, name, fn)
+
+
+def gap_causes(run, min_gap_ms: float = 40.0, top: int = 6) -> dict:
+    """Run ``run()`` under a CPU+CUDA profiler with the engine's steps labelled (:class:`Labels`) and,
+    for each GPU idle gap of at least ``min_gap_ms``, say what the host threads did meanwhile: the
+    driving thread's innermost event covering the gap's middle (with its chain of enclosing ranges) and
+    the events overlapping the gap most, on the driving thread and on the others."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with Labels(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        summary = run()
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    events = list(prof.events())
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    gaps, end = [], None
+    for a, b in gpu:
+        if end is not None and a - end >= 1000 * min_gap_ms:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    main = next((e.thread for e in cpu if e.name == "## caption batch"), None)
+
+    def overlap(e, a, b) -> float:
+        return max(0.0, min(e.time_range.end, b) - max(e.time_range.start, a)) / 1000
+
+    def chain(e) -> list[str]:
+        names = []
+        while e is not None:
+            names.append(f"{e.name} ({e.time_range.elapsed_us() / 1000:.1f} ms)")
+            e = e.cpu_parent
+        return names[::-1]
+
+    out = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:12]:
+        mid = (a + b) / 2
+        covering = [e for e in cpu if e.thread == main and e.time_range.start <= mid <= e.time_range.end]
+        inner = max(covering, key=lambda e: e.time_range.start, default=None)
+        mine = sorted((e for e in cpu if e.thread == main and not e.name.startswith("## ")),
+                      key=lambda e: -overlap(e, a, b))
+        others = sorted((e for e in cpu if e.thread != main), key=lambda e: -overlap(e, a, b))
+        out.append({"gap_ms": round((b - a) / 1000, 1), "at_ms": round((a - gpu[0][0]) / 1000, 1),
+                    "driving_thread_at_middle": chain(inner) if inner is not None else [],
+                    "driving_thread_top": [(e.name, round(overlap(e, a, b), 1)) for e in mine[:top] if overlap(e, a, b) > 0],
+                    "other_threads_top": [(e.name, e.thread, round(overlap(e, a, b), 1))
+                                          for e in others[:top] if overlap(e, a, b) > 0]})
+    return {"images": summary["n_done"], "images_per_s_under_profiler": summary["images_per_s"],
+            "n_cpu_events": len(cpu), "analysis_s": round(time.perf_counter() - t, 1), "gaps": out}
+
+
 def sdpa_backends(shape, dtype=torch.bfloat16) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -184,6 +273,11 @@ def main(argv=None):
     ap.add_argument("--engine-images", type=int, default=512)
     ap.add_argument("--engine-only", action="store_true",
                     help="only the engine's GPU timeline (busy time and idle gaps) on --engine-images files")
+    ap.add_argument("--gap-causes", action="store_true",
+                    help="with --engine-only: a CPU+CUDA profile of one warm run; for each long GPU idle gap, "
+                         "what the host threads were doing (gap_causes)")
+    ap.add_argument("--mix", default="uniform", choices=["coco", "uniform"], help="--engine-only image sizes")
+    ap.add_argument("--grid-buckets", type=int, default=0, help="--engine-only: generation.grid_buckets")
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --engine-only: profile the whole run this many times in one process (a later "
                          "run finds the pinned host blocks and the allocator's cache warm: do the long pauses stay?)")
@@ -198,16 +292,23 @@ def main(argv=None):
     model, processor, entry = models.load_model(params_for(model_dir))
     prompt = engine.build_prompt(entry, processor)
     if args.engine_only:
-        root = Path("/tmp/jpcap-bench/images")
-        records = image_records(args.engine_images, root)
+        if args.mix == "coco":
+            root = write_images(Path("/tmp/jpcap-bench") / f"mix-coco-{args.engine_images}", args.engine_images)
+            records = [{"image_id": i, "file_name": p.name} for i, p in enumerate(sorted(root.glob("img_*.jpg")))]
+        else:
+            root = Path("/tmp/jpcap-bench/images")
+            records = image_records(args.engine_images, root)
         out = Path("/tmp/jpcap-bench/profile-engine.jsonl")
 
-        def run(n=len(records)):
+        def run(n=len(records), warm=False):
             out.unlink(missing_ok=True)
             return engine.caption_records(model, processor, entry, records[:n], root, out, batch_size=bs,
-                                          max_new_tokens=NEW_TOKENS, progress=False)
-        run(bs)  # compilation and graph capture
-        run(bs)
+                                          max_new_tokens=NEW_TOKENS, progress=False, warmup=warm,
+                                          grid_buckets=args.grid_buckets)
+        run(warm=True)  # compilation and graph capture for every shape of the run, then a whole run
+        if args.gap_causes:
+            emit({"bench": "profile_generate", "stage": "gap causes (CPU+CUDA profiler, labelled host steps)",
+                  "batch": bs, "mix": args.mix, "grid_buckets": args.grid_buckets, **gap_causes(run)})
         for i in range(args.repeat):
             emit({"bench": "profile_generate", "stage": "engine timeline (CUDA-only profiler)", "batch": bs,
                   "repeat": i + 1, **engine_timeline(run)})
