@@ -488,6 +488,21 @@ def test_compare_puts_models_side_by_side(tmp_path, project_root):
     assert "| qwen3-vl-2b-instruct |" in md
 
 
+def test_the_failure_browser_labels_sweep_runs_with_their_model(tmp_path, project_root):
+    from jpcap_helpers.analysis.browser import prediction_sources
+
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "lora_rank": [8],
+                                                          "model": ["qwen3-vl-2b-instruct"]}))
+    for o in ablations.expand_sweep(p):
+        run_dir = Path(o["run.output_dir"]) / o["run.name"]
+        (run_dir / "predictions").mkdir(parents=True)
+        (run_dir / "predictions" / f"{o['model.name']}+ft__test.jsonl").write_text("", encoding="utf-8")
+        (run_dir / ablations.DONE_MARKER).write_text("{}", encoding="utf-8")
+    labels = [s.label for s in prediction_sources(p, "test", include_sweep=True)]
+    assert labels == ["r32-top2-proj_trainable:tiny-qwen2-vl+ft", "r8-top2-proj_trainable:tiny-qwen2-vl+ft",
+                      "r32-top2-proj_trainable-qwen3-vl-2b-instruct:qwen3-vl-2b-instruct+ft"]
+
+
 def test_the_shipped_sweeps_vary_the_three_recipe_axes_only(tmp_path, project_root):
     for name in ("smoke.yaml", "colab_t4_ablations.yaml"):
         p = load_params(project_root / "params" / name)
