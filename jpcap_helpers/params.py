@@ -192,6 +192,7 @@ class AblationParams:
     lora_rank: list[int] = _f(factory=lambda: [8, 16, 32, 64], ge=1, le=1024)
     top_k_layers: list[Union[int, Literal["all"]]] = _f(factory=lambda: [2, 6, 12, "all"], ge=1)
     projector: list[Literal["trainable", "frozen"]] = _f(factory=lambda: ["trainable", "frozen"])
+    model: list[str] = _f(factory=list)   # model.name values (fine-tunable); []: the base's model only
     max_runs: Optional[int] = _f(None, ge=1)
     train_max_steps: Optional[int] = _f(None, ge=1)   # cap each sweep run's training (smoke sweeps)
     eval_max_images: Optional[int] = _f(None, ge=1)   # cap images captioned per split in each sweep run

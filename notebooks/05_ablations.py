@@ -1,14 +1,17 @@
 # %% [markdown]
-# # 05 · Ablations: LoRA rank, layer depth, projector freezing
+# # 05 · Ablations: LoRA rank, layer depth, projector freezing, base model
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR-ACCOUNT/jpcap/blob/main/notebooks/05_ablations.ipynb)
 #
 # The `ablation` section of the params file names the axes: LoRA rank (`lora_rank`), how many of the top
-# language layers get LoRA (`top_k_layers`) and whether the vision→language projector trains
-# (`projector`). `one_factor` varies one axis at a time around this run's own `train` values (the base
-# setting, run once), `grid` runs every combination. Each sweep run is notebooks 03 + 04 executed
-# headless with papermill on its own resolved params file, into `<run>/sweep/<sweep run>/`; runs already
-# finished with the same params are skipped, a failing run does not stop the others.
+# language layers get LoRA (`top_k_layers`), whether the vision→language projector trains
+# (`projector`) and which base models are fine-tuned with the same recipe (`model`: e.g. Qwen2-VL-2B,
+# Qwen2.5-VL-3B, Qwen3-VL-2B side by side with `params/colab_t4_models.yaml`; empty = this run's own model,
+# and runs of that model keep their names). `one_factor` varies one axis at a time around this run's own
+# `train` values and model (the base setting, run once), `grid` runs every combination. Each sweep run
+# is notebooks 03 + 04 executed headless with papermill on its own resolved params file, into
+# `<run>/sweep/<sweep run>/`; runs already finished with the same params are skipped, a failing run does
+# not stop the others.
 #
 # Then every run's `metrics.csv` is collected into one table, plotted against each axis with 95% CIs, set
 # against its cost (trainable parameters, peak memory, training time) and tested against the base setting
@@ -73,7 +76,8 @@ ablations.summary_table(comparison["table"], ci=True) if len(comparison["table"]
 
 # %% [markdown]
 # ### Each metric against each axis
-# Each column holds the runs whose other two axes keep their base values; `*` marks the base value.
+# One column per axis the sweep varies (the model axis too); each holds the runs whose other axes keep
+# their base values; `*` marks the base value.
 
 # %%
 comparison["figures"].get("ablation_metrics_by_axis")

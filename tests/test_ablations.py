@@ -115,11 +115,125 @@ def test_caps_keep_a_smaller_base_value(tmp_path, project_root):
     ({"projector": ["half"]}, r"ablation\.projector\[0\]"),        # caught by load_params already
     ({"top_k_layers": ["most"]}, r"ablation\.top_k_layers\[0\]"),
     ({"max_runs": 0}, r"ablation\.max_runs"),
+    ({"model": ["qwen3-vl-2b-instruct", "qwen9-vl"]}, r"ablation\.model\[1\]: unknown model 'qwen9-vl'"),
+    ({"model": ["llava-jp-1.3b"]}, r"ablation\.model\[0\]: 'llava-jp-1\.3b' is of family llava_jp and cannot be fine-tuned"),
+    ({"model": ["asagi-2b"]}, r"ablation\.model\[0\]: 'asagi-2b' is of family asagi and cannot be fine-tuned"),
+    ({"model": ["japanese-stable-vlm"]}, r"ablation\.model\[0\]: 'japanese-stable-vlm' runs in its own pinned env"),
+    ({"model": ["qwen3-vl-2b-instruct", "Qwen/Qwen3-VL-2B-Instruct"]},
+     r"ablation\.model\[1\]: 'Qwen/Qwen3-VL-2B-Instruct' is listed twice"),
+    ({"model": ["tiny-qwen2-vl", "qwen3-vl-2b-instruct", "qwen3-vl-2b-instruct"]},
+     r"ablation\.model\[2\]: 'qwen3-vl-2b-instruct' is listed twice"),
+    ({"model": "qwen3-vl-2b-instruct"}, r"ablation\.model: expected list of str"),   # caught by load_params
 ])
 def test_invalid_axis_values_are_rejected_with_the_key(tmp_path, project_root, axes, key):
     path = write_params(tmp_path, project_root, {**SEED_AXES, **axes})
     with pytest.raises(ParamsError, match=key):
         ablations.expand_sweep(load_params(path))
+
+
+MODELS_ONLY = {"lora_rank": [], "top_k_layers": [], "projector": []}   # the base's r32 · top 2 · trainable
+
+
+def test_model_axis_one_factor_adds_one_run_per_other_model_and_keeps_the_old_names(tmp_path, project_root):
+    axes = {"lora_rank": [8], "top_k_layers": [2], "projector": ["trainable", "frozen"]}
+    before = ablations.expand_sweep(load_params(write_params(tmp_path, project_root, axes)))
+    p = load_params(write_params(tmp_path, project_root, {
+        **axes, "model": ["qwen2-vl-2b-instruct", "tiny-qwen2-vl", "Qwen/Qwen3-VL-2B-Instruct"]}))
+    runs = ablations.expand_sweep(p)
+    assert [o["run.name"] for o in runs] == [
+        "base-r32-top2-proj_trainable", "base-r8-top2-proj_trainable", "base-r32-top2-proj_frozen",
+        "base-r32-top2-proj_trainable-qwen2-vl-2b-instruct", "base-r32-top2-proj_trainable-qwen3-vl-2b-instruct"]
+    assert runs[:3] == before        # the base model's runs: same names, same overrides as without the axis
+    assert [o["model.name"] for o in runs] == ["tiny-qwen2-vl"] * 3 + ["qwen2-vl-2b-instruct", "qwen3-vl-2b-instruct"]
+    def recipe(o):
+        return {k: v for k, v in o.items() if k not in ("run.name", "model.name")}
+
+    assert recipe(runs[3]) == recipe(runs[4]) == recipe(runs[0])    # the same recipe: only the model differs
+    table = ablations.describe_sweep(p)
+    assert list(table["varied"]) == ["(base)", "lora_rank", "projector", "model", "model"]
+    assert list(table["model"]) == [o["model.name"] for o in runs]
+    assert ablations.swept_axes(p) == ["lora_rank", "projector", "model"]
+
+
+def test_model_axis_in_a_grid(tmp_path, project_root):
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "mode": "grid", "lora_rank": [8, 32],
+                                                          "model": ["tiny-qwen2-vl", "qwen3-vl-2b-instruct"]}))
+    runs = ablations.expand_sweep(p)
+    assert [o["run.name"] for o in runs] == [
+        "base-r32-top2-proj_trainable", "base-r8-top2-proj_trainable", "base-r8-top2-proj_trainable-qwen3-vl-2b-instruct",
+        "base-r32-top2-proj_trainable-qwen3-vl-2b-instruct"]
+    assert list(ablations.describe_sweep(p)["varied"]) == ["(base)", "lora_rank", "lora_rank+model", "model"]
+    # a base model outside the list is run in front, as for the other axes
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "mode": "grid",
+                                                          "model": ["qwen2.5-vl-3b-instruct", "qwen3-vl-2b-instruct"]}))
+    assert [o["model.name"] for o in ablations.expand_sweep(p)] == [
+        "tiny-qwen2-vl", "qwen2.5-vl-3b-instruct", "qwen3-vl-2b-instruct"]
+    assert ablations.swept_axes(p) == ["model"]
+
+
+def test_a_base_written_as_a_hub_id_is_the_same_model(tmp_path, project_root):
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "model": [
+        "qwen2-vl-2b-instruct", "qwen3-vl-2b-instruct"]}, extra={"model.name": "Qwen/Qwen2-VL-2B-Instruct"}))
+    runs = ablations.expand_sweep(p)
+    assert [(o["run.name"], o["model.name"]) for o in runs] == [
+        ("base-r32-top2-proj_trainable", "Qwen/Qwen2-VL-2B-Instruct"),
+        ("base-r32-top2-proj_trainable-qwen3-vl-2b-instruct", "qwen3-vl-2b-instruct")]
+
+
+def test_labels_add_the_model_only_where_it_is_not_the_base_model():
+    s = {"lora_rank": 8, "top_k_layers": "all", "projector": "frozen"}
+    assert ablations.setting_label(s, "tiny-qwen2-vl") == "r8-topall-proj_frozen"
+    assert ablations.setting_label({**s, "model": "tiny-qwen2-vl"}, "tiny-qwen2-vl") == "r8-topall-proj_frozen"
+    assert ablations.setting_label({**s, "model": "qwen2.5-vl-3b-instruct"}, "tiny-qwen2-vl") == (
+        "r8-topall-proj_frozen-qwen2.5-vl-3b-instruct")
+    assert ablations.run_name("b", {**s, "model": "/m/My Qwen3 (ft)/"}, "tiny-qwen2-vl") == (
+        "b-r8-topall-proj_frozen-my-qwen3-ft")
+    assert ablations.model_slug("/m/..ü ü..") == "model"
+
+
+def _local_model(folder: Path, model_type: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}), encoding="utf-8")
+    return folder
+
+
+def test_local_model_folders_on_the_model_axis(tmp_path, project_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _local_model(tmp_path / "models" / "My Qwen3 (ft)", "qwen3_vl")
+    _local_model(tmp_path / "other" / "my-qwen3-ft", "qwen2_vl")
+    _local_model(tmp_path / "models" / "jp", "llava-jp")
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "model": ["models/My Qwen3 (ft)"]}))
+    run = ablations.expand_sweep(p)[1]
+    assert run["run.name"] == "base-r32-top2-proj_trainable-my-qwen3-ft"
+    assert run["model.name"] == str(tmp_path / "models" / "My Qwen3 (ft)")   # absolute: 03 runs in notebooks/
+    for models, key in ((["models/My Qwen3 (ft)", "other/my-qwen3-ft"],
+                         r"ablation\.model\[1\]: 'other/my-qwen3-ft' and '.*My Qwen3 \(ft\)' share the run-name part"),
+                        (["models/jp"], r"ablation\.model\[0\]: 'models/jp' is of family llava_jp"),
+                        (["models/none"], r"ablation\.model\[0\]: unknown model 'models/none'")):
+        p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "model": models}))
+        with pytest.raises(ParamsError, match=key):
+            ablations.expand_sweep(p)
+
+
+def test_the_base_model_is_checked_with_the_axis_and_left_alone_without(tmp_path, project_root):
+    untrainable = {"model.name": "llava-jp-1.3b"}
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "model": ["qwen3-vl-2b-instruct"]},
+                                 extra=untrainable))
+    with pytest.raises(ParamsError, match=r"base\.yaml: model\.name: 'llava-jp-1\.3b' is of family llava_jp"):
+        ablations.expand_sweep(p)
+    # without the model axis nothing is resolved: the sweep expands as it did before the axis existed
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "lora_rank": [8]}, extra=untrainable))
+    assert [o["model.name"] for o in ablations.expand_sweep(p)] == ["llava-jp-1.3b"] * 2
+
+
+def test_a_pinned_revision_is_refused_with_other_models(tmp_path, project_root):
+    pinned = {"model.revision": "abc123"}
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "model": ["tiny-qwen2-vl"]}, extra=pinned))
+    assert len(ablations.expand_sweep(p)) == 1          # the base's own model: its pin applies
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "model": ["qwen3-vl-2b-instruct"]},
+                                 extra=pinned))
+    with pytest.raises(ParamsError, match=r"ablation\.model\[0\]: model\.revision \(abc123\) pins tiny-qwen2-vl"):
+        ablations.expand_sweep(p)
 
 
 def test_a_run_the_schema_refuses_is_named(tmp_path, project_root):
@@ -176,6 +290,32 @@ def test_sweep_runs_03_and_04_per_run_and_skips_finished_runs(tmp_path, project_
     third = FakeRunner()
     ablations.sweep(p2, runner=third, echo=lambda *_: None)
     assert {c[0] for c in third.calls} == {"base-r16-top2-proj_trainable"}
+
+
+def test_adding_the_model_axis_runs_only_the_new_models(tmp_path, project_root, capsys):
+    p = load_params(write_params(tmp_path, project_root))
+    ablations.sweep(p, runner=FakeRunner(), echo=lambda *_: None)
+    ablation = {**p.raw["ablation"], "max_runs": None, "model": ["tiny-qwen2-vl", "qwen3-vl-2b-instruct"]}
+    p2 = load_params(write_params(tmp_path, project_root, ablation))
+    fake = FakeRunner()
+    out = ablations.sweep(p2, runner=fake, echo=lambda *_: None)
+    new = "base-r32-top2-proj_trainable-qwen3-vl-2b-instruct"
+    assert fake.calls == [(new, "03_qlora_train"), (new, "04_eval")]
+    assert [r["status"] for r in out["runs"]] == ["skipped"] * 3 + ["done"]
+    root = tmp_path / "outputs" / "base" / "sweep"
+    assert load_params(root / new / "params.yaml").model.name == "qwen3-vl-2b-instruct"
+    plan = json.loads((root / "sweep.json").read_text(encoding="utf-8"))
+    assert [r["setting"]["model"] for r in plan["runs"]] == ["tiny-qwen2-vl"] * 3 + ["qwen3-vl-2b-instruct"]
+    # an untrainable model stops the sweep before any notebook, in one line naming the key
+    path = write_params(tmp_path, project_root, {**ablation, "model": ["qwen3-vl-2b-instruct", "paligemma-3b"]})
+    fake = FakeRunner()
+    with pytest.raises(ParamsError, match=r"ablation\.model\[1\]: 'paligemma-3b'"):
+        ablations.sweep(load_params(path), runner=fake)
+    assert fake.calls == []
+    capsys.readouterr()
+    assert main(["sweep", "--params", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ablation.model[1]" in err and len(err.splitlines()) == 1
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, project_root):
@@ -267,13 +407,14 @@ def _per_image(cider, seed):
     return out
 
 
-def _fake_finished_run(run_dir: Path, cider_mean: float, seed: int, trainable: int, seconds: float):
+def _fake_finished_run(run_dir: Path, cider_mean: float, seed: int, trainable: int, seconds: float,
+                       model: str = "tiny-qwen2-vl"):
     rng = np.random.default_rng(seed)
     cider = np.clip(rng.normal(cider_mean, 0.2, N_IMAGES), 0, None)
     per = _per_image(cider, seed)
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
-    (run_dir / "scores" / "tiny-qwen2-vl+ft__test.json").write_text(json.dumps({"per_image": per}), encoding="utf-8")
-    row = {"split": "test", "model_id": "tiny-qwen2-vl", "adapter": "ft", "system": "tiny-qwen2-vl+ft",
+    (run_dir / "scores" / f"{model}+ft__test.json").write_text(json.dumps({"per_image": per}), encoding="utf-8")
+    row = {"split": "test", "model_id": model, "adapter": "ft", "system": f"{model}+ft",
            "n_images": N_IMAGES, "n_missing": 0, "params_hash": "x", "run": run_dir.name}   # 04 writes run
     for m, v in (("BLEU-4", 0.1), ("ROUGE-L", 0.3), ("CIDEr", float(cider.mean()))):
         row.update({m: v, f"{m}_lo": v - 0.05, f"{m}_hi": v + 0.05})
@@ -313,6 +454,74 @@ def test_compare_collects_runs_costs_and_paired_tests(tmp_path, project_root):
     assert md.count("\n| base-r") == 2
     assert list(ablations.summary_table(table).columns) == list(ablations.SUMMARY_COLUMNS)
     assert list(ablations.summary_table(table, ci=True).columns)[5:8] == ["CIDEr", "CIDEr_lo", "CIDEr_hi"]
+
+
+def test_compare_puts_models_side_by_side(tmp_path, project_root):
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "lora_rank": [8], "model": [
+        "qwen2-vl-2b-instruct", "qwen3-vl-2b-instruct"]}))
+    names = [o["run.name"] for o in ablations.expand_sweep(p)]
+    root = tmp_path / "outputs" / "base" / "sweep"
+    base_cider = _fake_finished_run(root / names[0], 1.0, 0, 500_000, 12.0)
+    _fake_finished_run(root / names[1], 1.1, 1, 150_000, 10.0)
+    q2_cider = _fake_finished_run(root / names[2], 1.6, 2, 9_000_000, 300.0, model="qwen2-vl-2b-instruct")
+    _fake_finished_run(root / names[3], 1.8, 3, 8_000_000, 280.0, model="qwen3-vl-2b-instruct")
+    out = ablations.compare(p, echo=lambda *_: None)
+    table = out["table"]
+    assert list(table.columns[:7]) == ["run", "label", "base", "lora_rank", "top_k_layers", "projector", "model"]
+    assert list(table["model"]) == ["tiny-qwen2-vl", "tiny-qwen2-vl", "qwen2-vl-2b-instruct", "qwen3-vl-2b-instruct"]
+    assert list(table["label"]) == ["r32-top2-proj_trainable", "r8-top2-proj_trainable",
+                                    "r32-top2-proj_trainable-qwen2-vl-2b-instruct",
+                                    "r32-top2-proj_trainable-qwen3-vl-2b-instruct"]
+    assert list(table["system"])[2:] == ["qwen2-vl-2b-instruct+ft", "qwen3-vl-2b-instruct+ft"]
+    assert list(out["costs"]["model"]) == list(table["model"]) and out["missing"].empty
+    paired = out["paired"]
+    q2 = paired[(paired.metric == "CIDEr") & (paired.run == names[2])].iloc[0]
+    assert math.isclose(q2["difference"], float(q2_cider.mean() - base_cider.mean()))
+    assert set(paired["run"]) == set(names[1:])
+    # one column per varied axis (rank, model), one row per metric; the models' names on the model column
+    fig = out["figures"]["ablation_metrics_by_axis"]
+    assert len(fig.axes) == 2 * len(ablations.COMPARE_METRICS)
+    assert [a.get_xlabel() for a in fig.axes[-2:]] == ["lora_rank", "model"]
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == [
+        "qwen2-vl-2b-instruct", "qwen3-vl-2b-instruct", "tiny-qwen2-vl*"]
+    md = (tmp_path / "outputs" / "base" / "reports" / "ablation_results.md").read_text(encoding="utf-8")
+    assert "| qwen3-vl-2b-instruct |" in md
+
+
+def test_the_failure_browser_labels_sweep_runs_with_their_model(tmp_path, project_root):
+    from jpcap_helpers.analysis.browser import prediction_sources
+
+    p = load_params(write_params(tmp_path, project_root, {**MODELS_ONLY, "lora_rank": [8],
+                                                          "model": ["qwen3-vl-2b-instruct"]}))
+    for o in ablations.expand_sweep(p):
+        run_dir = Path(o["run.output_dir"]) / o["run.name"]
+        (run_dir / "predictions").mkdir(parents=True)
+        (run_dir / "predictions" / f"{o['model.name']}+ft__test.jsonl").write_text("", encoding="utf-8")
+        (run_dir / ablations.DONE_MARKER).write_text("{}", encoding="utf-8")
+    labels = [s.label for s in prediction_sources(p, "test", include_sweep=True)]
+    assert labels == ["r32-top2-proj_trainable:tiny-qwen2-vl+ft", "r8-top2-proj_trainable:tiny-qwen2-vl+ft",
+                      "r32-top2-proj_trainable-qwen3-vl-2b-instruct:qwen3-vl-2b-instruct+ft"]
+
+
+def test_the_shipped_sweeps_vary_the_three_recipe_axes_only(tmp_path, project_root):
+    for name in ("smoke.yaml", "colab_t4_ablations.yaml"):
+        p = load_params(project_root / "params" / name)
+        assert p.ablation.model == [] and ablations.swept_axes(p) == ["lora_rank", "top_k_layers", "projector"]
+        assert {o["model.name"] for o in ablations.expand_sweep(p)} == {p.model.name}
+
+
+def test_colab_t4_models_is_colab_t4_with_a_model_axis(project_root):
+    models = load_params(project_root / "params" / "colab_t4_models.yaml")
+    base = load_params(project_root / "params" / "colab_t4.yaml")
+    for section in ("data", "model", "generation", "train", "evaluate"):
+        assert getattr(models, section) == getattr(base, section), section
+    assert models.run.name != base.run.name and models.run.persist_dir == base.run.persist_dir
+    runs = ablations.expand_sweep(models)
+    assert [o["model.name"] for o in runs] == ["qwen2-vl-2b-instruct", "qwen2.5-vl-3b-instruct", "qwen3-vl-2b-instruct"]
+    assert [o["run.name"] for o in runs] == [
+        "colab_t4_models-r32-top6-proj_trainable", "colab_t4_models-r32-top6-proj_trainable-qwen2.5-vl-3b-instruct",
+        "colab_t4_models-r32-top6-proj_trainable-qwen3-vl-2b-instruct"]
+    assert all("train.max_steps" not in o for o in runs)    # the whole recipe, not a short ablation run
 
 
 def test_compare_with_no_finished_run(tmp_path, project_root, capsys):

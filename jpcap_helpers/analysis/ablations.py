@@ -20,6 +20,7 @@ from .sweeps import (
     base_setting,
     describe_sweep,
     expand_sweep,
+    model_slug,
     read_json,
     reports_dir,
     run_fingerprint,
@@ -29,12 +30,13 @@ from .sweeps import (
     sweep,
     sweep_root,
     sweep_runs,
+    swept_axes,
 )
 
 __all__ = [
     "AXES", "SWEEP_NOTEBOOKS", "DONE_MARKER", "START_MARKER", "SUPERSEDED_DIR", "FINGERPRINT_EXCLUDE",
-    "COMPARE_METRICS", "SUMMARY_COLUMNS", "setting_label", "run_name", "base_setting", "sweep_root",
-    "reports_dir", "expand_sweep", "sweep_runs", "run_fingerprint", "run_status", "describe_sweep", "sweep",
+    "COMPARE_METRICS", "SUMMARY_COLUMNS", "setting_label", "run_name", "base_setting", "model_slug",
+    "sweep_root", "reports_dir", "expand_sweep", "sweep_runs", "swept_axes", "run_fingerprint", "run_status", "describe_sweep", "sweep",
     "collect_results", "collect_costs", "paired_against_base", "compare", "summary_table",
 ]
 
@@ -66,7 +68,7 @@ def collect_costs(params: Params):
         result = read_json(run_dir / "train_result.json") or {}
         plan = read_json(run_dir / "train_plan.json") or {}
         rows.append({
-            "run": rp.run.name, "label": setting_label(setting), "base": is_base, **setting,
+            "run": rp.run.name, "label": setting_label(setting, params.model.name), "base": is_base, **setting,
             "trainable_params": result.get("trainable_params", plan.get("trainable_params")),
             "total_params": plan.get("total_params"),
             "peak_memory_gib": result.get("peak_memory_gib", plan.get("peak_memory_gib")),
@@ -98,7 +100,7 @@ def collect_results(params: Params):
             continue
         df = df.drop(columns=[c for c in ("run", "label", "base", *AXES, "status") if c in df.columns])
         df.insert(0, "run", rp.run.name)
-        df.insert(1, "label", setting_label(setting))
+        df.insert(1, "label", setting_label(setting, params.model.name))
         df.insert(2, "base", is_base)
         for j, axis in enumerate(AXES):
             df.insert(3 + j, axis, [setting[axis]] * len(df))
@@ -193,7 +195,7 @@ def compare(params: Params, *, write: bool = True, figures: bool = True, echo: C
 
         base = base_setting(params)
         figs = {
-            "ablation_metrics_by_axis": reports.ablation_axis_figure(table, COMPARE_METRICS, AXES, base),
+            "ablation_metrics_by_axis": reports.ablation_axis_figure(table, COMPARE_METRICS, swept_axes(params), base),
             "ablation_runs_CIDEr": reports.bar_chart_with_ci(table, x="label", y="CIDEr", lo="CIDEr_lo",
                                                              hi="CIDEr_hi", hue="split",
                                                              title="CIDEr of each sweep run (95% CI)"),

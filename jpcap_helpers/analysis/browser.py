@@ -71,7 +71,7 @@ def prediction_sources(params, split: str = "test", include_sweep: bool = False,
     if include_sweep:
         for rp, setting, _ in sweep_runs(params):
             if (Path(rp.run_dir) / DONE_MARKER).exists():
-                out += of_run(Path(rp.run_dir), prefix=setting_label(setting) + ":")
+                out += of_run(Path(rp.run_dir), prefix=setting_label(setting, params.model.name) + ":")
     return out
 
 

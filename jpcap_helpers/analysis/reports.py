@@ -155,11 +155,12 @@ def _axis_order(values) -> list:
 
 
 def ablation_axis_figure(table, metrics: Sequence[str] = ("BLEU-4", "ROUGE-L", "CIDEr"),
-                         axes: Sequence[str] = ("lora_rank", "top_k_layers", "projector"),
+                         axes: Sequence[str] = ("lora_rank", "top_k_layers", "projector", "model"),
                          base: Optional[dict] = None, title: str = "Ablations: each metric against each axis"):
     """A grid (rows = metrics, columns = axes) of metric ± CI (columns ``<m>_lo``/``<m>_hi``) against
     each axis, one series per split. With ``base`` each column shows the runs whose other axes keep
-    their base values (the one-factor slice through the base); the base value is marked ``*``."""
+    their base values (the one-factor slice through the base); the base value is marked ``*``. A value
+    that is a path (a local model folder) is labelled with its last part."""
     import numpy as np
     import seaborn as sns
 
@@ -189,8 +190,11 @@ def ablation_axis_figure(table, metrics: Sequence[str] = ("BLEU-4", "ROUGE-L", "
                 err = np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0).clip(min=0)
                 ax.errorbar(xs, y, yerr=err, fmt="o-", capsize=3, color=palette[k], label=str(split), lw=1.2)
             ax.set_xticks(range(len(values)))
-            marks = [f"{v}*" if base is not None and str(v) == str(base[axis]) else str(v) for v in values]
-            ax.set_xticklabels(marks)
+            marks = [str(v).rstrip("/").rsplit("/", 1)[-1] for v in values]
+            marks = [f"{m}*" if base is not None and str(v) == str(base[axis]) else m for m, v in zip(marks, values)]
+            long = max((len(m) for m in marks), default=0) > 10
+            ax.set_xticklabels(marks, rotation=20 if long else 0, ha="right" if long else "center",
+                               fontsize=7 if long else None)
             ax.set_xlim(-0.5, max(len(values) - 0.5, 0.5))
             if i == len(metrics) - 1:
                 ax.set_xlabel(axis + ("" if len(values) > 1 else " (not varied)"))

@@ -1,5 +1,5 @@
-"""Ablation sweeps over LoRA rank, LoRA depth and projector freezing (docs/ablations.md): expansion
-of the params' ``ablation`` section into runs, and the resumable papermill runner.
+"""Ablation sweeps over LoRA rank, LoRA depth, projector freezing and the base model (docs/ablations.md):
+expansion of the params' ``ablation`` section into runs, and the resumable papermill runner.
 
 :func:`expand_sweep` turns the section into one override set per run, each validated by
 ``Params.with_overrides``; :func:`sweep` writes each run's resolved params into its folder
@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ..io import atomic_write_json, run_lock
+from ..models.registry import REGISTRY, ModelError, finetunable
 from ..params import Params, ParamsError, save_resolved
 
-AXES = ("lora_rank", "top_k_layers", "projector")
+# the model axis comes last: without it, runs, their order and their names are what they were before it
+AXES = ("lora_rank", "top_k_layers", "projector", "model")
 SWEEP_NOTEBOOKS = ("03_qlora_train", "04_eval")
 DONE_MARKER = "DONE.json"          # written after the last notebook of a run succeeded
 START_MARKER = "SWEEP_RUN.json"    # written when a run starts: which params the folder holds
@@ -34,20 +36,31 @@ FINGERPRINT_EXCLUDE = ("ablation",)
 # expansion
 # ---------------------------------------------------------------------------------------------
 
-def setting_label(setting: dict) -> str:
-    """``r8-top6-proj_trainable`` for {lora_rank: 8, top_k_layers: 6, projector: trainable}."""
-    return f"r{setting['lora_rank']}-top{setting['top_k_layers']}-proj_{setting['projector']}"
+def model_slug(name: str) -> str:
+    """A model's part of run names: a registry key as it is, else the last part of the folder (or hub
+    id), lower-cased, each run of characters other than ``a-z 0-9 . _ -`` made one ``-``."""
+    last = name if name in REGISTRY else Path(name).name
+    return re.sub(r"[^a-z0-9._-]+", "-", last.lower()).strip("-.") or "model"
 
 
-def run_name(base_name: str, setting: dict) -> str:
-    """Deterministic sweep run name: ``<base run name>-r8-top6-proj_trainable``."""
-    return f"{base_name}-{setting_label(setting)}"
+def setting_label(setting: dict, base_model: str) -> str:
+    """``r8-top6-proj_trainable`` for {lora_rank: 8, top_k_layers: 6, projector: trainable}; a setting
+    whose ``model`` is not ``base_model`` (the base params' ``model.name``) ends in the model's slug,
+    ``r32-top6-proj_trainable-qwen3-vl-2b-instruct``, so runs of the base model keep their names."""
+    label = f"r{setting['lora_rank']}-top{setting['top_k_layers']}-proj_{setting['projector']}"
+    model = setting.get("model", base_model)
+    return label if model == base_model else f"{label}-{model_slug(model)}"
+
+
+def run_name(base_name: str, setting: dict, base_model: str) -> str:
+    """Deterministic sweep run name: ``<base run name>-<setting_label>``."""
+    return f"{base_name}-{setting_label(setting, base_model)}"
 
 
 def base_setting(params: Params) -> dict:
-    """The base params' own values of the three axes (the seed default: r32, top 6, trainable)."""
+    """The base params' own values of the axes (the seed default: r32, top 6, trainable, its model)."""
     return {"lora_rank": params.train.lora_rank, "top_k_layers": params.train.top_k_layers,
-            "projector": params.train.projector}
+            "projector": params.train.projector, "model": params.model.name}
 
 
 def sweep_root(params: Params) -> Path:
@@ -64,15 +77,59 @@ def _where(params: Params) -> str:
     return params.source_file or "params"
 
 
-def _check_axes(params: Params) -> None:
-    """Reject a value listed twice on an axis, naming the key (``ablation.lora_rank[1]``); the values'
-    types and ranges are checked by the params schema."""
-    for axis in AXES:
-        seen = []
-        for i, v in enumerate(getattr(params.ablation, axis)):
-            if v in seen:
+def _fine_tunable(params: Params, key: str, name: str) -> str:
+    """``name`` as a run's ``model.name``: a registry key for a key or hub id, an absolute path for a
+    local folder (the runs' notebooks start elsewhere). Refused, naming ``key``, unless 03 can
+    fine-tune it (``registry.finetunable``)."""
+    try:
+        entry = finetunable(name)
+    except ModelError as e:
+        raise ParamsError(f"{_where(params)}: {key}: {e}") from None
+    return entry.key if entry.key in REGISTRY else str(Path(name).resolve())
+
+
+def _model_values(params: Params) -> list[str]:
+    """The ``ablation.model`` values as the runs get them (:func:`_fine_tunable`); a value naming the
+    base's model becomes the base's own ``model.name``. Nothing is resolved when the list is empty.
+    Refused, naming the key: an unknown or untrainable model (the base's too), a model listed twice,
+    two models with one slug (run names would clash), ``model.revision`` set (one commit for all)."""
+    names = params.ablation.model
+    if not names:
+        return []
+    base = params.model.name
+    base_id = _fine_tunable(params, "model.name", base)
+    values: list[str] = []
+    slugs: dict[str, str] = {}   # slug → the value that has it, among the runs' other models
+    for i, name in enumerate(names):
+        key = f"ablation.model[{i}]"
+        value = _fine_tunable(params, key, name)
+        value = base if value == base_id else value
+        if value in values:
+            raise ParamsError(f"{_where(params)}: {key}: {name!r} is listed twice")
+        if value != base:
+            if params.model.revision:
+                raise ParamsError(f"{_where(params)}: {key}: model.revision ({params.model.revision}) pins "
+                                  f"{base}'s commit and would load {name!r} at it: remove model.revision "
+                                  "or sweep the models in separate params files")
+            clash = slugs.setdefault(model_slug(value), value)
+            if clash != value:
+                raise ParamsError(f"{_where(params)}: {key}: {name!r} and {clash!r} share the run-name part "
+                                  f"{model_slug(value)!r}: rename one folder")
+        values.append(value)
+    return values
+
+
+def _axis_values(params: Params) -> dict[str, list]:
+    """Each axis's values in list order, checked: a value listed twice is refused naming the key
+    (``ablation.lora_rank[1]``), the models as :func:`_model_values`; the other values' types and
+    ranges are checked by the params schema."""
+    values = {axis: list(getattr(params.ablation, axis)) for axis in AXES if axis != "model"}
+    for axis, vals in values.items():
+        for i, v in enumerate(vals):
+            if v in vals[:i]:
                 raise ParamsError(f"{_where(params)}: ablation.{axis}[{i}]: {v!r} is listed twice")
-            seen.append(v)
+    values["model"] = _model_values(params)
+    return values
 
 
 def _settings(params: Params) -> list[tuple[dict, Optional[str]]]:
@@ -81,14 +138,15 @@ def _settings(params: Params) -> list[tuple[dict, Optional[str]]]:
     base = base_setting(params)
     out: list[tuple[dict, Optional[str]]] = [(base, None)]
     a = params.ablation
+    values = _axis_values(params)
     if a.mode == "one_factor":
         for axis in AXES:
-            for v in getattr(a, axis):
+            for v in values[axis]:
                 s = {**base, axis: v}
                 if s != base:
                     out.append((s, axis))
     else:
-        lists = [getattr(a, axis) or [base[axis]] for axis in AXES]
+        lists = [values[axis] or [base[axis]] for axis in AXES]
         for combo in itertools.product(*lists):
             s = dict(zip(AXES, combo))
             if s != base:
@@ -105,12 +163,20 @@ def _cap(value: Optional[int], cap: Optional[int]) -> Optional[int]:
     return cap if value is None else min(value, cap)
 
 
+def swept_axes(params: Params) -> list[str]:
+    """The axes some run of the sweep varies, in axis order (all of them when none is varied)."""
+    base = base_setting(params)
+    varied = {axis for s, _ in _settings(params) for axis in AXES if s[axis] != base[axis]}
+    return [axis for axis in AXES if axis in varied] or list(AXES)
+
+
 def _overrides(params: Params, setting: dict) -> dict[str, Any]:
     a = params.ablation
     o: dict[str, Any] = {
-        "run.name": run_name(params.run.name, setting),
+        "run.name": run_name(params.run.name, setting, params.model.name),
         "run.output_dir": str(sweep_root(params).resolve()),
         "run.mount_drive": False,      # the output folder is decided already (Drive or not)
+        "model.name": setting["model"],
         "train.lora_rank": setting["lora_rank"],
         "train.top_k_layers": setting["top_k_layers"],
         "train.projector": setting["projector"],
@@ -136,11 +202,11 @@ def _run_params(params: Params, overrides: dict[str, Any]) -> Params:
 
 def expand_sweep(params: Params) -> list[dict[str, Any]]:
     """One override dict per sweep run, base setting first, each validated (``Params.with_overrides``)
-    before anything runs. Keys: ``run.name``, ``run.output_dir``, ``run.mount_drive``,
+    before anything runs. Keys: ``run.name``, ``run.output_dir``, ``run.mount_drive``, ``model.name``,
     ``train.lora_rank``, ``train.top_k_layers``, ``train.projector`` and, when the ablation section caps
     them, ``train.max_steps``, ``zero_shot.max_images``, ``evaluate.max_images``, ``train.eval_images``.
-    Raises ParamsError naming the key for a value listed twice or a run the schema refuses."""
-    _check_axes(params)
+    Raises ParamsError naming the key for a value listed twice, a model 03 cannot fine-tune or a run
+    the schema refuses."""
     runs = []
     for setting, _ in _settings(params):
         o = _overrides(params, setting)
@@ -151,7 +217,6 @@ def expand_sweep(params: Params) -> list[dict[str, Any]]:
 
 def sweep_runs(params: Params) -> list[tuple[Params, dict, bool]]:
     """(run params, setting, is base) of every sweep run, base first."""
-    _check_axes(params)
     return [(_run_params(params, _overrides(params, setting)), setting, i == 0)
             for i, (setting, _) in enumerate(_settings(params))]
 
@@ -186,7 +251,6 @@ def describe_sweep(params: Params):
     """The sweep as a table: run, setting, what is varied, caps, status on disk, run folder."""
     import pandas as pd
 
-    _check_axes(params)
     rows = []
     for i, (setting, varied) in enumerate(_settings(params)):
         rp = _run_params(params, _overrides(params, setting))

@@ -29,11 +29,13 @@ from .qwen_vl import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS
 from .registry import (
                       CAPTION_PROMPT_JA,
                       FAMILY_MODULES,
+                      FINETUNE_FAMILIES,
                       REGISTRY,
                       ModelEntry,
                       ModelError,
                       contamination_flag,
                       family_module,
+                      finetunable,
                       registry_table,
                       resolve,
 )
@@ -42,7 +44,7 @@ from .tiny_pretrain import pretrain_fingerprint, pretrain_tiny_model, read_stamp
 
 __all__ = [
     "CAPTION_PROMPT_JA", "ModelEntry", "ModelError", "REGISTRY", "FAMILY_MODULES", "family_module", "resolve",
-    "registry_table", "contamination_flag",
+    "FINETUNE_FAMILIES", "finetunable", "registry_table", "contamination_flag",
     "QWEN2_VL_CHAT_TEMPLATE", "QWEN2_VL_SPECIAL_TOKENS",
     "TINY_KEY", "train_tiny_tokenizer", "tiny_config", "build_tiny_model", "tiny_model_dir", "ensure_tiny_model",
     "pretrain_tiny_model", "pretrain_fingerprint", "read_stamp",

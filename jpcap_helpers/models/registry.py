@@ -24,8 +24,8 @@ from typing import Literal, Optional
 
 from .pinned_env import PinnedRecipe
 
-__all__ = ["CAPTION_PROMPT_JA", "ModelEntry", "ModelError", "REGISTRY", "FAMILY_MODULES", "family_module",
-           "resolve", "registry_table", "contamination_flag"]
+__all__ = ["CAPTION_PROMPT_JA", "ModelEntry", "ModelError", "REGISTRY", "FAMILY_MODULES", "FINETUNE_FAMILIES",
+           "family_module", "resolve", "finetunable", "registry_table", "contamination_flag"]
 
 CAPTION_PROMPT_JA = "この画像を日本語の一文で説明してください。"
 
@@ -71,6 +71,11 @@ FAMILY_MODULES: dict[str, str] = {
     "asagi": "asagi",
     "stable_vlm": "stable_vlm",
 }
+
+
+# the families 03 can fine-tune: the training fast path (train/lora.py) is tested equal to transformers'
+# forward for these; every other family captions zero-shot only
+FINETUNE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def family_module(family: str) -> ModuleType:
@@ -210,6 +215,18 @@ def resolve(name: str) -> ModelEntry:
         else:
             raise ModelError(f"unknown model {name!r}: use a registry key ({', '.join(REGISTRY)}) "
                              "or a local folder holding config.json")
+    return entry
+
+
+def finetunable(name: str) -> ModelEntry:
+    """The entry of ``name`` (as :func:`resolve`) when 03 can fine-tune it: a native model of
+    :data:`FINETUNE_FAMILIES`. Raises ModelError saying why not and what to do instead."""
+    entry = resolve(name)
+    if entry.loader != "native" or entry.family not in FINETUNE_FAMILIES:
+        how = "runs in its own pinned environment" if entry.loader != "native" else f"is of family {entry.family}"
+        raise ModelError(f"{name!r} {how} and cannot be fine-tuned here (03 trains the "
+                         f"{', '.join(FINETUNE_FAMILIES)} families only): caption it zero-shot in 02 "
+                         "(zero_shot.models) instead")
     return entry
 
 

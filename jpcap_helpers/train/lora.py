@@ -7,6 +7,7 @@ import re
 import warnings
 from typing import Any
 
+from ..models.registry import FINETUNE_FAMILIES
 from .errors import TrainError
 
 __all__ = ["LORA_TARGETS", "SUPPORTED_MODEL_TYPES", "causal_lm", "text_layer_count", "lora_target_modules",
@@ -14,8 +15,9 @@ __all__ = ["LORA_TARGETS", "SUPPORTED_MODEL_TYPES", "causal_lm", "text_layer_cou
 
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# the fast path matches transformers' forward for these (tests/test_train.py, tests/test_qwen3_train.py)
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# the fast path matches transformers' forward for these (tests/test_train.py, tests/test_qwen3_train.py);
+# their config model_type is their registry family
+SUPPORTED_MODEL_TYPES = FINETUNE_FAMILIES
 _LAYER_RE = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
 
 
