@@ -127,7 +127,8 @@ _register(ModelEntry(
     run_here=("tiny config: load + batched generate in tests; fine-tuning (LoRA, QLoRA, packing; deepstack "
               "mergers in the projector) and the fast greedy decoder tested equal to transformers on tiny "
               "random weights (CPU) and on the real shape with random weights (H200, 2026-11-29); speed measured "
-              "there (QLoRA 2.7–5.9× the cookbook, fast decoder 142 images/s); no real checkpoint (no hub)"),
+              "there (compiled QLoRA 2.9–8.9× the cookbook, fast decoder 147 images/s; fp16 training run); "
+              "no real checkpoint (no hub)"),
 ))
 _register(ModelEntry(
     key="paligemma-3b", hub_id="google/paligemma-3b-mix-224", revision=None, family="paligemma",
