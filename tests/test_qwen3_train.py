@@ -19,7 +19,7 @@ from jpcap_helpers.models import deepstack
 from jpcap_helpers.train import loss as loss_module
 from jpcap_helpers.train import packing
 from tests.test_packing import grads, packed_samples, unpacked
-from tests.test_train import make_params, perturbed_with_reference, unpatched_copy
+from tests.test_train import compiled_and_eager_losses, make_params, perturbed_with_reference, unpatched_copy
 from tests.test_train import project as project  # noqa: F811  (the module-scoped fixture, reused)
 
 CUDA = torch.cuda.is_available()
@@ -358,26 +358,7 @@ def test_gpu_real_shape_qwen3_compiled_blocks_same_loss(project, tiny_qwen3_dir,
     on since run C3): the same losses as eager, fp32, over two optimizer steps (as the Qwen2-VL test)."""
     samples = [{"image": im, "image_id": i, "captions": ["赤い丸と青い四角が並んでいる。"]}
                for i, im in enumerate(real_images(8))]
-    runs = {}
-    for compiled in (True, False):
-        params = gpu_real_shape(project, tiny_qwen3_dir, tmp_path_factory, f"gpu-q3-compile-{compiled}")
-        params.model.compile = compiled
-        model, processor, entry = models.load_model(params, for_training=True)
-        torch.manual_seed(0)  # the same LoRA initialisation
-        model = T.prepare_model(model, params)
-        model.eval()
-        assert (getattr(model.base_model.model.model.language_model.layers[0], "_compiled_call_impl", None)
-                is not None) == compiled
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for start in (0, 4):
-            batch = T.CaptionCollator(processor, entry.prompt, "right")(unpacked(samples[start:start + 4]))
-            s, n = T.caption_loss(model, {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()})
-            (s / n).backward()
-            losses.append((s / n).item())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        runs[compiled] = losses
-        del model, opt
-        torch.cuda.empty_cache()
+    runs = compiled_and_eager_losses(
+        lambda compiled: gpu_real_shape(project, tiny_qwen3_dir, tmp_path_factory, f"gpu-q3-compile-{compiled}"),
+        lambda params, start: unpacked(samples[start:start + 4]))
     assert runs[True] == pytest.approx(runs[False], rel=1e-4), runs

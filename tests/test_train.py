@@ -828,21 +828,12 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, m
     torch.cuda.empty_cache()
 
 
-@gpu
-@pytest.mark.gpu
-def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
-    """model.compile (regional torch.compile of ViT blocks and language layers) on the real shape:
-    the same loss and gradients as without it, within fp32 rounding, over two optimizer steps."""
-    tiny_params = make_params(project, "tok")
-    models.ensure_tiny_model(tiny_params)
-    folder = tmp_path_factory.getbasetemp() / "qwen2vl-2b-random"
-    if not (folder / "config.json").exists():
-        real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
+def compiled_and_eager_losses(make_params_for, samples_at) -> dict[bool, list[float]]:
+    """Two optimizer steps with model.compile on and off (same LoRA initialisation): the losses of each.
+    ``make_params_for(compiled)`` gives the run's params, ``samples_at(params, start)`` four samples."""
     runs = {}
     for compiled in (True, False):
-        params = make_params(project, f"gpu-compile-{compiled}", top_k_layers=6, lora_rank=32,
-                             lora_alpha=32, projector="trainable")
-        params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
+        params = make_params_for(compiled)
         params.model.compile = compiled
         model, processor, entry = models.load_model(params, for_training=True)
         torch.manual_seed(0)  # the same LoRA initialisation
@@ -853,9 +844,8 @@ def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         losses = []
         for start in (0, 4):
-            batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 4, start=start))
-            batch = {k: v.to("cuda") for k, v in batch.items()}
-            s, n = T.caption_loss(model, batch)
+            batch = T.CaptionCollator(processor, entry.prompt, "right")(samples_at(params, start))
+            s, n = T.caption_loss(model, {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()})
             (s / n).backward()
             losses.append((s / n).item())
             opt.step()
@@ -863,6 +853,27 @@ def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
         runs[compiled] = losses
         del model, opt
         torch.cuda.empty_cache()
+    return runs
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_real_shape_compiled_blocks_same_loss(project, tmp_path_factory):
+    """model.compile (regional torch.compile of ViT blocks and language layers) on the real shape:
+    the same loss and gradients as without it, within fp32 rounding, over two optimizer steps."""
+    tiny_params = make_params(project, "tok")
+    models.ensure_tiny_model(tiny_params)
+    folder = tmp_path_factory.getbasetemp() / "qwen2vl-2b-random"
+    if not (folder / "config.json").exists():
+        real_shape_model_dir(folder, Path(models.model_path(tiny_params, "tiny-qwen2-vl")))
+
+    def make(compiled: bool):
+        params = make_params(project, f"gpu-compile-{compiled}", top_k_layers=6, lora_rank=32,
+                             lora_alpha=32, projector="trainable")
+        params.model.name, params.model.precision, params.model.max_pixels = str(folder), "fp32", 448 * 448
+        return params
+
+    runs = compiled_and_eager_losses(make, lambda params, start: samples(params, 4, start=start))
     assert runs[True] == pytest.approx(runs[False], rel=1e-4), runs
 
 
