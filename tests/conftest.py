@@ -131,23 +131,34 @@ def tiny_qwen25_dir(tmp_path_factory, toy_root) -> Path:
                               all_caption_texts(toy_root))
 
 
-def qwen3_vl_2b_config(tok):
-    """Qwen3-VL-2B-Instruct's architecture (benchmarks/qwen_vl_configs.json, the values of which are noted
-    there as unconfirmed) with the special-token ids of ``tok``, for GPU tests of the real shape with
-    random weights."""
+# the config classes of the real checkpoints in benchmarks/qwen_vl_configs.json built by qwen_vl_real_config
+REAL_CONFIG_CLASSES = {"Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2_5_VLConfig", "Qwen/Qwen3-VL-2B-Instruct": "Qwen3VLConfig"}
+
+
+def qwen_vl_real_config(hub_id: str, tok):
+    """``hub_id``'s architecture (a key of :data:`REAL_CONFIG_CLASSES`, from benchmarks/qwen_vl_configs.json:
+    its Qwen3-VL-2B values are noted there as unconfirmed) with the special-token ids of ``tok``, for GPU
+    tests of the real shape with random weights."""
     import json
 
-    from transformers import Qwen3VLConfig
+    import transformers
 
     from jpcap_helpers.models import QWEN2_VL_SPECIAL_TOKENS
 
-    spec = json.loads((ROOT / "benchmarks" / "qwen_vl_configs.json").read_text())["Qwen/Qwen3-VL-2B-Instruct"]
+    spec = json.loads((ROOT / "benchmarks" / "qwen_vl_configs.json").read_text())[hub_id]
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
     text = dict(spec["text"])
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
-                               "mrope_section": text.pop("mrope_section"),
-                               "mrope_interleaved": text.pop("mrope_interleaved")}
+    rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": text.pop("mrope_section")}
+    if "mrope_interleaved" in text:   # Qwen3-VL
+        rope["mrope_interleaved"] = text.pop("mrope_interleaved")
+    text["rope_parameters"] = rope
     text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    return Qwen3VLConfig(text_config=text, vision_config=dict(spec["vision"]), tie_word_embeddings=True,
-                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config_cls = getattr(transformers, REAL_CONFIG_CLASSES[hub_id])
+    return config_cls(text_config=text, vision_config=dict(spec["vision"]), tie_word_embeddings=True,
+                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def qwen3_vl_2b_config(tok):
+    """:func:`qwen_vl_real_config` of Qwen3-VL-2B-Instruct."""
+    return qwen_vl_real_config("Qwen/Qwen3-VL-2B-Instruct", tok)

@@ -255,18 +255,23 @@ def test_training_run_validates_and_its_adapter_reloads(project, tiny_qwen3_dir)
 # GPU (the lead runs these): Qwen3-VL-2B's real shape with random weights
 # ---------------------------------------------------------------------------------------------
 
-def real_shape_qwen3_dir(out: Path, tokenizer_dir: Path) -> Path:
-    """Qwen3-VL-2B-Instruct's architecture (benchmarks/qwen_vl_configs.json) with random fp32 weights, saved
-    with the tiny Qwen3-VL's tokenizer and processor (special-token ids remapped to that tokenizer)."""
-    from conftest import qwen3_vl_2b_config
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+QWEN3_2B, QWEN25_3B = "Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def real_shape_dir(out: Path, tokenizer_dir: Path, hub_id: str = QWEN3_2B) -> Path:
+    """``hub_id``'s architecture (conftest's ``qwen_vl_real_config``) with random fp32 weights, saved with the
+    tokenizer and processor of the tiny model of its family in ``tokenizer_dir`` (special-token ids
+    remapped to that tokenizer)."""
+    from conftest import qwen_vl_real_config
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if (out / "config.json").exists():
         return out
     processor = AutoProcessor.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen3VLForConditionalGeneration(qwen3_vl_2b_config(processor.tokenizer))
+        model = AutoModelForImageTextToText.from_config(qwen_vl_real_config(hub_id, processor.tokenizer),
+                                                        dtype=torch.float32)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model
@@ -274,8 +279,11 @@ def real_shape_qwen3_dir(out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def gpu_real_shape(project, tiny_qwen3_dir, tmp_path_factory, run: str, **train):
-    folder = real_shape_qwen3_dir(tmp_path_factory.getbasetemp() / "qwen3vl-2b-random", tiny_qwen3_dir)
+def gpu_real_shape(project, tiny_dir, tmp_path_factory, run: str, hub_id: str = QWEN3_2B, **train):
+    """Params of ``hub_id``'s real shape (random weights, :func:`real_shape_dir`; ``tiny_dir`` the tiny model
+    of its family) at 448², fp32: LoRA on the top 6 layers, rank 32, projector trainable."""
+    folder = real_shape_dir(tmp_path_factory.getbasetemp() / f"{hub_id.split('/')[1].lower()}-random", tiny_dir,
+                            hub_id)
     params = q3_params(project, folder, run, top_k_layers=6, lora_rank=32, lora_alpha=32, projector="trainable",
                        **train)
     params.model.max_pixels = 448 * 448

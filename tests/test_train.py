@@ -829,8 +829,9 @@ def test_gpu_real_shape_fast_path_equals_plain_path(project, tmp_path_factory, m
 
 
 def compiled_and_eager_losses(make_params_for, samples_at) -> dict[bool, list[float]]:
-    """Two optimizer steps with model.compile on and off (same LoRA initialisation): the losses of each.
-    ``make_params_for(compiled)`` gives the run's params, ``samples_at(params, start)`` four samples."""
+    """Two optimizer steps with model.compile on and off (same LoRA initialisation; the ViT blocks and
+    language layers checked compiled or not): the losses of each. ``make_params_for(compiled)`` gives the
+    run's params, ``samples_at(params, start)`` four samples."""
     runs = {}
     for compiled in (True, False):
         params = make_params_for(compiled)
@@ -839,8 +840,9 @@ def compiled_and_eager_losses(make_params_for, samples_at) -> dict[bool, list[fl
         torch.manual_seed(0)  # the same LoRA initialisation
         model = T.prepare_model(model, params)
         model.eval()
-        assert (getattr(model.base_model.model.model.language_model.layers[0], "_compiled_call_impl", None)
-                is not None) == compiled
+        inner = model.base_model.model.model
+        for block in (inner.language_model.layers[0], inner.visual.blocks[0]):
+            assert (getattr(block, "_compiled_call_impl", None) is not None) == compiled
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         losses = []
         for start in (0, 4):
