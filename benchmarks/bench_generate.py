@@ -17,6 +17,7 @@ setting per process (compiled code stays in the process):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
-from common import emit, random_model_dir, synthetic_images, versions, write_images  # noqa: E402
+from common import consecutive_vision_runs, emit, random_model_dir, synthetic_images, versions, write_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 24
@@ -189,14 +190,18 @@ def compile_ab(args, model_dir: Path, adapter) -> None:
     records = image_records(args.images, root)
     bs = max(args.batch)
     captions, rates = {}, {}
-    for compiled in (False, True):
+    settings = [("eager", False, False), ("compiled", True, False)]
+    if args.vision_runs_baseline:
+        settings.insert(1, ("eager, vision attention by consecutive runs (previous plan)", False, True))
+    for tag, compiled, previous_plan in settings:
         model, processor, entry = models.load_model(params_for(model_dir, **{"model.compile": compiled}),
                                                     adapter=str(adapter) if adapter else None)
-        tag = "compiled" if compiled else "eager"
-        t = time.perf_counter()
-        engine_rate(model, processor, entry, records[:bs], root, bs, "auto", f"ab-{tag}-warm")
-        first_s = round(time.perf_counter() - t, 1)
-        s = engine_rate(model, processor, entry, records, root, bs, "auto", f"ab-{tag}")
+        plan = consecutive_vision_runs() if previous_plan else contextlib.nullcontext()
+        with plan:
+            t = time.perf_counter()
+            engine_rate(model, processor, entry, records[:bs], root, bs, "auto", f"ab-{compiled}{previous_plan}-warm")
+            first_s = round(time.perf_counter() - t, 1)
+            s = engine_rate(model, processor, entry, records, root, bs, "auto", f"ab-{compiled}{previous_plan}")
         rates[tag] = s["images_per_s"]
         captions[tag] = {r["image_id"]: r["caption"] for r in read_jsonl(Path(s["out_path"]))}
         emit({"bench": "generate-compile-ab", "arch": args.arch, "row": f"engine, {tag}",
@@ -226,6 +231,8 @@ def main(argv=None):
     ap.add_argument("--compile-ab", action="store_true",
                     help="only the engine compiled vs eager on --images files, same run (with "
                          "--compile-unmeasured for families not in fastpath.COMPILE_MEASURED)")
+    ap.add_argument("--vision-runs-baseline", action="store_true",
+                    help="--compile-ab: also an eager row with the vision attention's previous plan (consecutive runs)")
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="allow regional torch.compile for this arch although not yet measured")
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")

@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
-from common import emit, flops_per_sample, peak_tflops, random_model_dir, synthetic_batch, timed_steps, versions  # noqa: E402
+from common import (  # noqa: E402
+    consecutive_vision_runs,
+    emit,
+    flops_per_sample,
+    peak_tflops,
+    random_model_dir,
+    synthetic_batch,
+    timed_steps,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_PIXELS = 12845056  # Qwen2-VL's preprocessor default
@@ -131,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--rows", default="cookbook,qlora,lora,t4")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compile-off", action="store_true", help="add rows without torch.compile (lever probe)")
+    ap.add_argument("--vision-runs-baseline", action="store_true",
+                    help="with --compile-off: also rows with the vision attention's previous plan (consecutive runs)")
     ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="use regional torch.compile for this arch even if its model type is not in "
@@ -172,6 +183,11 @@ def main(argv=None):
             for bs in args.batch:
                 measure(label + ", torch.compile off", m, fast, args.arch, bs, p.model.max_pixels, args.steps,
                         autocast=torch.bfloat16)
+            if args.vision_runs_baseline:
+                with consecutive_vision_runs():
+                    for bs in args.batch:
+                        measure(label + ", torch.compile off, vision attention by consecutive runs (previous plan)",
+                                m, fast, args.arch, bs, p.model.max_pixels, args.steps, autocast=torch.bfloat16)
             del m
             free()
     if "t4" in rows:

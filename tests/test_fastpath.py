@@ -49,12 +49,13 @@ def _vision_run(visual, pixel_values, grid, monkeypatch):
     return out, sdpa.calls
 
 
-def _runs(lengths):
-    """Number of runs of consecutive equal lengths."""
-    return sum(1 for i, n in enumerate(lengths) if i == 0 or n != lengths[i - 1])
+def _distinct(cu_seqlens) -> int:
+    """Number of distinct non-empty segment lengths (the patched forward's SDPA calls per block)."""
+    return len({n for n in torch.as_tensor(cu_seqlens).diff().tolist() if n > 0})
 
 
-@pytest.mark.parametrize("sizes", [[(112, 112)] * 4, [(112, 112), (112, 112), (56, 112), (112, 56), (84, 84), (84, 84)]],
+# "mixed": equal lengths both back to back (sliced) and apart (64 at images 0, 1 and 5: gathered)
+@pytest.mark.parametrize("sizes", [[(112, 112)] * 4, [(112, 112), (112, 112), (56, 112), (112, 56), (84, 84), (112, 112)]],
                          ids=["equal", "mixed"])
 def test_batched_vision_attention_matches(tiny_model_dir, toy_root, sizes, monkeypatch):
     model = _load(tiny_model_dir).eval()
@@ -68,11 +69,9 @@ def test_batched_vision_attention_matches(tiny_model_dir, toy_root, sizes, monke
     assert fastpath.use_batched_vision_attention(model) == depth
     assert fastpath.use_batched_vision_attention(model) == 0       # idempotent
     after, calls_after = _vision_run(visual, pixel_values, grid, monkeypatch)
-    assert calls_after == depth * _runs(lengths)
+    assert calls_after == depth * len(set(lengths))                # one SDPA call per length per block
     if len(set(sizes)) == 1:
-        assert calls_after == depth                                # one SDPA call per block
-    else:
-        assert len(set(lengths)) > 1 and 1 < _runs(lengths) < len(sizes)
+        assert calls_after == depth
     torch.testing.assert_close(after.last_hidden_state, before.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after.pooler_output, before.pooler_output, rtol=1e-5, atol=1e-5)
 
@@ -141,6 +140,15 @@ def test_batched_vision_attention_other_families(family, monkeypatch):
     before, calls_before = _vision_run(visual, pixel_values, grid, monkeypatch)
     assert fastpath.use_batched_vision_attention(visual) == 3
     after, calls_after = _vision_run(visual, pixel_values, grid, monkeypatch)
+    image_lengths = len(set(grid.prod(-1).tolist()))
+    if family == "qwen2_5_vl":   # window blocks: one call per distinct window length; full blocks: per image length
+        from transformers.vision_utils import get_vision_window_index
+
+        _, windows = get_vision_window_index(grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+        assert _distinct(windows) > 1
+        assert calls_after == 2 * _distinct(windows) + image_lengths
+    else:
+        assert calls_after == 3 * image_lengths
     assert calls_after < calls_before
     torch.testing.assert_close(after.last_hidden_state, before.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after.pooler_output, before.pooler_output, rtol=1e-5, atol=1e-5)

@@ -7,10 +7,12 @@ patches) as the equivalent matmul; cuDNN's bf16 Conv3d is far slower than a GEMM
 every non-flash implementation, reads ``cu_seqlens`` back to the host (``lengths.tolist()``: one device
 sync in every block) and calls attention once per image. The patched forward (SDPA only) computes the
 segment plan once per vision forward and caches it on the ``cu_seqlens`` tensor itself (the same object
-reaches every block), groups consecutive segments of equal length into runs and attends each run as one
-batch ``(n_segments, heads, L, head_dim)``. Attention never crosses a segment either way and nothing is
-masked, so the math is the original's; batching only changes how SDPA's kernel is launched. With all
-images the same size it is one SDPA call per block (Qwen2.5-VL's window blocks get a few runs).
+reaches every block), groups the segments by length (a slice where a group's segments lie back to back,
+else gathered by index and scattered back) and attends each group as one batch
+``(n_segments, heads, L, head_dim)``. Attention never crosses a segment either way and nothing is
+masked, so the math is the original's; batching only changes how SDPA's kernel is launched. One SDPA
+call per distinct segment length: one per block for images of one size; Qwen2.5-VL's window blocks get
+one per window size (4 for a 364×504 grid, where runs of consecutive equal windows gave 8 per image).
 
 ``compile_blocks``: regional ``torch.compile`` (each vision block / language layer compiled in place) fuses
 the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used.
@@ -79,33 +81,43 @@ def _verified_vision_classes() -> dict[type, tuple]:
     return found
 
 
-def _segment_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
-    """[(start, n_segments, length)] for consecutive equal-length segments, cached on ``cu_seqlens``
-    (one host read per vision forward; recomputed if the tensor was modified in place)."""
+def _segment_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, int, object]]:
+    """[(length, n_segments, where)]: the segments grouped by length, ``where`` the first position when
+    a group's segments lie back to back (a slice), else a device index of its ``n * length`` positions.
+    Cached on ``cu_seqlens`` (one host read per vision forward; recomputed if modified in place)."""
     try:
         version = cu_seqlens._version
     except RuntimeError:                                      # inference tensors keep no version counter
         version = None
-    cached = getattr(cu_seqlens, "_jpcap_runs", None)
+    cached = getattr(cu_seqlens, "_jpcap_groups", None)
     if cached is not None and cached[0] == version:
         return cached[1]
     bounds = cu_seqlens.tolist()
-    runs: list[list[int]] = []
+    starts: dict[int, list[int]] = {}
     for a, b in zip(bounds[:-1], bounds[1:]):
-        if b == a:
-            continue                                   # empty window: contributes nothing
-        if runs and runs[-1][2] == b - a and runs[-1][0] + runs[-1][1] * runs[-1][2] == a:
-            runs[-1][1] += 1
+        if b > a:                                             # an empty window contributes nothing
+            starts.setdefault(b - a, []).append(a)
+    plan: list[tuple[int, int, object]] = []
+    for length, firsts in starts.items():
+        if all(f == firsts[0] + j * length for j, f in enumerate(firsts)):
+            plan.append((length, len(firsts), firsts[0]))
         else:
-            runs.append([a, 1, b - a])
-    plan = [tuple(r) for r in runs]
-    cu_seqlens._jpcap_runs = (version, plan)
+            index = torch.tensor(firsts, device=cu_seqlens.device).unsqueeze(1) + torch.arange(
+                length, device=cu_seqlens.device)
+            plan.append((length, len(firsts), index.flatten()))
+    plan.sort(key=lambda g: g[2] if isinstance(g[2], int) else -1)
+    cu_seqlens._jpcap_groups = (version, plan)
     return plan
+
+
+def _take(t: torch.Tensor, where, count: int) -> torch.Tensor:
+    """A group's rows of ``t``: a slice from ``where`` (an int), else the rows at the index ``where``."""
+    return t[where:where + count] if isinstance(where, int) else t.index_select(0, where)
 
 
 def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None,
                                       max_seqlen=None, **kwargs):
-    """The verified VisionAttention forward with one SDPA call per run of equal-length segments."""
+    """The verified VisionAttention forward with one SDPA call per segment length."""
     rope, original = self._jpcap_vision_impl
     if self.config._attn_implementation != "sdpa":           # switched after patching: original path
         return original(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
@@ -114,13 +126,21 @@ def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)                               # (seq, heads, head_dim) each
     dropout = 0.0 if not self.training else self.attention_dropout
+    groups = _segment_groups(cu_seqlens)
     outs = []
-    for start, n, length in _segment_runs(cu_seqlens):
-        end = start + n * length
-        qs, ks, vs = (t[start:end].unflatten(0, (n, length)).transpose(1, 2) for t in (q, k, v))
+    for length, n, where in groups:
+        qs, ks, vs = (_take(t, where, n * length).unflatten(0, (n, length)).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=self.scaling, is_causal=False)
         outs.append(o.transpose(1, 2).reshape(n * length, -1))  # (n*L, heads*head_dim)
-    attn_output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    if all(isinstance(w, int) for _, _, w in groups):          # slices back to back, in order: concatenate
+        attn_output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    else:                                                     # scattered windows: put each row back
+        attn_output = outs[0].new_zeros(seq_length, outs[0].shape[1])
+        for (length, n, where), o in zip(groups, outs):
+            if isinstance(where, int):
+                attn_output = attn_output.slice_scatter(o, 0, where, where + n * length)
+            else:
+                attn_output = attn_output.index_copy(0, where, o)
     return self.proj(attn_output.reshape(seq_length, -1).contiguous())
 
 
