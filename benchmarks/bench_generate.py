@@ -162,16 +162,26 @@ def first_pass(args, model_dir: Path, adapter) -> None:
     bs = max(args.batch)
     setting = {"mix": args.mix, "batch": bs, "images": len(records), "warmup": args.warmup,
                "grid_buckets": args.grid_buckets}
-    for phase in ("first pass (cold)", "second pass (warm)"):
-        out = Path(f"/tmp/jpcap-bench/pred-firstpass-{phase.split()[0]}.jsonl")
+    from jpcap_helpers.engine import EngineOptions, caption_records
+    phases = [("first pass (cold)", EngineOptions()), ("second pass (warm)", EngineOptions())]
+    for lever in args.lever_off:  # warm passes with one lever off, then on again (A B A: drift shows)
+        phases += [(f"warm, lever off: {lever}", EngineOptions(**{lever: False})),
+                   (f"warm, lever on again: {lever}", EngineOptions())]
+    captions = {}
+    for k, (phase, options) in enumerate(phases):
+        out = Path(f"/tmp/jpcap-bench/pred-firstpass-{k}.jsonl")
         out.unlink(missing_ok=True)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        from jpcap_helpers.engine import caption_records
         s = caption_records(model, processor, entry, records, folder, out, batch_size=bs, max_new_tokens=NEW_TOKENS,
-                            progress=False, grid_buckets=args.grid_buckets, warmup=args.warmup)
+                            progress=False, grid_buckets=args.grid_buckets, warmup=args.warmup and k == 0,
+                            options=options)
         wall = time.perf_counter() - t
+        from jpcap_helpers.io import read_jsonl
+        captions[k] = {r["image_id"]: r["caption"] for r in read_jsonl(out)}
+        same = sum(captions[0].get(i) == c for i, c in captions[k].items())
         emit({"bench": "generate-first-pass", "row": phase, **setting, "decoder": s["decoder"],
+              "same_captions_as_first_pass": same,
               "images_per_s": s["images_per_s"], "seconds": s["seconds"], "warmup_seconds": s["warmup_seconds"],
               "first_pass_images_per_s": round(s["n_done"] / (s["seconds"] + s["warmup_seconds"]), 2),
               "call_wall_s": round(wall, 2), "n_grids": s["n_grids"], "n_resized": s["n_resized"],
@@ -236,7 +246,9 @@ def main(argv=None):
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="allow regional torch.compile for this arch although not yet measured")
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
-    ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass")
+    ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass (first pass only)")
+    ap.add_argument("--lever-off", nargs="*", default=[], choices=["overlap_vision", "pipeline", "compile_step"],
+                    help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     args = ap.parse_args(argv)
     if args.first_pass:  # a cold process: compiled kernels from an empty inductor cache
