@@ -247,7 +247,7 @@ def main(argv=None):
                     help="allow regional torch.compile for this arch although not yet measured")
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass (first pass only)")
-    ap.add_argument("--lever-off", nargs="*", default=[], choices=["overlap_vision", "pipeline", "compile_step"],
+    ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     args = ap.parse_args(argv)

@@ -434,10 +434,10 @@ def test_engine_options_unpipelined_prepares_after_each_batch(project, tmp_path,
         events.append("prepare")
         return real_prepare(processor, prompts, images, **kw)
 
-    def generate(self, inputs, max_new_tokens, while_busy=None, encoded=None):
+    def generate(self, inputs, max_new_tokens, while_busy=None):
         assert while_busy is None
         events.append("generate")
-        out = real_generate(self, inputs, max_new_tokens, while_busy=while_busy, encoded=encoded)
+        out = real_generate(self, inputs, max_new_tokens, while_busy=while_busy)
         events.append("done")
         return out
 
@@ -463,27 +463,18 @@ def test_engine_options_unpipelined_prepares_after_each_batch(project, tmp_path,
 
 
 def test_next_batch_is_prepared_while_the_current_one_decodes(project, tmp_path, monkeypatch):
-    """The engine's pipeline: batch i+1 is tokenised/preprocessed and its vision tower queued
-    (``encode``), and batch i-1's rows are written, inside batch i's generate (before it decodes); each
-    generate starts from its batch's embeddings; rows are those of HF generate, and of a run with
-    ``overlap_vision`` off (nothing encoded ahead)."""
+    """The engine's pipeline: batch i+1 is tokenised/preprocessed, and batch i-1's rows are written,
+    inside batch i's generate (while the GPU works on its prefill); rows are those of an unpipelined run."""
     events: list[str] = []
     real_prepare, real_generate, real_append = generation.prepare_inputs, decode.GreedyDecoder.generate, jio.append_jsonl
-    real_encode = decode.GreedyDecoder.encode
 
     def prepare(processor, prompts, images, **kw):
         events.append("prepare")
         return real_prepare(processor, prompts, images, **kw)
 
-    def encode(self, inputs):
-        events.append("encode")
-        out = real_encode(self, inputs)
-        assert out.embeds.shape[0] == inputs["input_ids"].shape[0]
-        return out
-
-    def generate(self, inputs, max_new_tokens, while_busy=None, encoded=None):
-        events.append("generate" if isinstance(encoded, decode.Encoded) else "generate, not encoded")
-        out = real_generate(self, inputs, max_new_tokens, while_busy=while_busy, encoded=encoded)
+    def generate(self, inputs, max_new_tokens, while_busy=None):
+        events.append("generate")
+        out = real_generate(self, inputs, max_new_tokens, while_busy=while_busy)
         events.append("done")
         return out
 
@@ -493,29 +484,25 @@ def test_next_batch_is_prepared_while_the_current_one_decodes(project, tmp_path,
 
     monkeypatch.setattr(pipeline, "prepare_inputs", prepare)
     monkeypatch.setattr(decode.GreedyDecoder, "generate", generate)
-    monkeypatch.setattr(decode.GreedyDecoder, "encode", encode)
     monkeypatch.setattr(jio, "append_jsonl", append)
     kw = dict(batch_size=3, max_new_tokens=4, progress=False)
     s = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
                                tmp_path / "p.jsonl", **kw)
     n = events.count("generate")
     assert s["n_captioned"] == len(project["records"]) and n >= 3
-    expected = ["prepare", "encode", "generate", "prepare", "encode", "done"]   # batch 1 prepared inside batch 0
+    expected = ["prepare", "generate", "prepare", "done"]            # batch 0; batch 1 prepared inside it
     for _ in range(1, n - 1):                                        # writes batch i-1, prepares batch i+1
-        expected += ["generate", "write", "prepare", "encode", "done"]
+        expected += ["generate", "write", "prepare", "done"]
     expected += ["generate", "write", "done", "write"]               # the last batch has none after it
     assert events == expected
-    events.clear()
-    off = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
-                                 tmp_path / "o.jsonl", options=EngineOptions(overlap_vision=False), **kw)
-    assert "encode" not in events and events.count("generate, not encoded") == n
-    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "prepare_inputs", real_prepare)
+    monkeypatch.setattr(decode.GreedyDecoder, "generate", real_generate)
+    monkeypatch.setattr(jio, "append_jsonl", real_append)
     plain = engine.caption_records(project["model"], project["processor"], ENTRY, project["records"], project["data"],
                                    tmp_path / "h.jsonl", decoder="hf", **kw)
-    assert plain["n_captioned"] == s["n_captioned"] == off["n_captioned"]
-    captions = {r["image_id"]: r["caption"] for r in _rows(tmp_path / "p.jsonl")}
-    assert captions == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "h.jsonl")}
-    assert captions == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "o.jsonl")}
+    assert plain["n_captioned"] == s["n_captioned"]
+    assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "p.jsonl")}
+            == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "h.jsonl")})
 
 
 def test_a_write_failure_stops_the_run_instead_of_becoming_error_rows(project, tmp_path, monkeypatch):

@@ -21,9 +21,6 @@ token. Captions are short and every prompt is the same text around one image, so
 
 ``generate(..., while_busy=fn)`` calls ``fn`` once when the whole prefill has been queued on the GPU, so
 the caller's CPU work (the engine prepares the next batch and writes the last one's rows) overlaps it.
-``encode(inputs)`` runs step 2's vision tower and projector ahead: the engine queues the next batch's on
-a side stream while this batch decodes (decoding is launch-bound and leaves most of the GPU idle), and
-``generate(inputs, encoded=...)`` starts from those embeddings.
 
 Greedy only (beam search stays with HF ``generate``). Rows are cut at their first end token, so the
 tokens equal HF greedy decoding's up to floating-point ties (tests compare both on the tiny model,
@@ -32,7 +29,6 @@ and on the GPU for the real shape).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -40,7 +36,7 @@ import torch.nn.functional as F
 
 from ..models.deepstack import add_deepstack_at
 
-__all__ = ["SUPPORTED_FAMILIES", "supports", "unwrap", "has_4bit", "Encoded", "GreedyDecoder"]
+__all__ = ["SUPPORTED_FAMILIES", "supports", "unwrap", "has_4bit", "GreedyDecoder"]
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _CACHE_ROUND = 64  # KV capacity is rounded up to this many positions (fewer re-allocations)
@@ -119,20 +115,6 @@ def _step_layer_out(layer: Any, h: torch.Tensor, o: torch.Tensor) -> torch.Tenso
     """A decoding step's layer after attention: output projection, residuals, norm, MLP."""
     h = h + layer.self_attn.o_proj(o)
     return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-@dataclass
-class Encoded:
-    """A batch's prompt embeddings made ahead (:meth:`GreedyDecoder.encode`): token embeddings with the
-    image features in place, Qwen3-VL's deepstack features, the image positions, and — when made on a
-    side CUDA stream — the event that marks them ready."""
-    embeds: torch.Tensor
-    deepstack: list = field(default_factory=list)
-    where: Optional[torch.Tensor] = None
-    ready: Any = None
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.embeds, *self.deepstack, *([self.where] if self.where is not None else [])]
 
 
 _COMPILED: dict[str, Any] = {}
@@ -341,42 +323,11 @@ class GreedyDecoder:
             logits = self.constraints.apply(logits, self.out[:logits.shape[0]], 0)
         return logits.argmax(-1)
 
-    def _device_inputs(self, inputs: Mapping[str, Any]) -> dict:
-        """The processor's tensors on the decoder's device, floats in the vision / compute dtype."""
-        compute_dtype = self.head.weight.dtype if self.head.weight.is_floating_point() else torch.bfloat16
-        kwargs = {}
-        for key, value in inputs.items():
-            if key in ("attention_mask", "labels"):
-                continue
-            if torch.is_tensor(value):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.inner.visual.dtype if key == "pixel_values" else compute_dtype)
-            kwargs[key] = value
-        return kwargs
-
-    @torch.no_grad()
-    def encode(self, inputs: Mapping[str, Any]) -> Encoded:
-        """A batch's prompt embeddings — the vision tower and projector queued now, on the current
-        stream — for ``generate(inputs, encoded=...)``. The engine calls it on a side stream while the
-        previous batch decodes (:meth:`.generation.Decoder.encode`)."""
-        ids, grid = self._check_batch(inputs)
-        ids, grid = ids.cpu(), grid.cpu()  # host copies (the processor's already are): no GPU waits later
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            embeds, deepstack, where = self._prompt_embeddings(self._device_inputs(inputs), ids, grid)
-        finally:
-            if was_training:
-                self.model.train()
-        return Encoded(embeds, deepstack, where)
-
     @torch.no_grad()
     def generate(self, inputs: Mapping[str, Any], max_new_tokens: int,
-                 while_busy: Optional[Callable[[], None]] = None, encoded: Optional[Encoded] = None) -> torch.Tensor:
+                 while_busy: Optional[Callable[[], None]] = None) -> torch.Tensor:
         """New token ids for one batch; ``while_busy`` (if given) is called once, after the vision tower
-        and the prefill have been queued on the device and before decoding starts. ``encoded``: the
-        batch's embeddings from :meth:`encode` (made ahead); else the vision tower runs here."""
+        and the prefill have been queued on the device and before decoding starts."""
         ids, grid = self._check_batch(inputs)
         ids, grid = ids.cpu(), grid.cpu()  # host copies (the processor's already are): no GPU waits later
         batch, length = ids.shape
@@ -387,9 +338,17 @@ class GreedyDecoder:
             image_grid_thw=grid[:1], attention_mask=None)
         position_ids = pos1.to(self.device).expand(3, batch, length)
         next_pos = int(pos1.max()) + 1
-        if encoded is not None and self.prefill != "own":
-            raise ValueError("encoded embeddings need prefill='own'")
-        kwargs = self._device_inputs(inputs) if encoded is None else {}
+
+        compute_dtype = self.head.weight.dtype if self.head.weight.is_floating_point() else torch.bfloat16
+        kwargs = {}
+        for key, value in inputs.items():
+            if key in ("attention_mask", "labels"):
+                continue
+            if torch.is_tensor(value):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(self.inner.visual.dtype if key == "pixel_values" else compute_dtype)
+            kwargs[key] = value
 
         was_training = self.model.training
         self.model.eval()
@@ -400,12 +359,7 @@ class GreedyDecoder:
             use_graph = self.cuda_graphs and max_new_tokens > 1 and not torch.is_autocast_enabled("cuda")
             if self.prefill == "own":
                 attn0 = self.lm.layers[0].self_attn
-                if encoded is None:
-                    embeds, deepstack, where = self._prompt_embeddings(kwargs, ids, grid)
-                else:
-                    if encoded.ready is not None:  # made on a side stream: wait for it there, not here
-                        torch.cuda.current_stream(self.device).wait_event(encoded.ready)
-                    embeds, deepstack, where = encoded.embeds, encoded.deepstack, encoded.where
+                embeds, deepstack, where = self._prompt_embeddings(kwargs, ids, grid)
                 self._ensure_capacity(length, max_new_tokens, embeds.dtype,
                                       attn0.k_proj.out_features // attn0.head_dim, attn0.head_dim)
                 graph = self._graph(bp) if use_graph else None

@@ -123,37 +123,14 @@ class Decoder:
         self.preprocess_device = None
         if self.fast is not None and self.fast.device.type == "cuda" and options.preprocess_on_gpu:
             self.preprocess_device = self.fast.device
-        self.encode_ahead = self.fast is not None and self.fast.prefill == "own" and options.overlap_vision
 
-    def encode(self, inputs: Any) -> Optional[decode.Encoded]:
-        """The batch's vision tower and projector queued now (fast decoder, ``overlap_vision``; else
-        None): on CUDA on the side stream, after the work already queued, so that they overlap the batch
-        decoding meanwhile; its result is handed to ``__call__`` (which waits for it on the device)."""
-        if not self.encode_ahead:
-            return None
-        if self.fast.device.type != "cuda":
-            return self.fast.encode(inputs)
-        import torch
-
-        consumer = torch.cuda.current_stream(self.fast.device)
-        side = _side_stream(self.fast.device)
-        side.wait_stream(consumer)  # e.g. weights a training step changed, images made on the current stream
-        with torch.cuda.stream(side):
-            encoded = self.fast.encode(inputs)
-            encoded.ready = torch.cuda.Event()
-            encoded.ready.record(side)
-        for tensor in encoded.tensors():
-            tensor.record_stream(consumer)  # the allocator keeps them until the consumer is done
-        return encoded
-
-    def __call__(self, inputs: Any, while_busy: Optional[Callable[[], None]] = None,
-                 encoded: Optional[decode.Encoded] = None) -> Any:
+    def __call__(self, inputs: Any, while_busy: Optional[Callable[[], None]] = None) -> Any:
         """New token ids; the fast decoder calls ``while_busy`` while the GPU works on the prefill (HF
-        generate does not: the caller runs it afterwards) and starts from ``encoded`` where given."""
+        generate does not: the caller runs it afterwards)."""
         import torch
 
         if self.fast is not None:
-            return self.fast.generate(inputs, self.gen_cfg.max_new_tokens, while_busy=while_busy, encoded=encoded)
+            return self.fast.generate(inputs, self.gen_cfg.max_new_tokens, while_busy=while_busy)
         device, dtype = model_device_dtype(self.model)
         moved = {}
         for key, value in inputs.items():
@@ -175,10 +152,8 @@ class Decoder:
 
 
 def generate_batch(processor: Any, inputs: Any, decoder: Decoder,
-                   while_busy: Optional[Callable[[], None]] = None, encoded: Optional[decode.Encoded] = None
-                   ) -> list[str]:
-    """Raw decoded continuations (new tokens only) for one batch of processor inputs (``encoded``: its
-    embeddings made ahead by ``decoder.encode``); raises on failure."""
-    new_tokens = decoder(inputs, while_busy, encoded)
+                   while_busy: Optional[Callable[[], None]] = None) -> list[str]:
+    """Raw decoded continuations (new tokens only) for one batch of processor inputs; raises on failure."""
+    new_tokens = decoder(inputs, while_busy)
     return tokenizer_of(processor).batch_decode(new_tokens.cpu(), skip_special_tokens=True,
                                                 clean_up_tokenization_spaces=False)

@@ -14,10 +14,6 @@ class EngineOptions:
 
     * ``pipeline`` — prepare the next batch (and write the last one's rows) while the GPU works on the
       current one's prefill; off: one after the other.
-    * ``overlap_vision`` — the fast decoder's next batch goes through the vision tower and projector as
-      soon as it is prepared, on a side CUDA stream, while this batch decodes (the decoding step is
-      launch-bound and leaves most of the GPU idle); off: each batch's vision tower runs when its turn
-      comes.
     * ``preprocess_on_gpu`` — the fast decoder's images are resized and normalised on the GPU (CPU
       preprocessing of 640×480 images costs ≈6.6 ms per image, more than the GPU needs to caption it).
     * ``compile_prefill`` — ``torch.compile`` the decoder's prefill layer function; None: where
@@ -27,7 +23,6 @@ class EngineOptions:
       compiled (decoding 256 captions: 105 instead of 132 ms of GPU time; longer captions gain more).
     """
     pipeline: bool = True
-    overlap_vision: bool = True
     preprocess_on_gpu: bool = True
     compile_prefill: Optional[bool] = None
     compile_step: bool = True

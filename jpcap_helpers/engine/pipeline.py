@@ -7,9 +7,8 @@ to one of K canonical grids (:mod:`.grids`) — and cut it into batches (:func:`
 :func:`make_batches`), optionally warm the decoder up on those shapes (:mod:`.warmup`, untimed), then
 run the batches through a two-stage
 pipeline (:class:`BatchPipeline`): JPEGs are decoded in loader threads two batches ahead and, while
-the GPU works through batch i's prefill, batch i-1's rows are written and batch i+1 is prepared
-(tokenised, its images preprocessed — on the GPU for the fast decoder — and, for the fast decoder, its
-vision tower queued on a side stream, where it runs while batch i decodes).
+the GPU works through batch i's vision tower and prefill, batch i-1's rows are written and batch i+1
+is prepared (tokenised, its images preprocessed — on the GPU for the fast decoder).
 """
 from __future__ import annotations
 
@@ -184,13 +183,11 @@ class RowWriter:
 @dataclass
 class PreparedBatch:
     """A batch through the processor: the items, rows already decided (unreadable images), the items
-    whose image loaded, the processor's inputs and, where the decoder makes them ahead, their prompt
-    embeddings (vision tower and projector queued), or the error of either."""
+    whose image loaded, the processor's inputs, or the processor's error."""
     items: list[Item]
     rows: dict = field(default_factory=dict)
     loaded: list[Item] = field(default_factory=list)
     inputs: Any = None
-    encoded: Any = None
     error: Optional[Exception] = None
 
 
@@ -232,7 +229,6 @@ class BatchCaptioner:
         if batch.loaded:
             try:
                 batch.inputs = prepare_inputs(self.processor, [self.prompt] * len(images), images, device=self.device)
-                batch.encoded = self.decoder.encode(batch.inputs)
             except Exception as exc:
                 batch.error = exc
         return batch
@@ -247,13 +243,13 @@ class BatchCaptioner:
             try:
                 if batch.error is not None:
                     raise batch.error
-                raw = generate_batch(self.processor, batch.inputs, self.decoder, while_busy, batch.encoded)
+                raw = generate_batch(self.processor, batch.inputs, self.decoder, while_busy)
                 if len(raw) != len(loaded):
                     raise RuntimeError(f"generation returned {len(raw)} texts for {len(loaded)} images")
                 for it, text in zip(loaded, raw):
                     rows[it.image_id] = self.row(it, normalize_caption(clean_output(self.entry, text)))
             except Exception as exc:
-                batch.inputs = batch.encoded = None
+                batch.inputs = None
                 if torch.cuda.is_available():  # after an out-of-memory error, give the cached blocks back
                     torch.cuda.empty_cache()
                 if len(loaded) == 1:
@@ -261,7 +257,7 @@ class BatchCaptioner:
                 else:
                     for it in loaded:
                         rows.update({r["image_id"]: r for r in self.finish(self.prepare([it]))})
-        batch.inputs = batch.encoded = None
+        batch.inputs = None
         return [rows[it.image_id] for it in batch.items]
 
 

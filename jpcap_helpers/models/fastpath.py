@@ -257,7 +257,7 @@ def use_lean_activations(model: torch.nn.Module) -> int:
 
 # model types whose compiled blocks were measured on a GPU (speed, and the same losses and captions
 # as eager): benchmarks/RESULTS.md; others run eagerly until measured
-COMPILE_MEASURED = ("qwen2_vl", "qwen3_vl")
+COMPILE_MEASURED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def compile_supported(model_type: str) -> bool:
