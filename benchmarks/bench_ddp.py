@@ -83,7 +83,8 @@ def main(argv=None) -> None:
 def eta_check(run_dir: Path, gpus: int) -> dict:
     """The plan's ETA (train_plan.json: steady steps + the probe's warm-up once) against the measured run:
     train_result.json's seconds (after the probe, whose warm-up the run then no longer pays) and those
-    plus the probe's warm-up (what a fresh process pays in all)."""
+    plus the probe's warm-up (what a fresh process pays in all); and where the run's seconds went (the
+    steps' sum, the five slowest steps, the time outside the steps)."""
     plan = json.loads((run_dir / "train_plan.json").read_text())
     result = json.loads((run_dir / "train_result.json").read_text())
     run_s, warm_s = float(result["seconds"]), float(plan.get("probe_warmup_s", 0.0))
@@ -93,6 +94,14 @@ def eta_check(run_dir: Path, gpus: int) -> dict:
            "probe_warmup_extra_s": plan.get("probe_warmup_extra_s"), "measured_run_s": round(run_s, 1),
            "measured_probe_warmup_plus_run_s": round(run_s + warm_s, 1)}
     row["eta_over_measured"] = round(plan["eta_s"] / max(run_s + warm_s, 1e-9), 2)
+    # where the run's seconds went: the steps themselves (the slowest named: a compilation after the probe
+    # shows there) and what lies outside them (data loader start, checkpoint writes)
+    steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    timed = [(r["step"], r.get("global_batch", plan["effective_batch_size"]) / r["samples_per_s"])
+             for r in steps if r.get("samples_per_s")]
+    row["steps_sum_s"] = round(sum(s for _, s in timed), 1)
+    row["outside_steps_s"] = round(run_s - row["steps_sum_s"], 1)
+    row["slowest_steps_s"] = [(k, round(s, 2)) for k, s in sorted(timed, key=lambda ks: -ks[1])[:5]]
     if plan.get("steady_s") is not None:
         row["steady_over_run"] = round(plan["steady_s"] / max(run_s, 1e-9), 2)
     print(f"ETA check ({gpus} GPU): plan said {plan['eta_s']:.1f} s (steady {plan.get('steady_s') or 0:.1f} s + "
