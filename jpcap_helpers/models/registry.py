@@ -116,8 +116,10 @@ _register(ModelEntry(
     prompt=CAPTION_PROMPT_JA, licence="Qwen Research License (non-commercial)", trained_on_stair=None,
     contamination_note="training data undisclosed; STAIR use unknown",
     t4_recipe="fp16 or 4-bit NF4",
-    run_here=("tiny config: load + batched generate in tests; real shape (random "
-              "weights): training benchmarked on an H100; no real checkpoint"),
+    run_here=("tiny config: load + batched generate in tests; fine-tuning (LoRA, QLoRA, packing; window-ordered "
+              "vision tower) tested equal to transformers on tiny random weights (CPU); real shape (random weights, "
+              "H200, 2026-11-29): compiled = eager losses, compiled QLoRA 11.6x the cookbook at micro-batch 8, fast "
+              "decoder 122 images/s; no real checkpoint (no hub)"),
 ))
 _register(ModelEntry(
     key="qwen3-vl-2b-instruct", hub_id="Qwen/Qwen3-VL-2B-Instruct", revision=None, family="qwen3_vl",
