@@ -106,6 +106,29 @@ def test_batched_vision_attention_gradients_match(tiny_model_dir, toy_root):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_vision_blocks_do_not_recompile_for_each_segment_plan(tiny_model_dir, toy_root):
+    """Under torch.compile the segment plan (Python ints, slices or gathers) stays out of the traced code:
+    once two batch shapes have been seen, batches with new plans — other sizes, orders and slice/index
+    mixes — compile nothing more (before, each new plan recompiled, up to dynamo's limit per frame)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _load(tiny_model_dir).eval()
+    fastpath.use_batched_vision_attention(model)
+    counter = CompileCounter()
+    for block in model.model.visual.blocks:
+        block.compile(backend=counter)
+    a, b, c = (112, 112), (56, 112), (84, 84)
+    plans = [[a, a], [a, c, b], [b, a, b], [a, c, a, b], [c, b, c, a, a], [b, c, a, c, b, a]]  # 2nd: all dims change
+    counts = []
+    with torch.no_grad():
+        for sizes in plans:
+            model.model.visual(*_vision_inputs(tiny_model_dir, _images(toy_root, sizes)))
+            counts.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert counts[1] > 0 and counts[-1] == counts[1], counts   # the 2nd shape made it dynamic; then nothing
+
+
 def test_non_sdpa_vision_attention_is_left_alone(tiny_model_dir):
     eager = _load(tiny_model_dir, attn="eager")
     assert fastpath.use_batched_vision_attention(eager) == 0

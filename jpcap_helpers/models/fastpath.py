@@ -13,6 +13,8 @@ else gathered by index and scattered back) and attends each group as one batch
 masked, so the math is the original's; batching only changes how SDPA's kernel is launched. One SDPA
 call per distinct segment length: one per block for images of one size; Qwen2.5-VL's window blocks get
 one per window size (4 for a 364×504 grid, where runs of consecutive equal windows gave 8 per image).
+Under ``torch.compile`` the plan and the attention calls stay out of the traced code (the block's
+projections and MLP are compiled around them), so a batch with a new plan compiles nothing.
 
 ``compile_blocks``: regional ``torch.compile`` (each vision block / language layer compiled in place) fuses
 the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used.
@@ -115,6 +117,31 @@ def _take(t: torch.Tensor, where, count: int) -> torch.Tensor:
     return t[where:where + count] if isinstance(where, int) else t.index_select(0, where)
 
 
+@torch.compiler.disable
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                       dropout: float, scale: float) -> torch.Tensor:
+    """Attention within each segment, one SDPA call per segment length: ``(seq, heads * head_dim)``.
+    Never traced by ``torch.compile`` (the compiled block breaks around it): the plan's Python ints and
+    its slice/index mix would otherwise become guards, and batches with other plans would recompile
+    until the recompile limit (a COCO-like training mix did; the ViT's matmuls stay compiled)."""
+    seq_length = q.shape[0]
+    groups = _segment_groups(cu_seqlens)
+    outs = []
+    for length, n, where in groups:
+        qs, ks, vs = (_take(t, where, n * length).unflatten(0, (n, length)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scale, is_causal=False)
+        outs.append(o.transpose(1, 2).reshape(n * length, -1))  # (n*L, heads*head_dim)
+    if all(isinstance(w, int) for _, _, w in groups):          # slices back to back, in order: concatenate
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    out = outs[0].new_zeros(seq_length, outs[0].shape[1])    # scattered windows: put each row back
+    for (length, n, where), o in zip(groups, outs):
+        if isinstance(where, int):
+            out = out.slice_scatter(o, 0, where, where + n * length)
+        else:
+            out = out.index_copy(0, where, o)
+    return out
+
+
 def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None,
                                       max_seqlen=None, **kwargs):
     """The verified VisionAttention forward with one SDPA call per segment length."""
@@ -126,21 +153,7 @@ def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)                               # (seq, heads, head_dim) each
     dropout = 0.0 if not self.training else self.attention_dropout
-    groups = _segment_groups(cu_seqlens)
-    outs = []
-    for length, n, where in groups:
-        qs, ks, vs = (_take(t, where, n * length).unflatten(0, (n, length)).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=self.scaling, is_causal=False)
-        outs.append(o.transpose(1, 2).reshape(n * length, -1))  # (n*L, heads*head_dim)
-    if all(isinstance(w, int) for _, _, w in groups):          # slices back to back, in order: concatenate
-        attn_output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    else:                                                     # scattered windows: put each row back
-        attn_output = outs[0].new_zeros(seq_length, outs[0].shape[1])
-        for (length, n, where), o in zip(groups, outs):
-            if isinstance(where, int):
-                attn_output = attn_output.slice_scatter(o, 0, where, where + n * length)
-            else:
-                attn_output = attn_output.index_copy(0, where, o)
+    attn_output = _grouped_attention(q, k, v, cu_seqlens, dropout, self.scaling)
     return self.proj(attn_output.reshape(seq_length, -1).contiguous())
 
 
