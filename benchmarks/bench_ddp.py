@@ -7,6 +7,7 @@ and graph capture excluded; reported apart as the first steps' seconds). Each ru
 ETA against the measured run time (row ``ddp-eta``: issue 18's honest probe).
 
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
+    python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
 """
 from __future__ import annotations
 
@@ -20,15 +21,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, random_model_dir, versions  # noqa: E402
+from common import COCO_LIKE_SIZES, emit, random_model_dir, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def overrides(model_dir: Path, method: str, gpus: int, steps: int, micro: int) -> list[str]:
+def image_sizes(mix: str) -> list[list[int]]:
+    """The jp-shapes image sizes of ``mix``: ``three`` (640×480, 480×640, 640×427), ``coco`` (the 14 sizes of
+    ``common.COCO_LIKE_SIZES``, each repeated by its share in percent: the toy data draws uniformly from the
+    list) or ``uniform`` (640×480 only)."""
+    if mix == "coco":
+        return [[w, h] for (w, h), share in COCO_LIKE_SIZES.items() for _ in range(round(100 * share))]
+    return [[640, 480]] if mix == "uniform" else [[640, 480], [480, 640], [640, 427]]
+
+
+def overrides(model_dir: Path, method: str, gpus: int, steps: int, micro: int, mix: str = "three",
+              group_by_grid: bool = False) -> list[str]:
+    sizes = json.dumps(image_sizes(mix), separators=(",", ":"))
+    root = "outputs/data/jp-shapes-bench" + ("" if mix == "three" else f"-{mix}")
     return [f"model.name={model_dir}", f"model.load_in_4bit={'true' if method == 'qlora' else 'false'}",
             "model.max_pixels=200704", "model.min_pixels=3136", "run.cpu_threads=null",
-            "data.toy.image_sizes=[[640,480],[480,640],[640,427]]", "data.max_caption_tokens=32",
+            f"data.root={root}", f"data.toy.image_sizes={sizes}", "data.max_caption_tokens=32",
+            f"train.group_by_grid={'true' if group_by_grid else 'false'}",
             f"train.micro_batch_size={micro}", f"train.effective_batch_size={micro * gpus}",
             f"train.max_steps={steps}", "train.eval_images=0", f"train.save_every={steps}", "train.top_k_layers=6",
             "train.learning_rate=2.0e-4", "train.gradient_checkpointing=false", "train.epochs=50"]
@@ -41,25 +55,31 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip", type=int, default=10)
     ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--mix", default="three", choices=["three", "coco", "uniform"],
+                    help="image sizes of the training images (coco: the 14-size COCO-like mix, weighted)")
+    ap.add_argument("--group-by-grid", default="off", choices=["off", "on", "both"],
+                    help="train.group_by_grid; both: each GPU count ungrouped, then grouped (same data)")
     args = ap.parse_args(argv)
     from jpcap_helpers import data, models
     from jpcap_helpers.params import load_params
 
     model_dir = random_model_dir("qwen2-vl-2b")
-    base = overrides(model_dir, args.method, 1, args.steps, args.micro)
+    base = overrides(model_dir, args.method, 1, args.steps, args.micro, args.mix)
     from jpcap_helpers.params import parse_overrides
     params = load_params(ROOT / "params/smoke.yaml", {**parse_overrides(base), "run.name": "ddp-bench-data"})
     data.fetch_raw(params)
     data.prepare_from_params(params, models.load_tokenizer(params), reject=models.processor_rejection, progress=False)
-    emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro})
+    emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro,
+          "mix": args.mix, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
+    groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates = {}
-    for gpus in args.gpus:
-        run = f"ddp-bench-{args.method}-{gpus}"
+    for gpus, grouped in ((g, b) for g in args.gpus for b in groupings):
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "")
         launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
         cmd = launch + ["-m", "jpcap_helpers.cli", "train", str(ROOT / "params/smoke.yaml"), "--no-resume",
                         "--run-name", run]
-        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro):
+        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped):
             cmd += ["--set", item]
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
@@ -70,14 +90,19 @@ def main(argv=None) -> None:
         log = Path(params.run.output_dir) / run / "train_log.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         steps = [r for r in rows if r.get("samples_per_s") is not None]
-        warm = [r["samples_per_s"] for r in steps if r["step"] > args.skip]
+        warm = [r for r in steps if r["step"] > args.skip]
         first = [r for r in steps if r["step"] <= 2]
-        rates[gpus] = statistics.median(warm)
-        emit({"bench": "ddp", "method": args.method, "gpus": gpus, "samples_per_s": round(rates[gpus], 2),
-              "per_gpu": round(rates[gpus] / gpus, 2), "speedup": round(rates[gpus] / rates[min(rates)], 2),
-              "first_steps_s": [round(r.get("global_batch", args.micro * gpus) / r["samples_per_s"], 2) for r in first],
+        batch = lambda r, g=gpus: r.get("global_batch", args.micro * g)  # noqa: E731
+        rates[gpus, grouped] = statistics.median(r["samples_per_s"] for r in warm)
+        one = rates.get((min(g for g, _ in rates), grouped), rates[gpus, grouped])
+        emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "gpus": gpus,
+              "samples_per_s": round(rates[gpus, grouped], 2),
+              # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
+              "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
+              "per_gpu": round(rates[gpus, grouped] / gpus, 2), "speedup": round(rates[gpus, grouped] / one, 2),
+              "first_steps_s": [round(batch(r) / r["samples_per_s"], 2) for r in first],
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
-        emit(eta_check(Path(params.run.output_dir) / run, gpus))
+        emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped})
 
 
 def eta_check(run_dir: Path, gpus: int) -> dict:

@@ -35,6 +35,7 @@ __all__ = ["caption_records", "run_summary", "error_text", "Item", "Pending", "P
            "make_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
 
 RESERVED_FIELDS = {"image_id", "caption", "model", "error", "file_name"}
+FIRST_BATCH = 32   # EngineOptions.small_first_batch: the first batch's images; the next ones double
 
 
 def error_text(exc: BaseException) -> str:
@@ -130,15 +131,20 @@ def sort_by_visual_tokens(items: list[Item], processor: Any, grids: Optional[Gri
     return ready, failed
 
 
-def make_batches(ready: list[Item], batch_size: int, one_grid: bool) -> list[list[Item]]:
+def make_batches(ready: list[Item], batch_size: int, one_grid: bool, first_batch: int = 0) -> list[list[Item]]:
     """Consecutive batches of ``batch_size``; with ``one_grid`` no batch mixes visual grids (the fast
-    decoder's batches: no padding, shared positions)."""
+    decoder's batches: no padding, shared positions), and ``first_batch`` > 0 ramps the first grid's
+    batches up from that size, doubling (32, 64, 128, then ``batch_size``): the GPU starts after a few
+    dozen images are loaded while the loader threads catch up. The items' order is kept."""
     if not one_grid:
         return [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
-    batches = []
-    for _, group in itertools.groupby(ready, key=lambda it: it.key):
-        group = list(group)
-        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    batches: list[list[Item]] = []
+    for _, grid_items in itertools.groupby(ready, key=lambda it: it.key):
+        rest, size = list(grid_items), (first_batch if not batches and first_batch > 0 else batch_size)
+        while rest:
+            size = min(size, batch_size)
+            batches.append(rest[:size])
+            rest, size = rest[size:], size * 2
     return batches
 
 
@@ -312,12 +318,16 @@ class BatchPipeline:
         if i + 1 < len(self.batches):
             self.upcoming = self._prepare(i + 1)
 
+    def start_loading(self) -> None:
+        """Start decoding the first two batches' JPEGs in the loader threads (before a warm-up, say)."""
+        self._load_ahead(0)
+        self._load_ahead(1)
+
     def run(self, first_rows: list[dict]) -> None:
         """Write ``first_rows`` (images failed before batching), then caption every batch."""
         try:
             self.writer.emit(first_rows)
-            self._load_ahead(0)
-            self._load_ahead(1)
+            self.start_loading()
             self.upcoming = self._prepare(0) if self.batches else None
             for i in range(len(self.batches)):
                 current, self.upcoming = self.upcoming, None
@@ -333,7 +343,11 @@ class BatchPipeline:
                     self._flush()
                 except Exception:
                     pass
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.close()
+
+    def close(self) -> None:
+        """Stop the loader threads (queued loads are cancelled)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iterable[Any],
@@ -402,22 +416,28 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                           decoder, options, constraints=constraints)
     captioner = BatchCaptioner(processor, entry, run_decoder, build_prompt(entry, processor, instruction=prompt),
                                extra, keep_file_name)
-    batches = make_batches(ready, batch_size, one_grid=run_decoder.fast is not None)
+    batches = make_batches(ready, batch_size, one_grid=run_decoder.fast is not None,
+                           first_batch=FIRST_BATCH if options.small_first_batch else 0)
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    warmup_seconds = warm_up(captioner, batches)[0] if warmup and batches else 0.0
     bar = None
     if progress and pending.items:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
     writer = RowWriter(out_path, bar)
-    start = time.perf_counter()
+    pipeline = BatchPipeline(batches, captioner, writer, options.pipeline)
     try:
-        BatchPipeline(batches, captioner, writer, options.pipeline).run(
-            [captioner.row(item, error=exc) for item, exc in failed])
+        warmup_seconds = 0.0
+        if warmup and batches:
+            if options.load_during_warmup:
+                pipeline.start_loading()
+            warmup_seconds = warm_up(captioner, batches)[0]
+        start = time.perf_counter()
+        pipeline.run([captioner.row(item, error=exc) for item, exc in failed])
     finally:
+        pipeline.close()   # a failed warm-up leaves loads started
         if bar is not None:
             bar.close()
     return run_summary(entry, out_path, pending, writer, time.perf_counter() - start,
