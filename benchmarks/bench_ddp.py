@@ -59,6 +59,7 @@ def main(argv=None) -> None:
                     help="image sizes of the training images (coco: the 14-size COCO-like mix, weighted)")
     ap.add_argument("--group-by-grid", default="off", choices=["off", "on", "both"],
                     help="train.group_by_grid; both: each GPU count ungrouped, then grouped (same data)")
+    ap.add_argument("--keep-logs", default=None, help="folder for each train command's stdout and stderr")
     args = ap.parse_args(argv)
     from jpcap_helpers import data, models
     from jpcap_helpers.params import load_params
@@ -84,6 +85,9 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
         wall = time.perf_counter() - t
+        if args.keep_logs:   # the train command's own output (e.g. under TORCH_LOGS=recompiles)
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            (Path(args.keep_logs) / f"{run}.log").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
         if res.returncode:
             emit({"bench": "ddp", "gpus": gpus, "error": res.stderr[-1500:]})
             continue
