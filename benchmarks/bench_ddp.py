@@ -26,6 +26,23 @@ from common import COCO_LIKE_SIZES, emit, random_model_dir, versions  # noqa: E4
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# --compile-static: the train command with the language layers compiled as before run ETA-2's fix
+# (specialised on the first shapes, recompiled when they change) and dynamo's default recompile limit
+STATIC_COMPILE = """
+import sys
+import torch._dynamo
+from jpcap_helpers.models import fastpath
+real = fastpath.compile_blocks
+def specialised(blocks, dynamic=None, **kw):
+    n = real(blocks, dynamic=None, **kw)
+    torch._dynamo.config.recompile_limit = 8
+    return n
+fastpath.compile_blocks = specialised
+from jpcap_helpers.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def image_sizes(mix: str) -> list[list[int]]:
     """The jp-shapes image sizes of ``mix``: ``three`` (640×480, 480×640, 640×427), ``coco`` (the 14 sizes of
     ``common.COCO_LIKE_SIZES``, each repeated by its share in percent: the toy data draws uniformly from the
@@ -59,6 +76,8 @@ def main(argv=None) -> None:
                     help="image sizes of the training images (coco: the 14-size COCO-like mix, weighted)")
     ap.add_argument("--group-by-grid", default="off", choices=["off", "on", "both"],
                     help="train.group_by_grid; both: each GPU count ungrouped, then grouped (same data)")
+    ap.add_argument("--compile-static", action="store_true",
+                    help="baseline: language layers compiled specialised (recompiled on new shapes), limit 8")
     ap.add_argument("--keep-logs", default=None, help="folder for each train command's stdout and stderr")
     args = ap.parse_args(argv)
     from jpcap_helpers import data, models
@@ -75,11 +94,14 @@ def main(argv=None) -> None:
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates = {}
     for gpus, grouped in ((g, b) for g in args.gpus for b in groupings):
-        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "")
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-static" if args.compile_static else "")
         launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
-        cmd = launch + ["-m", "jpcap_helpers.cli", "train", str(ROOT / "params/smoke.yaml"), "--no-resume",
-                        "--run-name", run]
+        if args.compile_static and gpus > 1:   # accelerate launch takes a script, not -c
+            emit({"bench": "ddp", "gpus": gpus, "error": "--compile-static runs on one GPU only"})
+            continue
+        entry = ["-c", STATIC_COMPILE, "train"] if args.compile_static else ["-m", "jpcap_helpers.cli", "train"]
+        cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped):
             cmd += ["--set", item]
         t = time.perf_counter()
@@ -100,13 +122,15 @@ def main(argv=None) -> None:
         rates[gpus, grouped] = statistics.median(r["samples_per_s"] for r in warm)
         one = rates.get((min(g for g, _ in rates), grouped), rates[gpus, grouped])
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "gpus": gpus,
+              "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
               "samples_per_s": round(rates[gpus, grouped], 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
               "per_gpu": round(rates[gpus, grouped] / gpus, 2), "speedup": round(rates[gpus, grouped] / one, 2),
               "first_steps_s": [round(batch(r) / r["samples_per_s"], 2) for r in first],
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
-        emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped})
+        emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped,
+              "compile_static": args.compile_static})
 
 
 def eta_check(run_dir: Path, gpus: int) -> dict:

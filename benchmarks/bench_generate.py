@@ -250,7 +250,7 @@ def main(argv=None):
     ap.add_argument("--warmup-every-pass", action="store_true",
                     help="--first-pass --warmup: the warm passes run the warm-up too (for --lever-off load_during_warmup)")
     ap.add_argument("--lever-off", nargs="*", default=[],
-                    choices=["pipeline", "compile_step", "small_first_batch", "load_during_warmup"],
+                    choices=["pipeline", "compile_step", "load_during_warmup"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     args = ap.parse_args(argv)

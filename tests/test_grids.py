@@ -12,7 +12,7 @@ from PIL import Image
 from jpcap_helpers import engine
 from jpcap_helpers import io as jio
 from jpcap_helpers.data import toy as toydata
-from jpcap_helpers.engine import EngineOptions, decode, generation, grids, pipeline, warmup
+from jpcap_helpers.engine import EngineOptions, generation, grids, pipeline, warmup
 from jpcap_helpers.models import REGISTRY, build_tiny_model
 from jpcap_helpers.params import Params, ParamsError, TinyModelParams
 
@@ -182,28 +182,11 @@ def test_warmup_does_not_change_rows_and_is_timed_apart(project, tmp_path, monke
     assert hf["warmup_seconds"] == 0   # HF generate captures nothing: no warm-up
 
 
-def test_make_batches_ramps_the_first_grid_up_and_keeps_the_order():
-    def items(key, n):
-        return [pipeline.Item(i, "x", None, key=key) for i in range(n)]
-    ready = items((16, 112, 112), 600) + items((12, 84, 112), 300) + items((4, 56, 56), 10)
-    ramped = pipeline.make_batches(ready, 256, one_grid=True, first_batch=32)
-    assert [len(b) for b in ramped] == [32, 64, 128, 256, 120, 256, 44, 10]
-    assert [it for b in ramped for it in b] == ready and all(len({it.key for it in b}) == 1 for b in ramped)
-    assert [len(b) for b in pipeline.make_batches(ready, 256, one_grid=True)] == [256, 256, 88, 256, 44, 10]
-    assert [len(b) for b in pipeline.make_batches(ready[:40], 256, True, first_batch=32)] == [32, 8]
-    assert [len(b) for b in pipeline.make_batches(ready, 16, True, first_batch=32)][:3] == [16, 16, 16]
-
-
-def test_small_first_batch_and_loading_during_warmup_keep_the_rows(project, tmp_path, monkeypatch):
-    """EngineOptions.small_first_batch ramps the first batches up (1, 2, 3 of six images of one grid with
-    FIRST_BATCH 1 and batch 4, instead of 4, 2); load_during_warmup starts the loader threads before the
-    warm-up instead of after it. Neither changes a row."""
-    sizes, events = [], []
-    real_generate, real_start, real_warm = decode.GreedyDecoder.generate, pipeline.BatchPipeline.start_loading, pipeline.warm_up
-
-    def generate(self, inputs, max_new_tokens, while_busy=None):
-        sizes.append(int(inputs["input_ids"].shape[0]))
-        return real_generate(self, inputs, max_new_tokens, while_busy=while_busy)
+def test_loading_during_warmup_keeps_the_rows(project, tmp_path, monkeypatch):
+    """EngineOptions.load_during_warmup starts the loader threads before the warm-up instead of after
+    it; the rows are the same."""
+    events = []
+    real_start, real_warm = pipeline.BatchPipeline.start_loading, pipeline.warm_up
 
     def start_loading(self):
         events.append("load")
@@ -211,24 +194,16 @@ def test_small_first_batch_and_loading_during_warmup_keep_the_rows(project, tmp_
 
     def warm(captioner, batches):
         events.append("warm-up")
-        out = real_warm(captioner, batches)
-        sizes.clear()   # the run's batches only
-        return out
+        return real_warm(captioner, batches)
 
-    monkeypatch.setattr(decode.GreedyDecoder, "generate", generate)
     monkeypatch.setattr(pipeline.BatchPipeline, "start_loading", start_loading)
     monkeypatch.setattr(pipeline, "warm_up", warm)
-    monkeypatch.setattr(pipeline, "FIRST_BATCH", 1)
-    records = project["records"][:6]           # one grid: (140, 112) images
-    kw = dict(batch_size=4, max_new_tokens=6, progress=False, warmup=True)
-    off = EngineOptions(small_first_batch=False, load_during_warmup=False)
-    for name, options, order, batches in (("off", off, ["warm-up", "load"], [4, 2]),
-                                           ("on", EngineOptions(), ["load", "warm-up"], [1, 2, 3])):
-        events.clear(), sizes.clear()
-        engine.caption_records(project["model"], project["processor"], ENTRY, records, project["images"],
-                               tmp_path / f"{name}.jsonl", options=options, **kw)
-        assert events[:2] == order and sizes == batches   # run() asks again: loads already queued are kept
-    assert _rows(tmp_path / "off.jsonl") == _rows(tmp_path / "on.jsonl") and len(_rows(tmp_path / "on.jsonl")) == 6
+    for name, options, order in (("off", EngineOptions(load_during_warmup=False), ["warm-up", "load"]),
+                                 ("on", EngineOptions(), ["load", "warm-up"])):
+        events.clear()
+        _caption(project, tmp_path / f"{name}.jsonl", warmup=True, options=options)
+        assert events[:2] == order   # run() asks again: loads already queued are kept
+    assert _rows(tmp_path / "off.jsonl") == _rows(tmp_path / "on.jsonl")
 
 
 def test_summary_and_provenance_record_the_settings(project, tmp_path, capsys):

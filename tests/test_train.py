@@ -244,6 +244,36 @@ def test_fast_path_loss_equals_plain_loss(tiny, project):
 
 
 
+def test_language_layers_compile_once_for_every_batch_shape(project, monkeypatch):
+    """prepare_model compiles the language layers for any shape (dynamic) from the start: micro-batches of
+    another size or sequence length then compile nothing more. Specialised layers recompiled mid-run
+    (run ETA-2, H200: 19 s at step 5, when the first batch of a new length came after the plan's probe)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from jpcap_helpers.models import fastpath
+
+    params = make_params(project, "dyn")
+    model, processor, entry = models.load_model(params, for_training=True)
+    counter, real = CompileCounter(), fastpath.compile_blocks
+    monkeypatch.setattr(fastpath, "compile_supported", lambda model_type: True)   # as on a GPU ≥ 8.0
+    monkeypatch.setattr(fastpath, "compile_blocks", lambda blocks, **kw: real(blocks, backend=counter, **kw))
+    torch._dynamo.reset()
+    try:
+        model = T.prepare_model(model, params)
+        collate = T.CaptionCollator(processor, entry.prompt, "right")
+        batches = [collate(samples(params, 3)), collate(samples(params, 2)), collate(samples(params, 4, start=1))]
+        assert len({tuple(b["input_ids"].shape) for b in batches}) == 3
+        counts = []
+        for batch in batches:
+            s, n = T.caption_loss(model, batch)
+            (s / n).backward()
+            counts.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert counts[0] > 0 and counts[-1] == counts[0], counts
+    assert torch._dynamo.config.recompile_limit >= fastpath.RECOMPILE_LIMIT
+
+
 def test_label_smoothing_in_the_caption_loss(tiny):
     """``train.label_smoothing``: (1-ε)·NLL + ε·(mean −log p over the vocabulary) at the caption positions."""
     params, model, processor, entry = tiny

@@ -21,9 +21,6 @@ class EngineOptions:
       plain model (adapter merged, not 4-bit).
     * ``compile_step`` — compile the decoding step's layer functions too, where the prefill's is
       compiled (decoding 256 captions: 105 instead of 132 ms of GPU time; longer captions gain more).
-    * ``small_first_batch`` — the fast decoder's first batches ramp up (``pipeline.FIRST_BATCH`` images,
-      then twice as many, … up to the batch size), so the GPU starts after a few dozen JPEG decodes
-      instead of a whole batch's, while the loader threads catch up (the pipeline's fill).
     * ``load_during_warmup`` — with ``warmup``, the loader threads decode the first two batches' JPEGs
       while the warm-up runs instead of after it.
     """
@@ -31,5 +28,4 @@ class EngineOptions:
     preprocess_on_gpu: bool = True
     compile_prefill: Optional[bool] = None
     compile_step: bool = True
-    small_first_batch: bool = True
     load_during_warmup: bool = True

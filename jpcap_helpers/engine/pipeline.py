@@ -35,7 +35,6 @@ __all__ = ["caption_records", "run_summary", "error_text", "Item", "Pending", "P
            "make_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
 
 RESERVED_FIELDS = {"image_id", "caption", "model", "error", "file_name"}
-FIRST_BATCH = 32   # EngineOptions.small_first_batch: the first batch's images; the next ones double
 
 
 def error_text(exc: BaseException) -> str:
@@ -131,20 +130,15 @@ def sort_by_visual_tokens(items: list[Item], processor: Any, grids: Optional[Gri
     return ready, failed
 
 
-def make_batches(ready: list[Item], batch_size: int, one_grid: bool, first_batch: int = 0) -> list[list[Item]]:
+def make_batches(ready: list[Item], batch_size: int, one_grid: bool) -> list[list[Item]]:
     """Consecutive batches of ``batch_size``; with ``one_grid`` no batch mixes visual grids (the fast
-    decoder's batches: no padding, shared positions), and ``first_batch`` > 0 ramps the first grid's
-    batches up from that size, doubling (32, 64, 128, then ``batch_size``): the GPU starts after a few
-    dozen images are loaded while the loader threads catch up. The items' order is kept."""
+    decoder's batches: no padding, shared positions)."""
     if not one_grid:
         return [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
-    batches: list[list[Item]] = []
+    batches = []
     for _, grid_items in itertools.groupby(ready, key=lambda it: it.key):
-        rest, size = list(grid_items), (first_batch if not batches and first_batch > 0 else batch_size)
-        while rest:
-            size = min(size, batch_size)
-            batches.append(rest[:size])
-            rest, size = rest[size:], size * 2
+        group = list(grid_items)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
 
 
@@ -416,8 +410,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                           decoder, options, constraints=constraints)
     captioner = BatchCaptioner(processor, entry, run_decoder, build_prompt(entry, processor, instruction=prompt),
                                extra, keep_file_name)
-    batches = make_batches(ready, batch_size, one_grid=run_decoder.fast is not None,
-                           first_batch=FIRST_BATCH if options.small_first_batch else 0)
+    batches = make_batches(ready, batch_size, one_grid=run_decoder.fast is not None)
 
     cuda = torch.cuda.is_available()
     if cuda:

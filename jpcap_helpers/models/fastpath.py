@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import types
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -280,12 +281,23 @@ def compile_supported(model_type: str) -> bool:
             and torch.cuda.get_device_capability() >= (8, 0))
 
 
-def compile_blocks(blocks) -> int:
-    """``Module.compile()`` each block in place (same parameters and state_dict keys; one compiled graph
-    shared by blocks of one class, recompiled once when shapes first change). Returns the count."""
+RECOMPILE_LIMIT = 64   # dynamo's per-frame limit (default 8) for the compiled blocks: see compile_blocks
+
+
+def compile_blocks(blocks, dynamic: Optional[bool] = None, **compile_kwargs) -> int:
+    """``Module.compile()`` each block in place (same parameters and state_dict keys). Blocks of one class
+    share one compiled graph; ``dynamic=None`` specialises on the first shapes and recompiles once when
+    they change, ``True`` compiles for any size from the start. Returns the count.
+
+    Every transformers block runs through one frame (``GradientCheckpointingLayer.__call__``), so the
+    vision blocks and each language-layer variant — with or without LoRA, input requiring grad or not,
+    training or validation, static or dynamic — are all entries of that frame; dynamo's default limit
+    of 8 entries then falls back to eager code for the rest (run ETA-2: a COCO-like mix hit it at step 12).
+    So the limit is raised to :data:`RECOMPILE_LIMIT` (torch's setting is process-wide)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     n = 0
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile()
+            block.compile(dynamic=dynamic, **compile_kwargs)
             n += 1
     return n
