@@ -274,6 +274,24 @@ def test_language_layers_compile_once_for_every_batch_shape(project, monkeypatch
     assert torch._dynamo.config.recompile_limit >= fastpath.RECOMPILE_LIMIT
 
 
+def test_training_rows_are_padded_to_a_multiple_of_eight_without_changing_the_loss(tiny):
+    """Rows padded to T.PAD_MULTIPLE tokens (the compiled layers then meet aligned lengths only: run ETA-3)
+    give the loss of rows padded to their longest only; a prompt-only (generation) batch is not padded."""
+    params, model, processor, entry = tiny
+    unaligned = T.CaptionCollator(processor, entry.prompt, "right", pad_multiple=1)
+    pairs = next(p for k in range(40) if unaligned(p := samples(params, 3, start=k))["input_ids"].shape[1] % 8)
+    plain = unaligned(pairs)
+    padded = T.CaptionCollator(processor, entry.prompt, "right")(pairs)
+    assert T.PAD_MULTIPLE == 8 and padded["input_ids"].shape[1] % 8 == 0
+    assert padded["input_ids"].shape[1] > plain["input_ids"].shape[1], "pick samples whose length is not aligned"
+    with torch.no_grad():
+        a, n_a = T.caption_loss(model, plain)
+        b, n_b = T.caption_loss(model, padded)
+    assert int(n_a) == int(n_b) and (b / n_b).item() == pytest.approx((a / n_a).item(), rel=1e-5)
+    prompt_only = T.CaptionCollator(processor, entry.prompt, "left", prompt_only=True)(pairs)
+    assert prompt_only["input_ids"].shape[1] == int(prompt_only["attention_mask"].sum(1).max())
+
+
 def test_label_smoothing_in_the_caption_loss(tiny):
     """``train.label_smoothing``: (1-ε)·NLL + ε·(mean −log p over the vocabulary) at the caption positions."""
     params, model, processor, entry = tiny

@@ -24,6 +24,7 @@ from .batches import (
     ASSISTANT_HEADER,
     END_TOKEN,
     IGNORE_INDEX,
+    PAD_MULTIPLE,
     PairDataset,
     _placeholder_image,
     chat_messages,
@@ -111,10 +112,11 @@ class PackedCollator:
     """Packed batches from ``{"image", "captions"}`` samples: ``input_ids``, ``attention_mask`` (real
     tokens), ``segment_ids`` (0 prefix, j caption j, -1 padding), ``caption_pos`` (index inside the
     caption), ``target_index`` (flat row position predicting each target), ``target_ids``, and the
-    processor's image tensors. Tokens are exactly those of :class:`~.batches.CaptionCollator`'s rows."""
+    processor's image tensors. Tokens are exactly those of :class:`~.batches.CaptionCollator`'s rows; rows
+    are right-padded to a multiple of ``pad_multiple`` tokens (:data:`~.batches.PAD_MULTIPLE`)."""
 
-    def __init__(self, processor: Any, prompt: str):
-        self.processor, self.prompt = processor, prompt
+    def __init__(self, processor: Any, prompt: str, pad_multiple: int = PAD_MULTIPLE):
+        self.processor, self.prompt, self.pad_multiple = processor, prompt, pad_multiple
         tok = processor.tokenizer
         self.header_ids = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end_id = tok.convert_tokens_to_ids(END_TOKEN)
@@ -155,7 +157,8 @@ class PackedCollator:
             prefix_types.append(prefix["mm_token_type_ids"][row, :n].tolist() if "mm_token_type_ids" in prefix
                                 else [0] * n)
             captions.append([] if row in missing else [self.caption_ids(c) for c in s["captions"]])
-        batch = pack_token_rows(prefixes, prefix_types, captions, self.processor.tokenizer.pad_token_id or 0)
+        batch = pack_token_rows(prefixes, prefix_types, captions, self.processor.tokenizer.pad_token_id or 0,
+                                self.pad_multiple)
         batch.update(pixel_values=prefix["pixel_values"], image_grid_thw=prefix["image_grid_thw"])
         if "mm_token_type_ids" in prefix:
             batch["mm_token_type_ids"] = batch["mm_token_type_ids"].to(prefix["mm_token_type_ids"].dtype)
@@ -168,9 +171,10 @@ class PackedCollator:
 
 
 def pack_token_rows(prefixes: Sequence[list[int]], prefix_types: Sequence[list[int]],
-                    captions: Sequence[Sequence[list[int]]], pad_id: int) -> dict:
+                    captions: Sequence[Sequence[list[int]]], pad_id: int, pad_multiple: int = 1) -> dict:
     """The packed token layout (see the module docstring) from each row's prefix ids, their modality
-    types (0 text, 1 image) and its captions' ids (each with its closing ``<|im_end|>``), right-padded:
+    types (0 text, 1 image) and its captions' ids (each with its closing ``<|im_end|>``), right-padded
+    (to a multiple of ``pad_multiple``):
     ``input_ids``, ``attention_mask``, ``segment_ids``, ``caption_pos``, ``mm_token_type_ids``,
     ``target_index``, ``target_ids``, ``n_captions``."""
     import torch
@@ -191,7 +195,7 @@ def pack_token_rows(prefixes: Sequence[list[int]], prefix_types: Sequence[list[i
         segs.append(seg)
         cpos.append(pos)
         types.append(mm)
-    length = max(len(r) for r in rows)
+    length = -(-max(len(r) for r in rows) // pad_multiple) * pad_multiple
 
     def padded(values, fill):
         return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
