@@ -248,9 +248,9 @@ def main(argv=None):
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass (first pass only)")
     ap.add_argument("--warmup-every-pass", action="store_true",
-                    help="--first-pass --warmup: the warm passes run the warm-up too (for --lever-off load_during_warmup)")
+                    help="--first-pass --warmup: the warm passes run the warm-up too")
     ap.add_argument("--lever-off", nargs="*", default=[],
-                    choices=["pipeline", "compile_step", "load_during_warmup"],
+                    choices=["pipeline", "compile_step"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     args = ap.parse_args(argv)

@@ -12,7 +12,7 @@ from PIL import Image
 from jpcap_helpers import engine
 from jpcap_helpers import io as jio
 from jpcap_helpers.data import toy as toydata
-from jpcap_helpers.engine import EngineOptions, generation, grids, pipeline, warmup
+from jpcap_helpers.engine import generation, grids, pipeline, warmup
 from jpcap_helpers.models import REGISTRY, build_tiny_model
 from jpcap_helpers.params import Params, ParamsError, TinyModelParams
 
@@ -180,30 +180,6 @@ def test_warmup_does_not_change_rows_and_is_timed_apart(project, tmp_path, monke
     assert lengths == sorted(lengths, reverse=True), "the longest prompt first (buffers sized once)"
     hf = _caption(project, tmp_path / "hf.jsonl", warmup=True, decoder="hf")
     assert hf["warmup_seconds"] == 0   # HF generate captures nothing: no warm-up
-
-
-def test_loading_during_warmup_keeps_the_rows(project, tmp_path, monkeypatch):
-    """EngineOptions.load_during_warmup starts the loader threads before the warm-up instead of after
-    it; the rows are the same."""
-    events = []
-    real_start, real_warm = pipeline.BatchPipeline.start_loading, pipeline.warm_up
-
-    def start_loading(self):
-        events.append("load")
-        return real_start(self)
-
-    def warm(captioner, batches):
-        events.append("warm-up")
-        return real_warm(captioner, batches)
-
-    monkeypatch.setattr(pipeline.BatchPipeline, "start_loading", start_loading)
-    monkeypatch.setattr(pipeline, "warm_up", warm)
-    for name, options, order in (("off", EngineOptions(load_during_warmup=False), ["warm-up", "load"]),
-                                 ("on", EngineOptions(), ["load", "warm-up"])):
-        events.clear()
-        _caption(project, tmp_path / f"{name}.jsonl", warmup=True, options=options)
-        assert events[:2] == order   # run() asks again: loads already queued are kept
-    assert _rows(tmp_path / "off.jsonl") == _rows(tmp_path / "on.jsonl")
 
 
 def test_summary_and_provenance_record_the_settings(project, tmp_path, capsys):

@@ -21,11 +21,8 @@ class EngineOptions:
       plain model (adapter merged, not 4-bit).
     * ``compile_step`` — compile the decoding step's layer functions too, where the prefill's is
       compiled (decoding 256 captions: 105 instead of 132 ms of GPU time; longer captions gain more).
-    * ``load_during_warmup`` — with ``warmup``, the loader threads decode the first two batches' JPEGs
-      while the warm-up runs instead of after it.
     """
     pipeline: bool = True
     preprocess_on_gpu: bool = True
     compile_prefill: Optional[bool] = None
     compile_step: bool = True
-    load_during_warmup: bool = True

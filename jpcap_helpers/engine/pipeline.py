@@ -136,8 +136,8 @@ def make_batches(ready: list[Item], batch_size: int, one_grid: bool) -> list[lis
     if not one_grid:
         return [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
     batches = []
-    for _, grid_items in itertools.groupby(ready, key=lambda it: it.key):
-        group = list(grid_items)
+    for _, group in itertools.groupby(ready, key=lambda it: it.key):
+        group = list(group)
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
 
@@ -312,16 +312,12 @@ class BatchPipeline:
         if i + 1 < len(self.batches):
             self.upcoming = self._prepare(i + 1)
 
-    def start_loading(self) -> None:
-        """Start decoding the first two batches' JPEGs in the loader threads (before a warm-up, say)."""
-        self._load_ahead(0)
-        self._load_ahead(1)
-
     def run(self, first_rows: list[dict]) -> None:
         """Write ``first_rows`` (images failed before batching), then caption every batch."""
         try:
             self.writer.emit(first_rows)
-            self.start_loading()
+            self._load_ahead(0)
+            self._load_ahead(1)
             self.upcoming = self._prepare(0) if self.batches else None
             for i in range(len(self.batches)):
                 current, self.upcoming = self.upcoming, None
@@ -337,11 +333,7 @@ class BatchPipeline:
                     self._flush()
                 except Exception:
                     pass
-            self.close()
-
-    def close(self) -> None:
-        """Stop the loader threads (queued loads are cancelled)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iterable[Any],
@@ -415,22 +407,17 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    warmup_seconds = warm_up(captioner, batches)[0] if warmup and batches else 0.0
     bar = None
     if progress and pending.items:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
     writer = RowWriter(out_path, bar)
-    pipeline = BatchPipeline(batches, captioner, writer, options.pipeline)
+    start = time.perf_counter()
     try:
-        warmup_seconds = 0.0
-        if warmup and batches:
-            if options.load_during_warmup:
-                pipeline.start_loading()
-            warmup_seconds = warm_up(captioner, batches)[0]
-        start = time.perf_counter()
-        pipeline.run([captioner.row(item, error=exc) for item, exc in failed])
+        BatchPipeline(batches, captioner, writer, options.pipeline).run(
+            [captioner.row(item, error=exc) for item, exc in failed])
     finally:
-        pipeline.close()   # a failed warm-up leaves loads started
         if bar is not None:
             bar.close()
     return run_summary(entry, out_path, pending, writer, time.perf_counter() - start,
