@@ -81,6 +81,13 @@ def test_packed_loss_and_gradients_equal_plain(project):
         s, n = T.caption_loss(model, packed)
         s2, n2 = T.caption_loss(model, packed, use_mm_encoder_outputs=False)
     assert (s2 / n2).item() == pytest.approx((s / n).item(), rel=1e-6)
+    # rows are padded to a multiple of T.PAD_MULTIPLE tokens; padded only to the longest row: same loss
+    tight = packing.PackedCollator(processor, entry.prompt, pad_multiple=1)(samples)
+    assert packed["input_ids"].shape[1] % T.PAD_MULTIPLE == 0
+    assert tight["input_ids"].shape[1] == int(tight["attention_mask"].sum(1).max())
+    with torch.no_grad():
+        s3, n3 = T.caption_loss(model, tight)
+    assert int(n3) == int(n) and (s3 / n3).item() == pytest.approx((s / n).item(), rel=1e-5)
 
 
 def test_packed_with_a_single_caption_and_uneven_caption_counts(project):
