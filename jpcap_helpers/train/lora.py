@@ -131,8 +131,8 @@ def prepare_model(model: Any, params: Any) -> Any:
     use_lean_activations(base.model.language_model)
     if params.model.compile and compile_supported(model_type) and not t.gradient_checkpointing:
         # compiled layers inside gradient checkpointing were never measured: those run eagerly. Dynamic
-        # from the start: caption batches change their sequence length (and an epoch's last micro-batch its
-        # size) all the time; specialised graphs recompiled mid-run (run ETA-2: 19 s at step 5)
+        # from the start: caption batches change their sequence length all the time (validation's last
+        # micro-batch its size too); specialised graphs recompiled mid-run (run ETA-2: 19 s at step 5)
         compile_blocks(base.model.language_model.layers, dynamic=True)
     if t.gradient_checkpointing:
         _checkpoint_language_layers(base)
