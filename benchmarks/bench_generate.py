@@ -161,7 +161,7 @@ def first_pass(args, model_dir: Path, adapter) -> None:
     model, processor, entry = models.load_model(params_for(model_dir), adapter=str(adapter) if adapter else None)
     bs = max(args.batch)
     setting = {"mix": args.mix, "batch": bs, "images": len(records), "warmup": args.warmup,
-               "warmup_every_pass": args.warmup_every_pass, "grid_buckets": args.grid_buckets}
+               "grid_buckets": args.grid_buckets}
     from jpcap_helpers.engine import EngineOptions, caption_records
     phases = [("first pass (cold)", EngineOptions()), ("second pass (warm)", EngineOptions())]
     for lever in args.lever_off:  # warm passes with one lever off, then on again (A B A: drift shows)
@@ -174,8 +174,8 @@ def first_pass(args, model_dir: Path, adapter) -> None:
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         s = caption_records(model, processor, entry, records, folder, out, batch_size=bs, max_new_tokens=NEW_TOKENS,
-                            progress=False, grid_buckets=args.grid_buckets,
-                            warmup=args.warmup and (k == 0 or args.warmup_every_pass), options=options)
+                            progress=False, grid_buckets=args.grid_buckets, warmup=args.warmup and k == 0,
+                            options=options)
         wall = time.perf_counter() - t
         from jpcap_helpers.io import read_jsonl
         captions[k] = {r["image_id"]: r["caption"] for r in read_jsonl(out)}
@@ -247,10 +247,7 @@ def main(argv=None):
                     help="allow regional torch.compile for this arch although not yet measured")
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass (first pass only)")
-    ap.add_argument("--warmup-every-pass", action="store_true",
-                    help="--first-pass --warmup: the warm passes run the warm-up too")
-    ap.add_argument("--lever-off", nargs="*", default=[],
-                    choices=["pipeline", "compile_step"],
+    ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     args = ap.parse_args(argv)
