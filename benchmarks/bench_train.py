@@ -85,8 +85,14 @@ def undo_lean_activations(model) -> int:
     return n
 
 
-def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None):
+def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None, positions=True):
+    """``positions``: the batch carries its rotary positions, computed on the CPU as the trainer's
+    collators do (``train.positions``); off, the model computes them in its forward (GPU idle meanwhile)."""
     batch, n_img = synthetic_batch(arch, bs, max_pixels)
+    if positions:
+        from jpcap_helpers.train.positions import rope_positions
+        batch["position_ids"] = rope_positions(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                               merge_size=2, attention_mask=batch["attention_mask"])
     batch = {k: v.cuda() for k, v in batch.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     free()
@@ -142,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--compile-off", action="store_true", help="add rows without torch.compile (lever probe)")
     ap.add_argument("--vision-runs-baseline", action="store_true",
                     help="with --compile-off: also rows with the vision attention's previous plan (consecutive runs)")
+    ap.add_argument("--positions-off", action="store_true",
+                    help="add rows whose batches lack position_ids (the model computes them: lever probe)")
     ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="use regional torch.compile for this arch even if its model type is not in "
@@ -160,7 +168,7 @@ def main(argv=None):
     if "cookbook" in rows:
         m = cookbook_model(path)
         results["cookbook"] = measure("cookbook QLoRA (baseline)", m, plain, args.arch, 8, DEFAULT_MAX_PIXELS,
-                                      args.steps)
+                                      args.steps, positions=False)
         del m
         free()
     for key, label in (("qlora", "jpcap QLoRA (h100.yaml defaults)"), ("lora", "jpcap bf16 LoRA")):
@@ -171,6 +179,10 @@ def main(argv=None):
             results.setdefault(key, {})[bs] = measure(
                 label, m, fast, args.arch, bs, p.model.max_pixels, args.steps,
                 {"gradient_checkpointing": p.train.gradient_checkpointing}, autocast=torch.bfloat16)
+        if args.positions_off:  # same model, same process: the previous default
+            for bs in args.batch:
+                measure(label + ", positions in the forward (previous default)", m, fast, args.arch, bs,
+                        p.model.max_pixels, args.steps, autocast=torch.bfloat16, positions=False)
         if args.lean_off:
             n = undo_lean_activations(m)
             for bs in args.batch:

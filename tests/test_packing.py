@@ -121,14 +121,10 @@ def test_a_wrong_mask_or_wrong_positions_break_equality(project, monkeypatch):
         assert abs((s / n).item() - ref) > 1e-3
         monkeypatch.undo()
 
-        def running_positions(base, batch):           # positions continue across captions
-            pos = packing.packed_position_ids(base, batch)
-            seg = batch["segment_ids"]
-            run = torch.cumsum((seg > 0).long(), 1) - 1 - batch["caption_pos"]
-            return pos + torch.where(seg > 0, run, 0).unsqueeze(0)
-
-        monkeypatch.setattr(loss_module, "packed_position_ids", running_positions)
-        s, n = T.caption_loss(model, packed)
+        seg = packed["segment_ids"]                   # positions that continue across captions
+        run = torch.cumsum((seg > 0).long(), 1) - 1 - packed["caption_pos"]
+        running = packed["position_ids"] + torch.where(seg > 0, run, 0).unsqueeze(0)
+        s, n = T.caption_loss(model, dict(packed, position_ids=running))
         assert abs((s / n).item() - ref) > 1e-4
 
 

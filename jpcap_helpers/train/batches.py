@@ -18,6 +18,7 @@ import numpy as np
 from ..data import ImageLoadError, load_image, load_split, resolve_image_path
 from ..io import read_jsonl
 from .errors import TrainError
+from .positions import rope_positions
 
 __all__ = ["IGNORE_INDEX", "PAD_MULTIPLE", "ASSISTANT_HEADER", "END_TOKEN", "MISSING_IMAGE", "chat_messages", "read_pair_rows",
            "select_pairs", "read_pairs", "pairs_at_rows", "pairs_digest", "missing_image_files",
@@ -191,7 +192,8 @@ class CaptionCollator:
     With ``prompt_only`` the batch holds the prompt and the generation header, for ``generate``.
     A sample whose image is missing (``image=None``) gets a blank stand-in image and a fully masked
     row (no target tokens, so it changes neither loss nor gradients); the batch then carries
-    ``missing_images`` (file names), which the training loop counts and removes.
+    ``missing_images`` (file names), which the training loop counts and removes. Training batches of a
+    Qwen-VL processor also carry the model's rotary ``position_ids`` (:mod:`.positions`).
     """
 
     def __init__(self, processor: Any, prompt: str, padding_side: str = "right", prompt_only: bool = False,
@@ -201,6 +203,7 @@ class CaptionCollator:
         self.processor, self.prompt = processor, prompt
         self.padding_side, self.prompt_only = padding_side, prompt_only
         self.pad_multiple = 1 if prompt_only else pad_multiple   # generation prompts: as the engine's
+        self.merge_size = getattr(getattr(processor, "image_processor", None), "merge_size", None)
         tok = processor.tokenizer
         self.header_ids = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end_id = tok.convert_tokens_to_ids(END_TOKEN)
@@ -225,6 +228,9 @@ class CaptionCollator:
         batch = dict(batch)
         if not self.prompt_only:
             batch["labels"] = self.labels_for(batch["input_ids"], batch["attention_mask"])
+            if self.merge_size and "mm_token_type_ids" in batch and "image_grid_thw" in batch:
+                batch["position_ids"] = rope_positions(batch["input_ids"], batch["mm_token_type_ids"],
+                                                       batch["image_grid_thw"], self.merge_size, batch["attention_mask"])
             for row in missing:
                 batch["labels"][row] = IGNORE_INDEX
         if missing:

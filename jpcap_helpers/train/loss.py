@@ -33,10 +33,13 @@ def language_forward(base: Any, batch: dict, embeds: Any, sizes: list[int],
 
     ``use_mm_encoder_outputs``: hand the features over as ``mm_encoder_outputs`` (transformers 5) or
     scatter them into the token embeddings (older 5.x); None decides from the installed transformers.
-    ``attention_mask`` / ``position_ids`` replace the batch's 2-D mask and the model's own positions
-    (packed batches: a 4-D block mask and explicit 3-D positions).
+    ``attention_mask`` / ``position_ids`` replace the batch's 2-D mask and its positions (packed batches: a
+    4-D block mask and explicit 3-D positions); without them the batch's ``position_ids`` (from the
+    collator) are used, else the model computes its own.
     """
     inner = base.model
+    if position_ids is None:
+        position_ids = batch.get("position_ids")
     if use_mm_encoder_outputs is None:
         use_mm_encoder_outputs = "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
     common = dict(input_ids=batch["input_ids"],
@@ -75,7 +78,8 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
         eager = base.config._attn_implementation == "eager"
         mask = packed_attention_mask(batch["segment_ids"], embeds.dtype if eager else None)
         out = language_forward(base, batch, embeds, sizes, use_mm_encoder_outputs, attention_mask=mask,
-                               position_ids=packed_position_ids(base, batch), deepstack=deepstack)
+                               position_ids=batch["position_ids"] if "position_ids" in batch
+                               else packed_position_ids(base, batch), deepstack=deepstack)
         hidden = out.last_hidden_state.flatten(0, 1)[batch["target_index"]]
         logits = base.lm_head(hidden).float()
         targets = batch["target_ids"].to(logits.device)
@@ -90,11 +94,12 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
 
 
 def plain_loss(model: Any, batch: dict) -> Any:
-    """The reference: a full forward with ``labels`` (the transformers loss, mean over targets); unpacked
-    batches only (a packed batch has no ``labels``: use :func:`caption_loss`)."""
+    """The reference: a full forward with ``labels`` (the transformers loss, mean over targets) and the
+    model's own rotary positions (the collator's ``position_ids`` are left out); unpacked batches only
+    (a packed batch has no ``labels``: use :func:`caption_loss`)."""
     if is_packed(batch):
         raise ValueError("plain_loss takes unpacked batches (train.pack_captions: false); caption_loss takes both")
-    return model(**batch, use_cache=False).loss
+    return model(**{k: v for k, v in batch.items() if k != "position_ids"}, use_cache=False).loss
 
 
 def make_loss_module(peft_model: Any, loss: Callable[[Any, dict], tuple[Any, Any]] = caption_loss) -> Any:

@@ -30,6 +30,7 @@ from .batches import (
     chat_messages,
 )
 from .errors import TrainError
+from .positions import packed_positions, rope_positions
 
 __all__ = ["PACKED_KEY", "is_packed", "target_count", "group_by_image", "PackedSamples", "PackedDataset",
            "PackedCollator", "pack_token_rows", "packed_attention_mask", "packed_position_ids"]
@@ -117,6 +118,7 @@ class PackedCollator:
 
     def __init__(self, processor: Any, prompt: str, pad_multiple: int = PAD_MULTIPLE):
         self.processor, self.prompt, self.pad_multiple = processor, prompt, pad_multiple
+        self.merge_size = getattr(getattr(processor, "image_processor", None), "merge_size", None)
         tok = processor.tokenizer
         self.header_ids = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end_id = tok.convert_tokens_to_ids(END_TOKEN)
@@ -162,6 +164,10 @@ class PackedCollator:
         batch.update(pixel_values=prefix["pixel_values"], image_grid_thw=prefix["image_grid_thw"])
         if "mm_token_type_ids" in prefix:
             batch["mm_token_type_ids"] = batch["mm_token_type_ids"].to(prefix["mm_token_type_ids"].dtype)
+            if self.merge_size:
+                prefix_pos = rope_positions(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                            self.merge_size, attention_mask=batch["segment_ids"] == 0)
+                batch["position_ids"] = packed_positions(prefix_pos, batch["segment_ids"], batch["caption_pos"])
         else:
             del batch["mm_token_type_ids"]
         if missing:
@@ -233,18 +239,13 @@ def packed_attention_mask(segment_ids: Any, float_dtype: Optional[Any] = None) -
 
 
 def packed_position_ids(base: Any, batch: dict) -> Any:
-    """``[3, batch, L]`` rotary positions: the model's own 3-D (mrope) positions for the prefix; each
-    caption's text positions continue from the prefix's last position, as in its unpacked row."""
-    import torch
-
+    """``[3, batch, L]`` rotary positions from the model's own ``get_rope_index`` (3-D for the prefix);
+    each caption's text positions continue from the prefix's last position, as in its unpacked row.
+    The collator's ``position_ids`` (:mod:`.positions`, on the CPU) are these; this is the reference."""
     inner = base.model
     seg = batch["segment_ids"]
-    prefix = (seg == 0).long()
-    kwargs = dict(image_grid_thw=batch["image_grid_thw"], attention_mask=prefix)
+    kwargs = dict(image_grid_thw=batch["image_grid_thw"], attention_mask=(seg == 0).long())
     if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:
         kwargs["mm_token_type_ids"] = batch["mm_token_type_ids"]
     pos, _ = inner.get_rope_index(batch["input_ids"], **kwargs)
-    last = prefix.sum(1, keepdim=True) - 1                     # the prefix starts each row
-    start = pos[0].gather(1, last) + 1                          # text positions: equal in all 3 dims
-    caption = (start + batch["caption_pos"]).unsqueeze(0).expand_as(pos)
-    return torch.where((seg > 0).unsqueeze(0), caption, pos)
+    return packed_positions(pos, seg, batch["caption_pos"])
