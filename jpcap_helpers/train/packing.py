@@ -112,8 +112,8 @@ class PackedDataset:
 class PackedCollator:
     """Packed batches from ``{"image", "captions"}`` samples: ``input_ids``, ``attention_mask`` (real
     tokens), ``segment_ids`` (0 prefix, j caption j, -1 padding), ``caption_pos`` (index inside the
-    caption), ``target_index`` (flat row position predicting each target), ``target_ids``, and the
-    processor's image tensors. Tokens are exactly those of :class:`~.batches.CaptionCollator`'s rows; rows
+    caption), ``target_index`` (flat row position predicting each target), ``target_ids``, the rotary
+    ``position_ids`` (:mod:`.positions`; Qwen-VL processors) and the processor's image tensors. Tokens are exactly those of :class:`~.batches.CaptionCollator`'s rows; rows
     are right-padded to a multiple of ``pad_multiple`` tokens (:data:`~.batches.PAD_MULTIPLE`)."""
 
     def __init__(self, processor: Any, prompt: str, pad_multiple: int = PAD_MULTIPLE):
@@ -216,7 +216,7 @@ def pack_token_rows(prefixes: Sequence[list[int]], prefix_types: Sequence[list[i
 
 
 # ---------------------------------------------------------------------------------------------
-# mask and positions (on the model's device, inside the loss)
+# the block mask (on the model's device, inside the loss) and the positions' reference
 # ---------------------------------------------------------------------------------------------
 
 def packed_attention_mask(segment_ids: Any, float_dtype: Optional[Any] = None) -> Any:
