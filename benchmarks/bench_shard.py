@@ -3,7 +3,8 @@ files under `accelerate launch --multi_gpu --num_processes N` for each N, agains
 Random weights of the real Qwen2-VL-2B shape (bf16, params/h100.yaml generation settings), COCO-like size
 mix. The first N runs twice: "cold" pays compilation into inductor's on-disk cache; every later run is
 "warm" (compiled kernels from that cache), but each process still captures its CUDA graphs per image
-shape inside the timed engine seconds — the cost a one-shot evaluation pays on every GPU. Rows are
+shape inside the timed engine seconds — the cost a one-shot evaluation pays on every GPU. Each process
+runs whole batches of the one-GPU run (engine/sharding.py); ``seconds_per_process`` shows the balance. Rows are
 compared with the one-GPU run's: same ids, none missing or doubled, and the share of equal captions.
 
 ``--warmup`` and ``--grid-buckets K`` set ``generation.warmup`` / ``generation.grid_buckets``: every row
@@ -49,7 +50,8 @@ def caption(model_dir: Path, images: Path, out: Path, gpus: int, batch: int, war
     return {"images_per_s": meta["images_per_s"], "engine_seconds": meta["seconds"], "warmup_seconds": warm_s,
             "first_pass_images_per_s": round(meta["n_done"] / (meta["seconds"] + warm_s), 3) if meta["n_done"] else 0.0,
             "n_grids": meta.get("n_grids"), "n_resized": meta.get("n_resized"), "wall_seconds": round(wall, 1),
-            "processes": meta.get("processes"), "n_done": meta["n_done"], "peak_gpu_gib": meta["peak_gpu_gib"]}
+            "processes": meta.get("processes"), "n_done": meta["n_done"], "peak_gpu_gib": meta["peak_gpu_gib"],
+            "seconds_per_process": meta.get("seconds_per_process"), "n_done_per_process": meta.get("n_done_per_process")}
 
 
 def rows(path: Path) -> dict:

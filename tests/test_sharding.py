@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_asagi import build_asagi
 
 from jpcap_helpers import io as jio
-from jpcap_helpers.engine.sharding import caption_sharded, merge_shards, shard_path
+from jpcap_helpers.engine.sharding import caption_sharded, deal_batches, merge_shards, shard_path
 
 
 def test_merge_appends_missing_ids_only_and_survives_a_killed_merge(tmp_path):
@@ -73,3 +74,54 @@ def test_two_processes_write_the_rows_of_one(photos, tmp_path):
     assert "7 captioned" in printed and not list(tmp_path.glob("two.shard-*"))
     meta = json.loads(two.with_suffix(".meta.json").read_text())
     assert meta["last_run"]["processes"] == 2
+
+
+def test_whole_batches_are_dealt_largest_first_to_the_shard_with_fewest_items():
+    a, b, c, d, e = ["a0", "a1", "a2", "a3"], ["b0", "b1"], ["c0", "c1", "c2", "c3"], ["d0"], ["e0", "e1", "e2"]
+    # 2 shards: a→0, c→1, e→0 (4 = 4 items, 1 = 1 batch: the lower rank), b→1, d→1
+    assert deal_batches([a, b, c, d, e], 2) == [a + e, c + b + d]
+    assert deal_batches([a, b, c, d, e], 3) == [a + d, c, e + b]
+    assert deal_batches([a, b], 4) == [a, b, [], []]
+
+
+# (width, height): 8 visual grids under the tiny model's 112² pixels, 4:3 landscape the most frequent
+SIZES = [(140, 112)] * 9 + [(112, 140)] * 5 + [(112, 112)] * 3 + [(196, 56), (56, 196), (140, 84), (84, 140),
+                                                                     (60, 60)]
+
+
+def test_each_process_runs_whole_batches_of_the_one_gpu_run(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from jpcap_helpers.engine import pipeline, sharding
+    from jpcap_helpers.models import REGISTRY
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    order = np.random.default_rng(0).permutation(len(SIZES))   # grids interleaved, as in a real split
+    records = []
+    for i in order:
+        w, h = SIZES[i]
+        Image.new("RGB", (w, h), (int(i) * 9, 80, 160)).save(tmp_path / f"p{i:02d}.png")
+        records.append({"image_id": int(i), "file_name": f"p{i:02d}.png"})
+    records.insert(7, {"image_id": 99, "file_name": "missing.png"})   # an error row, not a batch
+    batch_size = 4
+
+    def ids(batches):
+        return [[r["image_id"] for r in batch] for batch in batches]
+
+    def engine_batches(recs):   # what caption_records cuts its records into (the fast decoder's batches)
+        ready, _ = pipeline.sort_by_visual_tokens(pipeline.pending_items(recs, set(), tmp_path).items, processor)
+        return [[it.image_id for it in batch] for batch in pipeline.make_batches(ready, batch_size, one_grid=True)]
+
+    def plan(recs):
+        return pipeline.plan_batches(model, processor, REGISTRY["tiny-qwen2-vl"], recs, tmp_path, batch_size=batch_size)
+
+    planned = ids(plan(records))
+    assert planned[:-1] == engine_batches(records) and planned[-1] == [99]
+    for world in (2, 3):
+        shards = [sharding._my_shard(records, rank, world, plan) for rank in range(world)]
+        assert sorted(r["image_id"] for shard in shards for r in shard) == sorted(r["image_id"] for r in records)
+        ran = [batch for shard in shards for batch in engine_batches(shard)]
+        assert sorted(ran) == sorted(planned[:-1])   # every one-GPU batch once, none split
+        # dealing single records instead splits the grids' tail batches: more, smaller batches
+        assert sum(len(engine_batches(records[rank::world])) for rank in range(world)) > len(ran)

@@ -11,8 +11,8 @@ from . import decode
 from .options import EngineOptions
 from .prompts import tokenizer_of
 
-__all__ = ["GPU_IMAGE_PROCESSORS", "model_device_dtype", "generation_config", "prepare_inputs", "Decoder",
-           "generate_batch"]
+__all__ = ["GPU_IMAGE_PROCESSORS", "model_device_dtype", "generation_config", "prepare_inputs", "uses_fast_decoder",
+           "Decoder", "generate_batch"]
 
 # image processors whose preprocessing runs on the GPU (torchvision-based Qwen processors)
 GPU_IMAGE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast")
@@ -97,18 +97,23 @@ def prepare_inputs(processor: Any, prompts: list[str], images: list, device: Any
     return inputs
 
 
+def uses_fast_decoder(model: Any, entry: ModelEntry, num_beams: int, decoder: str) -> bool:
+    """Whether :class:`Decoder` decodes with the fast greedy decoder (batches of one visual grid)."""
+    if decoder not in ("auto", "hf"):
+        raise ValueError(f"decoder must be 'auto' or 'hf', got {decoder!r}")
+    return decoder == "auto" and decode.supports(model, entry.family, num_beams)
+
+
 class Decoder:
     """One batch of processor inputs → new token ids: the fast greedy decoder (:mod:`.decode`) for
     Qwen2-VL / Qwen2.5-VL / Qwen3-VL with ``decoder="auto"``, else HF ``generate`` with ``gen_cfg``."""
 
     def __init__(self, model: Any, entry: ModelEntry, gen_cfg: Any, batch_size: int, decoder: str,
                  options: EngineOptions = EngineOptions(), constraints: Any = None):
-        if decoder not in ("auto", "hf"):
-            raise ValueError(f"decoder must be 'auto' or 'hf', got {decoder!r}")
         self.model, self.gen_cfg = model, gen_cfg
         self.constraints = constraints if constraints is not None and constraints.active else None
         self.fast = None
-        if decoder == "auto" and decode.supports(model, entry.family, gen_cfg.num_beams):
+        if uses_fast_decoder(model, entry, gen_cfg.num_beams, decoder):
             eos = gen_cfg.eos_token_id or []
             compile_prefill = options.compile_prefill
             if compile_prefill is None:  # where load_model compiled the vision tower, for a plain model

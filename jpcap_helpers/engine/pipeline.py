@@ -24,7 +24,14 @@ from .. import io as jio
 from ..models import ModelEntry, ModelError
 from ..text import normalize_caption
 from .constraints import Constraints, build_constraints, describe
-from .generation import GPU_IMAGE_PROCESSORS, Decoder, generate_batch, generation_config, prepare_inputs
+from .generation import (
+    GPU_IMAGE_PROCESSORS,
+    Decoder,
+    generate_batch,
+    generation_config,
+    prepare_inputs,
+    uses_fast_decoder,
+)
 from .grids import GridPlan, plan_grids
 from .images import group_key, image_size, load_image_for_model, load_image_tensor, resolve_image
 from .options import EngineOptions
@@ -32,7 +39,7 @@ from .prompts import build_prompt, clean_output, stop_token_ids, tokenizer_of
 from .warmup import warm_up
 
 __all__ = ["caption_records", "run_summary", "error_text", "Item", "Pending", "PreparedBatch", "existing_ids", "pending_items", "sort_by_visual_tokens",
-           "make_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
+           "make_batches", "plan_batches", "RowWriter", "BatchCaptioner", "BatchPipeline"]
 
 RESERVED_FIELDS = {"image_id", "caption", "model", "error", "file_name"}
 
@@ -140,6 +147,20 @@ def make_batches(ready: list[Item], batch_size: int, one_grid: bool) -> list[lis
         group = list(group)
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
+
+
+def plan_batches(model: Any, processor: Any, entry: ModelEntry, records: list, images_dir: str | Path, *,
+                 batch_size: int, num_beams: int = 1, decoder: str = "auto", grids: Optional[GridPlan] = None
+                 ) -> list[list]:
+    """The batches :func:`caption_records` would run for ``records`` (none captioned yet, no duplicate
+    ids), as lists of the records themselves; the records whose image header cannot be read (error rows)
+    come last, as one list. Every record is in exactly one list. Any subset of whole batches, given to
+    :func:`caption_records`, is cut into the same batches again (what sharding by batches relies on)."""
+    pending = pending_items(records, set(), Path(images_dir))
+    ready, failed = sort_by_visual_tokens(pending.items, processor, grids)
+    batches = make_batches(ready, batch_size, one_grid=uses_fast_decoder(model, entry, num_beams, decoder))
+    out = [[records[it.order] for it in batch] for batch in batches]
+    return out + ([[records[it.order] for it, _ in failed]] if failed else [])
 
 
 def run_summary(entry: ModelEntry, out_path: Path, pending: Pending, writer: "RowWriter", seconds: float, *,

@@ -19,7 +19,7 @@ from ..text import normalize_caption
 from .grids import plan_grids
 from .options import EngineOptions
 from .pinned import caption_records_pinned
-from .pipeline import caption_records, error_text
+from .pipeline import caption_records, error_text, plan_batches
 from .sharding import caption_sharded, process_group
 
 __all__ = ["FINETUNED_SUFFIX", "CONSTANT_SYSTEM", "prediction_path", "write_prediction_meta", "split_files",
@@ -124,7 +124,11 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
                 decoder=gen.decoder, extra={"split": split}, options=options,
                 constraints=gen.constraints, grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup)
 
-        summary = caption_sharded(caption, records, out)  # one GPU, or sharded under accelerate launch
+        def plan(pending: list, gen: Any = gen, grids: Any = grids) -> list[list]:
+            return plan_batches(model, processor, entry, pending, params.images_dir, batch_size=gen.batch_size,
+                                num_beams=gen.num_beams, decoder=gen.decoder, grids=grids)
+
+        summary = caption_sharded(caption, records, out, plan)  # one GPU, or whole batches per GPU under accelerate
         if process_group()[0] == 0:
             write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
                                   revision=params.model.revision or entry.revision or summary.get("commit"),
@@ -275,8 +279,12 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
                     constraints=gen.constraints, keep_file_name=keep_file_name,
                     grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup)
 
+            def plan(pending: list) -> list[list]:
+                return plan_batches(model, processor, entry, pending, images_dir, batch_size=gen.batch_size,
+                                    num_beams=gen.num_beams, decoder=gen.decoder, grids=grids)
+
             try:
-                summary = caption_sharded(caption, records, out)
+                summary = caption_sharded(caption, records, out, plan)
             finally:
                 del model, processor
                 _free_memory()
