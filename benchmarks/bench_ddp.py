@@ -1,13 +1,15 @@
 """DDP training throughput (issue 18/20): `jpcap train` on 1, 2, 4 … GPUs under `accelerate launch`,
 final defaults (bf16, compile, lean activations; QLoRA or LoRA r32 on the top 6 layers + projector),
 random weights of the real Qwen2-VL-2B shape, jp-shapes captions on COCO-like image sizes (640×480,
-480×640, 640×427; ≤ 448² pixels → ≤ 256 image tokens). Micro-batch 8 per GPU, no accumulation (global
-batch 8 × GPUs). samples/s = the train log's global rate, median over steps after --skip (compilation
+480×640, 640×427; ≤ 448² pixels → ≤ 256 image tokens). Micro-batch 8 per GPU (``--micro``), no accumulation (global
+batch micro × GPUs); ``--pack``: a sample is an image with all its captions (``captions_per_s`` too).
+samples/s = the train log's global rate, median over steps after --skip (compilation
 and graph capture excluded; reported apart as the first steps' seconds). Each run also prints the plan's
 ETA against the measured run time (row ``ddp-eta``: issue 18's honest probe).
 
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
     python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
+    python benchmarks/bench_ddp.py --gpus 1 2 --pack --micro 16          # h100.yaml's packed recipe
 """
 from __future__ import annotations
 
@@ -53,13 +55,14 @@ def image_sizes(mix: str) -> list[list[int]]:
 
 
 def overrides(model_dir: Path, method: str, gpus: int, steps: int, micro: int, mix: str = "three",
-              group_by_grid: bool = False) -> list[str]:
+              group_by_grid: bool = False, pack: bool = False) -> list[str]:
     sizes = json.dumps(image_sizes(mix), separators=(",", ":"))
     root = "outputs/data/jp-shapes-bench" + ("" if mix == "three" else f"-{mix}")
     return [f"model.name={model_dir}", f"model.load_in_4bit={'true' if method == 'qlora' else 'false'}",
             "model.max_pixels=200704", "model.min_pixels=3136", "run.cpu_threads=null",
             f"data.root={root}", f"data.toy.image_sizes={sizes}", "data.max_caption_tokens=32",
             f"train.group_by_grid={'true' if group_by_grid else 'false'}",
+            f"train.pack_captions={'true' if pack else 'false'}",
             f"train.micro_batch_size={micro}", f"train.effective_batch_size={micro * gpus}",
             f"train.max_steps={steps}", "train.eval_images=0", f"train.save_every={steps}", "train.top_k_layers=6",
             "train.learning_rate=2.0e-4", "train.gradient_checkpointing=false", "train.epochs=50"]
@@ -78,6 +81,8 @@ def main(argv=None) -> None:
                     help="train.group_by_grid; both: each GPU count ungrouped, then grouped (same data)")
     ap.add_argument("--compile-static", action="store_true",
                     help="baseline: language layers compiled specialised (recompiled on new shapes), limit 8")
+    ap.add_argument("--pack", action="store_true",
+                    help="train.pack_captions (h100.yaml's default): a sample is an image with all its captions")
     ap.add_argument("--keep-logs", default=None, help="folder for each train command's stdout and stderr")
     args = ap.parse_args(argv)
     from jpcap_helpers import data, models
@@ -90,11 +95,11 @@ def main(argv=None) -> None:
     data.fetch_raw(params)
     data.prepare_from_params(params, models.load_tokenizer(params), reject=models.processor_rejection, progress=False)
     emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro,
-          "mix": args.mix, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
+          "mix": args.mix, "pack_captions": args.pack, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates = {}
     for gpus, grouped in ((g, b) for g in args.gpus for b in groupings):
-        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-static" if args.compile_static else "")
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "")
         launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
         if args.compile_static and gpus > 1:   # accelerate launch takes a script, not -c
@@ -102,7 +107,7 @@ def main(argv=None) -> None:
             continue
         entry = ["-c", STATIC_COMPILE, "train"] if args.compile_static else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
-        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped):
+        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack):
             cmd += ["--set", item]
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
@@ -120,12 +125,15 @@ def main(argv=None) -> None:
         first = [r for r in steps if r["step"] <= 2]
         batch = lambda r, g=gpus: r.get("global_batch", args.micro * g)  # noqa: E731
         rates[gpus, grouped] = statistics.median(r["samples_per_s"] for r in warm)
+        captions = [r["captions_per_s"] for r in warm if r.get("captions_per_s") is not None]
         one = rates.get((min(g for g, _ in rates), grouped), rates[gpus, grouped])
-        emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "gpus": gpus,
+        emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
+              "micro_per_gpu": args.micro, "gpus": gpus,
               "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
               "samples_per_s": round(rates[gpus, grouped], 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
+              "captions_per_s": round(statistics.median(captions), 2) if captions else None,
               "per_gpu": round(rates[gpus, grouped] / gpus, 2), "speedup": round(rates[gpus, grouped] / one, 2),
               "first_steps_s": [round(batch(r) / r["samples_per_s"], 2) for r in first],
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
