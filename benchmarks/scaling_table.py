@@ -1,6 +1,6 @@
 """Scaling table (issue 18): time and cost to fine-tune Qwen2-VL-2B for 3 epochs on the full STAIR train
 split with caption packing and to caption STAIR val + test and YJ Captions, on a T4 (ESTIMATED from the
-cost model), one H200 (MEASURED rows), 2 and 4 H200s (the measured DDP scaling) and 8 (PROJECTED).
+cost model), one and two H200s (MEASURED on one host) and 4 and 8 (PROJECTED from the 1 → 2 scaling).
 Arithmetic only: every input is a named constant below with its source, or a flag.
 
     python benchmarks/scaling_table.py [--usd-per-gpu-hour 3.5] [--usd-per-t4-hour 0.35] [--write-results]
@@ -38,13 +38,15 @@ IMAGE_TOKENS, PATCHES = 234, 936  # a 640×480 COCO image at model.max_pixels 44
 PROMPT_TOKENS, CAPTION_TOKENS = 30, 25
 
 # ---- measured rates (benchmarks/results/) ----------------------------------------------------------
-H200_TRAIN_CAPTIONS_PER_S = 367.23   # run pack-2 (2026-11-28-pack.jsonl): packed QLoRA, h100.yaml defaults,
-                                     # 16 images × 5 captions per micro-batch, the training step alone
-H200_JPCAP_TRAIN_PAIRS_PER_S = 47.93  # run D1 (2026-11-28-x4.jsonl): `jpcap train` end to end, bf16 LoRA,
-                                      # unpacked, micro-batch 8 (the DDP runs' 1-GPU rate)
-H200_CAPTION_IMAGES_PER_S = 96.34    # run S1 (2026-11-28-x4.jsonl): engine, 1 GPU, warm, COCO-like mix,
-                                     # batch 256, 24 new tokens, no adapter
-DDP_SPEEDUP = {1: 1.0, 2: 1.85, 4: 3.29}   # run D1: jpcap train under DDP, bf16 LoRA, micro-batch 8 per GPU
+# runs X2-1…X2-4 (2026-11-29-x2.jsonl): one host with 2 NVIDIA H200, the 1- and 2-GPU rows on that host
+H200_TRAIN_CAPTIONS_PER_S = 341.98   # run X2-2: `jpcap train` end to end, packed QLoRA at the h100.yaml
+                                     # defaults (micro-batch 16 images ≈ 5 captions each), median step rate
+H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): the training step alone
+TRAIN_SPEEDUP = {1: 1.0, 2: 1.55}    # runs X2-2/X2-3: the same command on 2 GPUs, 529.43 captions/s (DDP)
+H200_CAPTION_IMAGES_PER_S = 173.06   # run X2-1: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
+                                     # 24 new tokens, no adapter, generation.warmup (its seconds apart)
+CAPTION_SPEEDUP = {1: 1.0, 2: 1.76}  # run X2-1: sharded over 2 GPUs (records dealt one by one), 303.77 images/s
+D1_LORA_SPEEDUP = {2: 1.85, 4: 3.29}  # run D1 (2026-11-28-x4.jsonl): bf16 LoRA, unpacked, micro-batch 8 (context)
 T4_CAPTION_IMAGES_PER_S = 2.5        # ESTIMATE (docs/training.md, params/colab_t4.yaml: "≈ 2–3 images/s")
 
 DEFAULT_USD_PER_GPU_HOUR = 3.50      # ASSUMPTION: one H200 on demand (no quote; pass --usd-per-gpu-hour)
@@ -52,7 +54,7 @@ DEFAULT_USD_PER_T4_HOUR = 0.35       # ASSUMPTION: one T4 on demand (a free Cola
                                      # gives ≈ 3 usable hours per session)
 
 
-def projected_speedup(gpus: int, measured: dict[int, float] = DDP_SPEEDUP) -> tuple[float, bool]:
+def projected_speedup(gpus: int, measured: dict[int, float] = TRAIN_SPEEDUP) -> tuple[float, bool]:
     """(speed-up over one GPU, projected?). Measured where it was; beyond, each doubling of GPUs keeps
     multiplying the parallel efficiency (speed-up / GPUs) by the factor the last measured doubling did."""
     if gpus in measured:
@@ -99,17 +101,20 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
     out = [Row("T4", 1, "ESTIMATED: cost model (train/costs.py, 12 TFLOP/s effective) and ≈ 2.5 images/s captioning",
                captions / t4_train_captions_per_s() / 3600, CAPTION_IMAGES / T4_CAPTION_IMAGES_PER_S / 3600,
                usd_per_t4_hour)]
-    caption_h = CAPTION_IMAGES / H200_CAPTION_IMAGES_PER_S / 3600
     for gpus in gpu_counts:
-        speedup, projected = projected_speedup(gpus)
+        train_x, projected = projected_speedup(gpus, TRAIN_SPEEDUP)
+        caption_x, _ = projected_speedup(gpus, CAPTION_SPEEDUP)
         if gpus == 1:
-            basis = "MEASURED rates: the packed training step alone (run pack-2), the engine on the COCO-like mix (run S1)"
+            basis = ("MEASURED: `jpcap train` end to end, packed QLoRA (run X2-2); the engine on the COCO-like mix "
+                     "(run X2-1)")
         elif projected:
-            basis = f"PROJECTED: {speedup:.2f}× (parallel efficiency falling per doubling as from 2 to 4 GPUs)"
+            basis = (f"PROJECTED: training {train_x:.2f}×, captioning {caption_x:.2f}× (each doubling of GPUs "
+                     "multiplies the parallel efficiency as the measured 1 → 2 did)")
         else:
-            basis = f"DERIVED: measured DDP scaling {speedup:.2f}× (run D1, LoRA) on the 1-GPU rate"
-        out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * speedup) / 3600,
-                       caption_h, usd_per_gpu_hour))
+            basis = (f"MEASURED on {gpus} GPUs of the same host: training {train_x:.2f}× (run X2-3), captioning "
+                     f"{caption_x:.2f}× (run X2-1)")
+        out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * train_x) / 3600,
+                       CAPTION_IMAGES / (H200_CAPTION_IMAGES_PER_S * caption_x) / 3600, usd_per_gpu_hour))
     return out
 
 
@@ -134,25 +139,27 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
     for r in table:
         lines.append(f"| {r.hardware} | {r.train_h:.2f} | {r.caption_h:.2f} | {r.total_h:.2f} | {r.gpu_hours:.1f} | "
                      f"{r.usd:,.2f} | {r.basis} |")
-    unpacked_h = captions / H200_JPCAP_TRAIN_PAIRS_PER_S / 3600
+    flops = packed_flops_per_caption(N_VIT, N_LLM, IMAGE_TOKENS + PROMPT_TOKENS, CAPTION_TOKENS, PATCHES,
+                                     STAIR_TRAIN_CAPTIONS / STAIR_TRAIN_IMAGES)
     lines += [
         "",
-        f"- Training rates: 1× H200 = {H200_TRAIN_CAPTIONS_PER_S} captions/s (run pack-2, "
-        "`results/2026-11-28-pack.jsonl`: packed QLoRA at the `h100.yaml` defaults, the fast path's training step "
-        "alone on random weights — no data loading, validation or checkpoints); the whole `jpcap train` loop was "
-        f"measured only unpacked ({H200_JPCAP_TRAIN_PAIRS_PER_S} pairs/s, run D1: 3 epochs unpacked would take "
-        f"{unpacked_h:.1f} h on one H200). The 2- and 4-GPU rows apply D1's measured DDP speed-ups (bf16 LoRA, "
-        "unpacked, micro-batch 8) to the packed rate: packed steps are longer, which should hide the all-reduce "
-        "better, but that is not measured. The 8-GPU row is a projection, not a measurement. T4: the cost model's "
-        f"{packed_flops_per_caption(N_VIT, N_LLM, IMAGE_TOKENS + PROMPT_TOKENS, CAPTION_TOKENS, PATCHES, STAIR_TRAIN_CAPTIONS / STAIR_TRAIN_IMAGES) / 1e12:.2f} "
-        f"TFLOP per packed caption at an assumed {T4_EFFECTIVE_TFLOPS:g} TFLOP/s ≈ {t4_train_captions_per_s():.1f} "
-        f"captions/s (no T4 was available); on free Colab that is ≈ {math.ceil(table[0].train_h / 3)} sessions of "
-        "≈ 3 usable hours, resuming from checkpoints.",
-        f"- Captioning: {H200_CAPTION_IMAGES_PER_S} images/s on one H200 (run S1, `results/2026-11-28-x4.jsonl`: "
+        f"- Training rates: 1× H200 = {H200_TRAIN_CAPTIONS_PER_S} captions/s (run X2-2, `results/2026-11-29-x2.jsonl`: "
+        "`jpcap train` end to end — data loading, logging, the step — packed QLoRA at the `h100.yaml` defaults, "
+        "micro-batch 16 images, random weights of the Qwen2-VL-2B shape, jp-shapes captions on three COCO sizes, "
+        f"median step rate after 8 steps; the step alone ran {H200_STEP_ALONE_CAPTIONS_PER_S} captions/s, run "
+        f"pack-2). 2× H200: the same command under `accelerate launch` on the same host, "
+        f"{TRAIN_SPEEDUP[2]:.2f}× (run X2-3; its mean over all steps is lower: slow steps). 4 and 8 GPUs are "
+        f"projections, not measurements; run D1 (another host, bf16 LoRA unpacked at micro-batch 8) measured "
+        f"{D1_LORA_SPEEDUP[2]:.2f}× on 2 and {D1_LORA_SPEEDUP[4]:.2f}× on 4 GPUs. T4: the cost model's "
+        f"{flops / 1e12:.2f} TFLOP per packed caption at an assumed {T4_EFFECTIVE_TFLOPS:g} TFLOP/s ≈ "
+        f"{t4_train_captions_per_s():.1f} captions/s (no T4 was available); on free Colab that is ≈ "
+        f"{math.ceil(table[0].train_h / 3)} sessions of ≈ 3 usable hours, resuming from checkpoints.",
+        f"- Captioning: {H200_CAPTION_IMAGES_PER_S} images/s on one H200 (run X2-1, `results/2026-11-29-x2.jsonl`: "
         "warm inductor cache, the COCO-like size mix, batch 256, 24 new tokens — the default `max_new_tokens` is "
-        "40, and a one-shot run's first pass is slower: 27.3 images/s cold in S1; another host ran 30.2 warm, S2). "
-        "Sharded captioning has not shown a speed-up yet (S1: 0.57× on 2 GPUs, 0.64× on 4), so every H200 row "
-        f"uses the one-GPU rate. T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured).",
+        "40 — after `generation.warmup`, whose seconds are not counted: a one-shot run pays 18–37 s of it per "
+        f"process). 2 GPUs: {CAPTION_SPEEDUP[2]:.2f}× with the records dealt one by one (run X2-1); captioning "
+        "now deals whole batches (engine/sharding.py), not yet measured on GPUs. "
+        f"T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured).",
     ]
     return "\n".join(lines)
 

@@ -20,13 +20,13 @@ spec.loader.exec_module(st)
 def test_hours_gpu_hours_and_cost_follow_from_the_rates():
     table = st.rows(usd_per_gpu_hour=2.0, usd_per_t4_hour=0.5)
     t4, one, two, four, eight = table
-    captions = 3 * 413_915
-    assert one.train_h == pytest.approx(captions / 367.23 / 3600)            # ≈ 0.94 h
-    assert one.caption_h == pytest.approx((5_000 + 5_000 + 26_500) / 96.34 / 3600)
-    for row, speedup in ((two, 1.85), (four, 3.29)):
-        assert row.train_h * speedup == pytest.approx(one.train_h)
-        assert row.caption_h == one.caption_h                               # no sharded speed-up assumed
-    assert eight.train_h < four.train_h and "PROJECTED" in eight.basis and "DERIVED" in four.basis
+    captions, images = 3 * 413_915, 5_000 + 5_000 + 26_500
+    assert one.train_h == pytest.approx(captions / 341.98 / 3600)            # ≈ 1.01 h
+    assert one.caption_h == pytest.approx(images / 173.06 / 3600)
+    assert two.train_h * 1.55 == pytest.approx(one.train_h) and two.caption_h * 1.76 == pytest.approx(one.caption_h)
+    assert "MEASURED" in two.basis and "PROJECTED" in four.basis and "PROJECTED" in eight.basis
+    assert eight.train_h < four.train_h < two.train_h and eight.caption_h < four.caption_h < two.caption_h
+    assert four.train_h * st.projected_speedup(4)[0] == pytest.approx(one.train_h)
     for row, price in zip(table, (0.5, 2.0, 2.0, 2.0, 2.0)):
         assert row.total_h == pytest.approx(row.train_h + row.caption_h)
         assert row.gpu_hours == pytest.approx(row.gpus * row.total_h)
@@ -38,13 +38,16 @@ def test_hours_gpu_hours_and_cost_follow_from_the_rates():
 
 
 def test_projection_keeps_the_measured_and_extends_the_efficiency_trend():
-    assert st.projected_speedup(2) == (1.85, False) and st.projected_speedup(4) == (3.29, False)
-    s8, projected = st.projected_speedup(8)
+    measured = {1: 1.0, 2: 1.85, 4: 3.29}
+    assert st.projected_speedup(2, measured) == (1.85, False) and st.projected_speedup(4, measured) == (3.29, False)
+    s8, projected = st.projected_speedup(8, measured)
     eff4, eff2 = 3.29 / 4, 1.85 / 2
     assert projected and s8 == pytest.approx(8 * eff4 * eff4 / eff2)       # ≈ 5.85×
-    s16, _ = st.projected_speedup(16)
+    s16, _ = st.projected_speedup(16, measured)
     assert s16 == pytest.approx(16 * eff4 * (eff4 / eff2) ** 2) and s16 / 16 < s8 / 8
     assert st.projected_speedup(8, {1: 1.0, 2: 2.0, 4: 4.0})[0] == pytest.approx(8.0)   # perfect stays perfect
+    # from one measured doubling (the table's): 4 GPUs keep losing efficiency at the 1 → 2 rate
+    assert st.projected_speedup(4, {1: 1.0, 2: 1.55}) == (pytest.approx(4 * 0.775 ** 2), True)
 
 
 def test_markdown_states_assumptions_and_results_markers(tmp_path):
