@@ -6,6 +6,9 @@ batch micro × GPUs); ``--pack``: a sample is an image with all its captions (``
 samples/s = the train log's global rate, median over steps after --skip (compilation
 and graph capture excluded; reported apart as the first steps' seconds). Each run also prints the plan's
 ETA against the measured run time (row ``ddp-eta``: issue 18's honest probe).
+The jp-shapes training set is sized so every run's steps fit in one epoch (``n_train``): a new epoch starts
+the loader's workers again (run X2-3's step 16, the first of its second epoch, took 0.86 s). ``data_s``: the
+seconds a step waited for its micro-batches (rank 0's train log).
 
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
     python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
@@ -55,12 +58,14 @@ def image_sizes(mix: str) -> list[list[int]]:
 
 
 def overrides(model_dir: Path, method: str, gpus: int, steps: int, micro: int, mix: str = "three",
-              group_by_grid: bool = False, pack: bool = False) -> list[str]:
+              group_by_grid: bool = False, pack: bool = False, n_train: int = 480) -> list[str]:
+    """``n_train`` jp-shapes training images: enough for every run's steps in one epoch (``train_images``),
+    so no timed step pays the next epoch's loader start."""
     sizes = json.dumps(image_sizes(mix), separators=(",", ":"))
-    root = "outputs/data/jp-shapes-bench" + ("" if mix == "three" else f"-{mix}")
+    root = "outputs/data/jp-shapes-bench" + ("" if mix == "three" else f"-{mix}") + ("" if n_train == 480 else f"-{n_train}")
     return [f"model.name={model_dir}", f"model.load_in_4bit={'true' if method == 'qlora' else 'false'}",
             "model.max_pixels=200704", "model.min_pixels=3136", "run.cpu_threads=null",
-            f"data.root={root}", f"data.toy.image_sizes={sizes}", "data.max_caption_tokens=32",
+            f"data.root={root}", f"data.toy.image_sizes={sizes}", f"data.toy.n_train={n_train}", "data.max_caption_tokens=32",
             f"train.group_by_grid={'true' if group_by_grid else 'false'}",
             f"train.pack_captions={'true' if pack else 'false'}",
             f"train.micro_batch_size={micro}", f"train.effective_batch_size={micro * gpus}",
@@ -89,7 +94,8 @@ def main(argv=None) -> None:
     from jpcap_helpers.params import load_params
 
     model_dir = random_model_dir("qwen2-vl-2b")
-    base = overrides(model_dir, args.method, 1, args.steps, args.micro, args.mix)
+    n_train = train_images(args.steps, args.micro, max(args.gpus))
+    base = overrides(model_dir, args.method, 1, args.steps, args.micro, args.mix, n_train=n_train)
     from jpcap_helpers.params import parse_overrides
     params = load_params(ROOT / "params/smoke.yaml", {**parse_overrides(base), "run.name": "ddp-bench-data"})
     data.fetch_raw(params)
@@ -107,7 +113,8 @@ def main(argv=None) -> None:
             continue
         entry = ["-c", STATIC_COMPILE, "train"] if args.compile_static else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
-        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack):
+        for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
+                              n_train):
             cmd += ["--set", item]
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
@@ -126,6 +133,7 @@ def main(argv=None) -> None:
         batch = lambda r, g=gpus: r.get("global_batch", args.micro * g)  # noqa: E731
         rates[gpus, grouped] = statistics.median(r["samples_per_s"] for r in warm)
         captions = [r["captions_per_s"] for r in warm if r.get("captions_per_s") is not None]
+        data_s = [r["data_s"] for r in warm if r.get("data_s") is not None]
         one = rates.get((min(g for g, _ in rates), grouped), rates[gpus, grouped])
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus,
@@ -136,9 +144,18 @@ def main(argv=None) -> None:
               "captions_per_s": round(statistics.median(captions), 2) if captions else None,
               "per_gpu": round(rates[gpus, grouped] / gpus, 2), "speedup": round(rates[gpus, grouped] / one, 2),
               "first_steps_s": [round(batch(r) / r["samples_per_s"], 2) for r in first],
+              # seconds a step waited for its micro-batches (rank 0): median and worst after --skip
+              "data_s_median_max": [round(statistics.median(data_s), 4), round(max(data_s), 4)] if data_s else None,
+              "epochs_run": round(steps[-1].get("epoch", 0.0), 2), "n_train": n_train,
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
         emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped,
               "compile_static": args.compile_static})
+
+
+def train_images(steps: int, micro: int, gpus: int) -> int:
+    """Training images so that ``steps`` steps of ``micro`` × ``gpus`` samples (the probe's few more) fit
+    in one epoch: at least the smoke data's 480."""
+    return max(480, (steps + 8) * micro * gpus)
 
 
 def eta_check(run_dir: Path, gpus: int) -> dict:

@@ -584,6 +584,8 @@ def test_train_log_and_outputs(learned):
     assert len(log) == result.steps and log["lr"].max() <= params.train.learning_rate + 1e-12
     assert log["lr"].iloc[0] < log["lr"].max() and log["lr"].iloc[-1] < log["lr"].max()  # warmup + cosine
     assert log["val_loss"].notna().sum() == 1
+    # the loader's wait is part of each step's time, never more than it
+    assert ((log["data_s"] >= 0) & (log["data_s"] < params.train.effective_batch_size / log["samples_per_s"])).all()
     for name in ("adapter_config.json", "adapter_model.safetensors", "params.yaml", "jpcap_train.json"):
         assert (run / "adapter" / name).is_file(), name
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())

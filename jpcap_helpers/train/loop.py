@@ -54,7 +54,8 @@ def train(params: Any, *, resume: bool = True, callbacks: Optional[Sequence[Call
     (default) a run folder holding checkpoints continues from the newest one and follows the same
     loss curve; ``resume=False`` deletes this run's checkpoints and logs and starts over.
     ``callbacks`` are called after every optimizer step (after its validation and checkpoint) with a
-    dict: step, total_steps, epoch, loss, lr, grad_norm, samples_per_s, skipped, val_loss, val_CIDEr,
+    dict: step, total_steps, epoch, loss, lr, grad_norm, samples_per_s, data_s (seconds the step waited
+    for its micro-batches), skipped, val_loss, val_CIDEr,
     checkpoint, model (the PEFT model, in train mode: restore it if you switch it) and processor; an
     exception raised there stops training (the next call resumes from the last checkpoint).
     ``session_hours``: see :func:`~jpcap_helpers.train.plan`. Holds the run folder's lock (the main
@@ -113,6 +114,7 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
             while step_in_epoch < last:
                 t_step = time.perf_counter()
                 micro, missing = _next_micro_batches(session, batches)
+                data_s = time.perf_counter() - t_step   # waiting for the loader (and the copy to the device)
                 captions = sum(int(b["n_captions"]) for b in micro if "n_captions" in b) * session.world
                 lr = session.scheduler.get_last_lr()[0]
                 n_tokens, n_missing = count_step(session, micro, missing)
@@ -128,7 +130,8 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
                 last_loss = loss if finite else last_loss
                 row = {"step": step, "epoch": epoch + step_in_epoch / session.steps_per_epoch, "loss": loss,
                        "lr": lr, "grad_norm": grad_norm,
-                       "samples_per_s": t.effective_batch_size / (time.perf_counter() - t_step), "skipped": skipped}
+                       "samples_per_s": t.effective_batch_size / (time.perf_counter() - t_step),
+                       "data_s": round(data_s, 4), "skipped": skipped}
                 if n_missing:
                     row["missing_images"] = n_missing
                 if session.data.packed is not None:   # a sample is an image's packed captions
