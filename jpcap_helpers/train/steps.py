@@ -31,28 +31,27 @@ def count_step(session: Any, micro_batches: list[dict], missing: int = 0) -> tup
 
 def forward_backward(session: Any, micro_batches: list[dict], n_tokens: float) -> tuple[Any, bool]:
     """Backward over the step's micro-batches, each scaled so the step's gradient is the mean over all
-    its ``n_tokens``; returns (summed loss of this process, whether every loss was finite)."""
+    its ``n_tokens``; returns (summed loss of this process, whether every loss of every process was
+    finite). A non-finite loss still gets its backward (masked to 0; DDP needs one per forward) and
+    the step is then skipped; the losses are checked once, after the last backward, so the host does
+    not wait for each forward before it queues the backward."""
     import torch
 
     acc, world = session.accelerator, session.world
     total = torch.zeros((), device=acc.device)
-    finite_all = True
+    n_bad = torch.zeros((), device=acc.device)
     for j, batch in enumerate(micro_batches):
         sync = j == len(micro_batches) - 1   # DDP: gradients are averaged once per step
         with contextlib.nullcontext() if sync else acc.no_sync(session.loss_module):
             with acc.autocast():
                 loss_sum, _ = session.loss_module(batch)
-            bad = (~torch.isfinite(loss_sum.detach())).float()
-            if world > 1:
-                bad = acc.reduce(bad, "sum")
-            if float(bad) > 0:
-                finite_all = False
-                if world > 1:   # DDP: every forward needs its backward; the step is skipped anyway
-                    acc.backward(torch.nan_to_num(loss_sum, 0.0, 0.0, 0.0) * 0.0)
-                continue
-            acc.backward(loss_sum * (world / n_tokens))
-            total = total + loss_sum.detach().float()
-    return total, finite_all
+            finite = torch.isfinite(loss_sum.detach())
+            n_bad = n_bad + (~finite).float()
+            acc.backward(torch.where(finite, loss_sum, torch.zeros_like(loss_sum)) * (world / n_tokens))
+            total = total + torch.where(finite, loss_sum.detach().float(), torch.zeros_like(total))
+    if world > 1:
+        n_bad = acc.reduce(n_bad, "sum")
+    return total, float(n_bad) == 0
 
 
 def clip_and_step(session: Any, finite: bool) -> tuple[Optional[float], Optional[str]]:
