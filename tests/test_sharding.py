@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_asagi import build_asagi
 
@@ -125,3 +126,43 @@ def test_each_process_runs_whole_batches_of_the_one_gpu_run(tiny_model_dir, tmp_
         assert sorted(ran) == sorted(planned[:-1])   # every one-GPU batch once, none split
         # dealing single records instead splits the grids' tail batches: more, smaller batches
         assert sum(len(engine_batches(records[rank::world])) for rank in range(world)) > len(ran)
+
+
+def _qwen_two_vs_one(tiny_model_dir, tmp_path, two: list[str], env: dict) -> None:
+    """The tiny Qwen2-VL's fast decoder (fp32) over 40 images of 8 visual grids: ``two`` (a 2-process
+    launcher) writes exactly the one-process run's rows, and both processes got work."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        w, h = SIZES[i % len(SIZES)]
+        Image.fromarray((np.random.default_rng(i).random((h, w, 3)) * 255).astype("uint8")).save(images / f"p{i:02d}.png")
+    base = ["-m", "jpcap_helpers.cli", "caption", "--model", "tiny-qwen2-vl", "--model-path", str(tiny_model_dir),
+            "--images", str(images), "--set", "generation.batch_size=4", "--set", "generation.max_new_tokens=8",
+            "--set", "model.precision=fp32", "--set", "model.max_pixels=12544", "--set", "model.min_pixels=3136"]
+    for out, launcher in ((tmp_path / "one.jsonl", [sys.executable]), (tmp_path / "two.jsonl", two)):
+        res = subprocess.run(launcher + base + ["--out", str(out)], capture_output=True, text=True, timeout=1200,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+        assert res.returncode == 0, res.stderr[-3000:]
+    one = {r["image_id"]: (r["file_name"], r["caption"]) for r in jio.read_jsonl(tmp_path / "one.jsonl")}
+    rows = list(jio.read_jsonl(tmp_path / "two.jsonl"))
+    assert len(rows) == len(one) == 40 and {r["image_id"]: (r["file_name"], r["caption"]) for r in rows} == one
+    meta = json.loads((tmp_path / "two.meta.json").read_text())["last_run"]
+    assert meta["processes"] == 2 and sum(meta["n_done_per_process"]) == 40 and min(meta["n_done_per_process"]) > 0
+    assert meta["decoder"] == "static-cache greedy" and not list(tmp_path.glob("two.shard-*"))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_write_the_rows_of_one_with_the_fast_decoder(tiny_model_dir, tmp_path):
+    _qwen_two_vs_one(tiny_model_dir, tmp_path, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node=2"],
+                     {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_two_gpus_write_the_rows_of_one_gpu(tiny_model_dir, tmp_path):
+    """`accelerate launch --multi_gpu` on 2 GPUs (CUDA graphs; compiled where the GPU allows)."""
+    _qwen_two_vs_one(tiny_model_dir, tmp_path, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                                "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
+                                                "--dynamo_backend=no"], {})
