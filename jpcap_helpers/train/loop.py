@@ -125,7 +125,7 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
                 _advance_schedule(session.scheduler)
                 counters["missing_image_samples"] += n_missing
 
-                loss = _step_loss(session, loss_sum, n_tokens, finite)
+                loss = _step_loss(loss_sum, n_tokens, finite)
                 losses[step] = loss
                 last_loss = loss if finite else last_loss
                 row = {"step": step, "epoch": epoch + step_in_epoch / session.steps_per_epoch, "loss": loss,
@@ -217,10 +217,8 @@ def _advance_schedule(scheduler: Any) -> None:
         scheduler.step()
 
 
-def _step_loss(session: TrainSession, loss_sum: Any, n_tokens: float, finite: bool) -> float:
-    """The step's mean token loss over every process (NaN for a skipped step)."""
-    if session.world > 1:
-        loss_sum = session.accelerator.reduce(loss_sum, "sum")
+def _step_loss(loss_sum: Any, n_tokens: float, finite: bool) -> float:
+    """The step's mean token loss (``loss_sum``: summed over every process; NaN for a skipped step)."""
     return float(loss_sum) / n_tokens if finite else float("nan")
 
 

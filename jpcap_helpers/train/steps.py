@@ -32,10 +32,10 @@ def count_step(session: Any, micro_batches: list[dict], missing: int = 0) -> tup
 
 def forward_backward(session: Any, micro_batches: list[dict], n_tokens: float) -> tuple[Any, bool]:
     """Backward over the step's micro-batches, each scaled so the step's gradient is the mean over all
-    its ``n_tokens``; returns (summed loss of this process, whether every loss of every process was
-    finite). A non-finite loss still gets its backward (masked to 0; DDP needs one per forward) and
-    the step is then skipped; the losses are checked once, after the last backward, so the host does
-    not wait for each forward before it queues the backward."""
+    its ``n_tokens``; returns (the summed loss over every process, whether every loss of every process
+    was finite). A non-finite loss still gets its backward (masked to 0; DDP needs one per forward) and
+    the step is then skipped; the losses are checked once, after the last backward (one all-reduce of
+    both numbers under DDP), so the host does not wait for each forward before it queues the backward."""
     import torch
 
     acc, world = session.accelerator, session.world
@@ -51,7 +51,7 @@ def forward_backward(session: Any, micro_batches: list[dict], n_tokens: float) -
             acc.backward(torch.where(finite, loss_sum, torch.zeros_like(loss_sum)) * (world / n_tokens))
             total = total + torch.where(finite, loss_sum.detach().float(), torch.zeros_like(total))
     if world > 1:
-        n_bad = acc.reduce(n_bad, "sum")
+        n_bad, total = acc.reduce(torch.stack([n_bad, total]), "sum").unbind()
     return total, float(n_bad) == 0
 
 
