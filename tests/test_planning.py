@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from jpcap_helpers import train as T
@@ -66,3 +67,14 @@ def test_probe_warm_up_stops_once_stable(project, monkeypatch):  # noqa: F811
     info = T.plan(params, session_hours=None)
     # no slow start: every distinct probe batch once, then stop as soon as two agree
     assert planning.PROBE_DISTINCT_BATCHES <= info["probe_warmup_micro_batches"] < planning.PROBE_MAX_WARMUP
+
+
+def test_probe_slots_meet_other_grids_when_grouped():
+    a, b, c = (16, 12), (12, 16), (14, 14)
+    # grouped by grid: micro-batches 0-2 of grid a, 3 mixes a and b, 4 is b, 5 is c
+    grids = np.array([a] * 12 + [a, b, b, b] + [b] * 4 + [c] * 4)
+    assert planning.probe_slots(len(grids), 4, grids) == [0, 3, 5]     # the first of a, then new grids
+    assert planning.probe_slots(len(grids), 4, None) == [0, 1, 2]      # not grouped: the first three
+    assert planning.probe_slots(len(grids), 4, grids, scan=3) == [0, 1, 2]   # none new within the scan
+    assert planning.probe_slots(len(grids), 4, np.array([a] * 24)) == [0, 1, 2]   # one grid
+    assert planning.probe_slots(6, 4, np.array([a] * 3 + [b] * 3)) == [0, 1, 0]  # two slots: cycled

@@ -24,7 +24,7 @@ from .session import TrainSession, open_session, peak_memory, precision_name
 from .steps import count_step, forward_backward
 
 __all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
-           "PROBE_STABLE_RATIO", "probe", "fit_check", "plan", "format_plan"]
+           "PROBE_STABLE_RATIO", "probe_slots", "probe", "fit_check", "plan", "format_plan"]
 
 # A free Colab session ends after at most ~12 h; a free T4 is often reclaimed much earlier, so plan
 # for 3 usable hours (resume from the last checkpoint in the next session for longer runs).
@@ -32,6 +32,7 @@ COLAB_SESSION_MAX_HOURS = 12.0
 COLAB_FREE_T4_USABLE_HOURS = 3.0
 PROBE_MICRO_BATCHES = 3          # timed micro-batches, after the warm-up
 PROBE_DISTINCT_BATCHES = 3       # distinct micro-batches collated (warm-up meets each one's shapes)
+PROBE_SCAN_MICRO_BATCHES = 50    # grouped by grid: epoch 0's first micro-batches searched for other grids
 PROBE_MAX_WARMUP = 10            # warm-up micro-batches at most
 PROBE_STABLE_RATIO = 1.3         # warm once two consecutive micro-batches differ by less than this factor
 EVAL_PROBE_TOKENS = 4            # tokens of the timed generate that estimates validation time
@@ -64,14 +65,35 @@ def training_state_restored(session: TrainSession) -> Iterator[dict]:
         set_rng_state(saved["rng"])
 
 
+def probe_slots(n_samples: int, micro_batch: int, grids: Optional[np.ndarray] = None,
+                k: int = PROBE_DISTINCT_BATCHES, scan: int = PROBE_SCAN_MICRO_BATCHES) -> list[int]:
+    """Which of epoch 0's micro-batches (by position) the probe collates: the first ``k``; or, with the
+    samples' visual ``grids`` in epoch order (``train.group_by_grid``, whose micro-batches mostly hold one
+    grid), first those of the first ``scan`` that bring a grid not met yet, then the first others — so the
+    warm-up compiles for more than one shape, as the run will, and its timing is not one grid's."""
+    n = max(1, math.ceil(n_samples / micro_batch))
+    chosen: list[int] = []
+    if grids is not None:
+        seen: set = set()
+        for j in range(min(n, scan)):
+            new = {tuple(g) for g in grids[j * micro_batch:(j + 1) * micro_batch]} - seen
+            if new and len(chosen) < k:
+                chosen.append(j)
+                seen |= new
+    picked = chosen + [j for j in range(n) if j not in chosen]
+    return [picked[j % len(picked)] for j in range(k)]
+
+
 def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
-    """The first micro-batches of epoch 0, and the seconds each took to load and collate."""
+    """The probe's micro-batches of epoch 0 (:func:`probe_slots`), and the seconds each took to load
+    and collate."""
     m = session.params.train.micro_batch_size
     order = session.sample_order(0)
+    grids = session.data.epoch_grids(0)[order] if session.data.grids is not None else None
     dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
     batches, seconds = [], []
-    for k in range(PROBE_DISTINCT_BATCHES):
-        idx = order[(k * m) % len(order):][:m]
+    for slot in probe_slots(len(order), m, grids):
+        idx = order[(slot * m) % len(order):][:m]
         t0 = time.perf_counter()
         batches.append(collator([dataset[int(i)] for i in idx]))
         seconds.append(time.perf_counter() - t0)
