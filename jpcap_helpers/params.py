@@ -141,6 +141,7 @@ class GenerationParams:
     decoder: Literal["auto", "hf"] = "auto"  # auto: static-cache greedy decoder where supported
     grid_buckets: int = _f(0, ge=0, le=64)  # K > 0: images moved to K canonical visual grids; 0: off
     warmup: bool = False                  # one blank batch per (grid, batch bucket) before the timed run
+    merge_qlora_adapter: bool = True      # adapter trained on a 4-bit base: dequantize the base, merge the adapter
     constraints: ConstraintParams = _f(factory=ConstraintParams)
 
 

@@ -351,6 +351,60 @@ def test_qlora_4bit_steps_on_cpu_survive_generate(project):
     assert info["base_load_in_4bit"] is True and info["train_method"] == "qlora"
 
 
+def test_qlora_adapter_is_merged_into_its_dequantized_base_for_captioning(project, tmp_path):
+    """Captioning with a QLoRA adapter: the NF4 base is dequantized to the values its layers compute with
+    and the adapter merged into them — the 4-bit model's function (not the full-precision base's), with no
+    4-bit layer and no PEFT wrapper left, so the fast decoder's whole path applies."""
+    pytest.importorskip("bitsandbytes")
+    from jpcap_helpers import engine
+
+    params = make_params(project, "qmerge", load_in_4bit=True)
+    trained, processor, entry = models.load_model(params, for_training=True)
+    trained = T.prepare_model(trained, params)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:   # a real update: the adapter must change outputs
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    adapter = tmp_path / "adapter"
+    trained.save_pretrained(adapter)
+    (adapter / models.ADAPTER_INFO_FILE).write_text(json.dumps(
+        {"base_model": params.model.name, "base_load_in_4bit": True}), encoding="utf-8")
+    del trained
+
+    merged, _, _ = models.load_model(params, adapter=str(adapter))
+    separate, _, _ = models.load_model(params.with_overrides({"generation.merge_qlora_adapter": False}),
+                                       adapter=str(adapter))
+    original, _, _ = models.load_model(params, load_in_4bit=False, adapter=str(adapter))  # not the NF4 values
+    base, _, _ = models.load_model(params)
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    assert not hasattr(merged, "peft_config") and hasattr(separate, "peft_config")
+    assert any(type(m).__name__ == "Linear4bit" for m in separate.modules())
+    assert merged.jpcap_weights == "nf4 dequantized to float32, adapter merged"
+    assert separate.jpcap_weights == "nf4 + adapter" and base.jpcap_weights == "nf4"
+
+    batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 4, start=1))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = {k: m(**inputs).logits for k, m in
+                  (("merged", merged), ("separate", separate), ("original", original), ("base", base))}
+    close = (logits["merged"] - logits["separate"]).abs().max().item()
+    assert close < 1e-4
+    assert (logits["original"] - logits["separate"]).abs().max().item() > 100 * close
+    assert (logits["base"] - logits["separate"]).abs().max().item() > 100 * close
+
+    pairs, _ = T.read_pairs(params)
+    records = [{"image_id": p["image_id"], "file_name": p["file_name"]} for p in pairs[:30:5]]
+    images_dir = Path(params.images_dir)
+    rows = {}
+    for key, model in (("merged", merged), ("separate", separate)):
+        s = engine.caption_records(model, processor, entry, records, images_dir, tmp_path / f"{key}.jsonl",
+                                   batch_size=3, max_new_tokens=8, progress=False)
+        assert s["n_captioned"] == 6 and s["weights"] == model.jpcap_weights
+        rows[key] = {r["image_id"]: r["caption"] for r in read_jsonl(tmp_path / f"{key}.jsonl")}
+    assert rows["merged"] == rows["separate"]
+
+
 def test_bf16_autocast_path_on_cpu(project):
     """bf16 base + fp32 LoRA/projector under autocast (the big-GPU recipe), with 4-bit and a
     validation through the caption engine — run on the CPU's bf16 autocast."""

@@ -449,4 +449,5 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                        canonical_grids=grids.as_list() if grids is not None else None, warmup=warmup,
                        decoder=run_decoder.name,
                        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-                       commit=getattr(model, "jpcap_commit", None), constraints=describe(run_decoder.constraints))
+                       commit=getattr(model, "jpcap_commit", None), weights=getattr(model, "jpcap_weights", None),
+                       constraints=describe(run_decoder.constraints))

@@ -57,6 +57,7 @@ def write_prediction_meta(pred_path: str | Path, entry: ModelEntry, summary: Map
         "model_id": entry.key if entry.hub_id.startswith("(") else entry.hub_id,
         "revision": revision or summary.get("commit") or "",
         "adapter": adapter,
+        "weights": summary.get("weights"),  # e.g. "nf4 dequantized to bfloat16, adapter merged"
         "peak_gpu_gib": max(peaks) if peaks else None,
         "trained_on_stair": entry.trained_on_stair,
         "contamination": contamination_flag(entry),
