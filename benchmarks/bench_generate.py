@@ -13,6 +13,10 @@ included, or up front with ``--warmup``) and a second, warm pass over the same f
 setting per process (compiled code stays in the process):
 
     python benchmarks/bench_generate.py --first-pass --mix coco --images 2048 --batch 256 [--warmup] [--grid-buckets 4]
+
+``--qlora`` compares the ways to caption with a QLoRA adapter (:func:`qlora_ab`):
+
+    python benchmarks/bench_generate.py --qlora --mix coco --images 1024 --batch 64 256
 """
 from __future__ import annotations
 
@@ -226,6 +230,49 @@ def compile_ab(args, model_dir: Path, adapter) -> None:
           "same_captions": same, "images": len(captions["compiled"])})
 
 
+def qlora_ab(args, model_dir: Path, adapter: Path) -> None:
+    """Captioning with a QLoRA adapter (one trained on a 4-bit base), same run, same files (``--mix``): the
+    4-bit base with the adapter kept separate (the previous path: no CUDA graphs, eager prefill), the base
+    dequantized with the adapter merged (``generation.merge_qlora_adapter``, the default now), and the bf16
+    base with the adapter merged (the rows above) for reference. Per row and batch size: a cold pass
+    (compilation, graph capture) and a warm pass; captions compared with the first row's."""
+    import shutil
+
+    from jpcap_helpers import models
+    from jpcap_helpers.io import read_jsonl
+
+    qlora = adapter.parent / f"{adapter.name}-qlora"
+    if not qlora.exists():  # the same LoRA weights, recorded as trained on a 4-bit base
+        shutil.copytree(adapter, qlora)
+        (qlora / "jpcap_train.json").write_text(json.dumps({"base_model": str(model_dir), "base_load_in_4bit": True}))
+    folder = write_images(Path("/tmp/jpcap-bench") / f"mix-{args.mix}-{args.images}", args.images, args.mix)
+    records = [{"image_id": i, "file_name": p.name} for i, p in enumerate(sorted(folder.glob("img_*.jpg")))]
+    records = records[:args.images]
+    rows = [("4-bit base + separate adapter (previous path)", qlora,
+             {"model.load_in_4bit": True, "generation.merge_qlora_adapter": False}),
+            ("4-bit base dequantized, adapter merged (merge_qlora_adapter, default)", qlora, {"model.load_in_4bit": True}),
+            ("bf16 base, adapter merged (reference)", adapter, {})]
+    first = {}
+    for label, path, over in rows:
+        t = time.perf_counter()
+        model, processor, entry = models.load_model(params_for(model_dir, **over), adapter=str(path))
+        load_s = round(time.perf_counter() - t, 1)
+        for bs in args.batch:
+            t = time.perf_counter()
+            engine_rate(model, processor, entry, records, folder, bs, "auto", f"qlora-cold-{len(first)}")
+            cold_s = round(time.perf_counter() - t, 1)
+            s = engine_rate(model, processor, entry, records, folder, bs, "auto", f"qlora-warm-{len(first)}")
+            caps = {r["image_id"]: r["caption"] for r in read_jsonl(Path(s["out_path"]))}
+            ref = first.setdefault(bs, caps)
+            emit({"bench": "generate-qlora", "row": label, "weights": model.jpcap_weights, "mix": args.mix,
+                  "batch": bs, "images": s["n_done"], "images_per_s": s["images_per_s"], "cold_pass_s": cold_s,
+                  "load_s": load_s, "decoder": s["decoder"], "peak_gib": s.get("peak_gpu_gib"),
+                  "same_captions_as_first_row": sum(ref.get(i) == c for i, c in caps.items())})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="qwen2-vl-2b", choices=["qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b"])
@@ -250,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
+    ap.add_argument("--qlora", action="store_true",
+                    help="only captioning with a QLoRA adapter: 4-bit + separate adapter vs dequantized + merged")
     args = ap.parse_args(argv)
     if args.first_pass:  # a cold process: compiled kernels from an empty inductor cache
         cache = tempfile.mkdtemp(prefix="jpcap-inductor-")
@@ -275,6 +324,9 @@ def main(argv=None):
         return
     if args.compile_ab:
         compile_ab(args, model_dir, adapter)
+        return
+    if args.qlora:
+        qlora_ab(args, model_dir, adapter)
         return
     root = Path("/tmp/jpcap-bench/images")
     records = image_records(args.images, root)
