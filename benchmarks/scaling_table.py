@@ -158,7 +158,10 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "warm inductor cache, the COCO-like size mix, batch 256, 24 new tokens — the default `max_new_tokens` is "
         "40 — after `generation.warmup`, whose seconds are not counted: a one-shot run pays 18–37 s of it per "
         f"process). 2 GPUs: {CAPTION_SPEEDUP[2]:.2f}× with the records dealt one by one (run X2-1); captioning "
-        "now deals whole batches (engine/sharding.py), not yet measured on GPUs. "
+        "now deals whole batches (engine/sharding.py), not yet measured on GPUs. The rate holds for the "
+        "QLoRA recipe's adapter since it is merged into its dequantized base (run QL-1: 150.2 images/s against "
+        "149.0 for a bf16 base with a merged adapter, same run; the 4-bit base with the adapter kept separate ran "
+        "28.2–44.9). "
         f"T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured).",
     ]
     return "\n".join(lines)
