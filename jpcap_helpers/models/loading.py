@@ -141,8 +141,8 @@ def cpu_safe_4bit(model: Any) -> int:
 def dequantize_4bit(model: Any) -> Any:
     """``model`` with every NF4 layer replaced by a plain linear layer holding exactly the weights the
     4-bit layer computes with (bitsandbytes' dequantization, in the model's dtype; transformers'
-    ``dequantize``): the same function at the full-precision layers' speed and ≈ 3.5× the language
-    model's 4-bit memory. The step that lets a QLoRA adapter be merged for captioning."""
+    ``dequantize``): the same function at the full-precision layers' speed and ≈ 4× those layers'
+    4-bit memory. The step that lets a QLoRA adapter be merged for captioning."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
