@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COCO_LIKE_SIZES, emit, random_model_dir, versions  # noqa: E402
+from common import COCO_LIKE_SIZES, emit, launch_prefix, random_model_dir, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +89,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pack", action="store_true",
                     help="train.pack_captions (h100.yaml's default): a sample is an image with all its captions")
     ap.add_argument("--keep-logs", default=None, help="folder for each train command's stdout and stderr")
+    ap.add_argument("--cpu-threads", type=int, default=None,
+                    help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
+                         "process 1, a one-GPU run keeps torch's default of every core)")
     args = ap.parse_args(argv)
     from jpcap_helpers import data, models
     from jpcap_helpers.params import load_params
@@ -101,13 +104,12 @@ def main(argv=None) -> None:
     data.fetch_raw(params)
     data.prepare_from_params(params, models.load_tokenizer(params), reject=models.processor_rejection, progress=False)
     emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro,
-          "mix": args.mix, "pack_captions": args.pack, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
+          "mix": args.mix, "pack_captions": args.pack, "cpu_threads": args.cpu_threads, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates = {}
     for gpus, grouped in ((g, b) for g in args.gpus for b in groupings):
         run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "")
-        launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
-                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
+        launch, extra_env = launch_prefix(gpus, args.cpu_threads)
         if args.compile_static and gpus > 1:   # accelerate launch takes a script, not -c
             emit({"bench": "ddp", "gpus": gpus, "error": "--compile-static runs on one GPU only"})
             continue
@@ -117,7 +119,7 @@ def main(argv=None) -> None:
                               n_train):
             cmd += ["--set", item]
         t = time.perf_counter()
-        res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
+        res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **extra_env}, capture_output=True, text=True)
         wall = time.perf_counter() - t
         if args.keep_logs:   # the train command's own output (e.g. under TORCH_LOGS=recompiles)
             Path(args.keep_logs).mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,10 @@ it (``first_pass_images_per_s``), ``warmup_seconds``, ``n_grids`` (distinct visu
 any process met) and ``n_resized``. The cold run starts from an empty inductor cache of its own
 (``--work``/inductor-…), so "cold" is cold however often the script ran before.
 
-    python benchmarks/bench_shard.py --images 2048 --gpus 1 2 4 [--warmup] [--grid-buckets 4]
+    python benchmarks/bench_shard.py --images 2048 --gpus 1 2 4 [--warmup] [--grid-buckets 4] [--cpu-threads 16]
+
+``--cpu-threads N`` gives every run N torch CPU threads per process (without it the runs differ: one
+thread per GPU process under ``accelerate launch``, every core for the one-GPU run).
 """
 from __future__ import annotations
 
@@ -26,22 +29,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, random_model_dir, versions, write_images  # noqa: E402
+from common import emit, launch_prefix, random_model_dir, versions, write_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def caption(model_dir: Path, images: Path, out: Path, gpus: int, batch: int, warmup: bool = False,
-            grid_buckets: int = 0, env: dict | None = None) -> dict:
+            grid_buckets: int = 0, env: dict | None = None, cpu_threads: int | None = None) -> dict:
     cli = ["-m", "jpcap_helpers.cli", "caption", "--model", "qwen2-vl-2b-instruct", "--model-path", str(model_dir),
            "--images", str(images), "--out", str(out), "--params", str(ROOT / "params/h100.yaml"),
            "--set", "model.load_in_4bit=false", "--set", f"generation.batch_size={batch}",
            "--set", "generation.max_new_tokens=24", "--set", f"generation.warmup={'true' if warmup else 'false'}",
            "--set", f"generation.grid_buckets={grid_buckets}"]
-    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"] if gpus > 1 else [sys.executable])
+    launch, extra = launch_prefix(gpus, cpu_threads)
     start = time.perf_counter()
-    res = subprocess.run(launch + cli, cwd=ROOT, capture_output=True, text=True, env=env)
+    res = subprocess.run(launch + cli, cwd=ROOT, capture_output=True, text=True, env={**env, **extra})
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
@@ -71,6 +73,9 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/jpcap-shard")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup: compile/capture before the timed run")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets K (0: off)")
+    ap.add_argument("--cpu-threads", type=int, default=None,
+                    help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
+                         "process 1, a one-GPU run keeps torch's default of every core)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     model_dir = random_model_dir("qwen2-vl-2b")
@@ -78,14 +83,15 @@ def main(argv=None) -> None:
     cache = work / f"inductor-{time.strftime('%Y%m%d-%H%M%S')}"   # empty: the first run is cold
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     emit({"bench": "shard", "versions": versions(), "images": args.images, "mix": args.mix, "batch": args.batch,
-          "warmup": args.warmup, "grid_buckets": args.grid_buckets})
+          "warmup": args.warmup, "grid_buckets": args.grid_buckets, "cpu_threads": args.cpu_threads})
     base = None
     for gpus in args.gpus:
         for phase in (("cold", "warm") if gpus == args.gpus[0] else ("warm",)):
             out = work / f"pred-{gpus}-{phase}.jsonl"
             for stale in work.glob(f"pred-{gpus}-{phase}*"):
                 stale.unlink()
-            res = caption(model_dir, images, out, gpus, args.batch, args.warmup, args.grid_buckets, env)
+            res = caption(model_dir, images, out, gpus, args.batch, args.warmup, args.grid_buckets, env,
+                          args.cpu_threads)
             got = rows(out)
             row = {"bench": "shard", "gpus": gpus, "phase": phase, **res, "rows": sum(len(v) for v in got.values()),
                    "ids": len(got), "doubled": sum(len(v) > 1 for v in got.values())}

@@ -206,6 +206,23 @@ def timed_steps(step_fn, steps: int = 6, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def launch_prefix(gpus: int, cpu_threads: int | None = None) -> tuple[list[str], dict]:
+    """(command prefix, environment additions) to run a ``python`` command on ``gpus`` GPUs: plain python
+    for one, ``accelerate launch --multi_gpu`` for more. ``accelerate launch`` gives each GPU process
+    ``OMP_NUM_THREADS=1`` (torch's CPU ops single-threaded) unless told otherwise, while a plain one-GPU
+    process keeps torch's default (every core): ``cpu_threads`` sets the same count for every run."""
+    import sys
+
+    env = {} if cpu_threads is None else {"OMP_NUM_THREADS": str(cpu_threads)}
+    if gpus == 1:
+        return [sys.executable], env
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
+              "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    if cpu_threads is not None:
+        prefix.append(f"--num_cpu_threads_per_process={cpu_threads}")
+    return prefix, env
+
+
 def emit(row: dict, path: str | None = None) -> None:
     line = json.dumps(row, ensure_ascii=False)
     print(line, flush=True)
