@@ -16,7 +16,9 @@ any process met) and ``n_resized``. The cold run starts from an empty inductor c
     python benchmarks/bench_shard.py --images 2048 --gpus 1 2 4 [--warmup] [--grid-buckets 4] [--cpu-threads 16]
 
 ``--cpu-threads N`` gives every run N torch CPU threads per process (without it the runs differ: one
-thread per GPU process under ``accelerate launch``, every core for the one-GPU run).
+thread per GPU process under ``accelerate launch``, every core for the one-GPU run). ``--concurrent-alone``
+adds N plain one-GPU processes run at once, one per GPU, each over every file: if each is slower than the
+one-GPU run alone, the processes slow each other down on this host whatever the sharding does.
 """
 from __future__ import annotations
 
@@ -34,19 +36,53 @@ from common import emit, launch_prefix, random_model_dir, versions, write_images
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def caption_cli(model_dir: Path, images: Path, out: Path, batch: int, warmup: bool, grid_buckets: int) -> list[str]:
+    """`jpcap caption` over the folder with the benchmark's settings (after the python or launcher prefix)."""
+    return ["-m", "jpcap_helpers.cli", "caption", "--model", "qwen2-vl-2b-instruct", "--model-path", str(model_dir),
+            "--images", str(images), "--out", str(out), "--params", str(ROOT / "params/h100.yaml"),
+            "--set", "model.load_in_4bit=false", "--set", f"generation.batch_size={batch}",
+            "--set", "generation.max_new_tokens=24", "--set", f"generation.warmup={'true' if warmup else 'false'}",
+            "--set", f"generation.grid_buckets={grid_buckets}"]
+
+
 def caption(model_dir: Path, images: Path, out: Path, gpus: int, batch: int, warmup: bool = False,
             grid_buckets: int = 0, env: dict | None = None, cpu_threads: int | None = None) -> dict:
-    cli = ["-m", "jpcap_helpers.cli", "caption", "--model", "qwen2-vl-2b-instruct", "--model-path", str(model_dir),
-           "--images", str(images), "--out", str(out), "--params", str(ROOT / "params/h100.yaml"),
-           "--set", "model.load_in_4bit=false", "--set", f"generation.batch_size={batch}",
-           "--set", "generation.max_new_tokens=24", "--set", f"generation.warmup={'true' if warmup else 'false'}",
-           "--set", f"generation.grid_buckets={grid_buckets}"]
     launch, extra = launch_prefix(gpus, cpu_threads)
     start = time.perf_counter()
-    res = subprocess.run(launch + cli, cwd=ROOT, capture_output=True, text=True, env={**env, **extra})
+    res = subprocess.run(launch + caption_cli(model_dir, images, out, batch, warmup, grid_buckets), cwd=ROOT,
+                         capture_output=True, text=True, env={**env, **extra})
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
+    return summary_row(out, wall)
+
+
+def concurrent_alone(model_dir: Path, images: Path, work: Path, n: int, batch: int, warmup: bool, grid_buckets: int,
+                     env: dict, cpu_threads: int | None) -> list[dict]:
+    """``n`` plain one-GPU processes at once, process k on GPU k (``CUDA_VISIBLE_DEVICES``), each captioning
+    every file — the one-GPU run's exact batches, no launcher, no process group, no sharding: whether
+    processes slow each other down on this host by themselves (compare each with the one-GPU rate)."""
+    _, extra = launch_prefix(1, cpu_threads)
+    running = []
+    start = time.perf_counter()
+    for k in range(n):
+        out = work / f"pred-alone-{n}-{k}.jsonl"
+        for stale in work.glob(f"{out.stem}*"):
+            stale.unlink()
+        cmd = [sys.executable] + caption_cli(model_dir, images, out, batch, warmup, grid_buckets)
+        running.append((out, subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra, "CUDA_VISIBLE_DEVICES": str(k)},
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+    results = []
+    for out, proc in running:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(err[-3000:])
+        results.append(summary_row(out, time.perf_counter() - start))
+    return results
+
+
+def summary_row(out: Path, wall: float) -> dict:
+    """The benchmark's fields from a captioning run's ``.meta.json``."""
     meta = json.loads(out.with_suffix(".meta.json").read_text())["last_run"]
     warm_s = float(meta.get("warmup_seconds") or 0.0)
     return {"images_per_s": meta["images_per_s"], "engine_seconds": meta["seconds"], "warmup_seconds": warm_s,
@@ -73,6 +109,9 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/jpcap-shard")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup: compile/capture before the timed run")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets K (0: off)")
+    ap.add_argument("--concurrent-alone", action="store_true",
+                    help="also: as many plain one-GPU processes as the largest --gpus, at once, each on its own GPU "
+                         "and over every file (do processes slow each other down without sharding?)")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
                          "process 1, a one-GPU run keeps torch's default of every core)")
@@ -103,6 +142,16 @@ def main(argv=None) -> None:
                     row.update(speedup=round(res["images_per_s"] / base[1], 2), same_ids=set(got) == set(base[0]),
                                equal_captions=round(same / max(1, len(base[0])), 4))
             emit(row)
+    if args.concurrent_alone and max(args.gpus) > 1:
+        n = max(args.gpus)
+        results = concurrent_alone(model_dir, images, work, n, args.batch, args.warmup, args.grid_buckets, env,
+                                   args.cpu_threads)
+        rates = [r["images_per_s"] for r in results]
+        emit({"bench": "shard", "gpus": n, "phase": "concurrent one-GPU processes, every file each",
+              "images_per_s_per_process": rates,
+              "vs_one_gpu_alone": [round(r / base[1], 3) for r in rates] if base else None,
+              "warmup_seconds_per_process": [r["warmup_seconds"] for r in results],
+              "wall_seconds": max(r["wall_seconds"] for r in results)})
 
 
 if __name__ == "__main__":
