@@ -16,8 +16,8 @@ from .tiny import TINY_KEY, ensure_tiny_model, tiny_model_dir
 
 __all__ = ["SKIP_QUANT_MODULES", "ADAPTER_INFO_FILE", "model_path", "pinned_revision", "runs_pinned",
            "remote_code_opted_in", "pinned_settings", "quantization_config",
-           "cpu_safe_4bit", "dequantize_4bit", "read_adapter_info", "adapter_load_in_4bit", "load_processor", "load_model",
-           "load_tokenizer"]
+           "cpu_safe_4bit", "dequantize_4bit", "read_adapter_info", "adapter_load_in_4bit", "load_processor",
+           "load_model", "load_tokenizer"]
 
 # transformers 5 matches skip patterns from the start of the module name or as a suffix: "visual"
 # alone does NOT match "model.visual.*" and the vision tower would silently be quantized.
@@ -319,7 +319,8 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
         model = model.to(f"cuda:{torch.cuda.current_device()}")
     processor = load_processor(params, name, override)
     processor.tokenizer.padding_side = "left"
-    weights = "nf4" if quant else str(dtype).replace("torch.", "")
+    dtype_name = str(dtype).replace("torch.", "")
+    weights = "nf4" if quant else dtype_name
     if adapter:
         from peft import PeftModel
         # inference: fold LoRA into the weights (faster generation, benchmarks/RESULTS.md); a 4-bit
@@ -328,7 +329,7 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
         merge = not for_training and (not quant or params.generation.merge_qlora_adapter)
         if merge and quant:
             model = dequantize_4bit(model)
-            weights = f"nf4 dequantized to {str(dtype).replace('torch.', '')}"
+            weights = f"nf4 dequantized to {dtype_name}"
         model = PeftModel.from_pretrained(model, adapter, is_trainable=for_training)
         if merge:
             model = model.merge_and_unload()
