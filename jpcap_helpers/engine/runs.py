@@ -3,12 +3,13 @@ fine-tuned model (:func:`run_finetuned`), the constant-caption floor (:func:`wri
 with the predictions' paths and their ``.meta.json`` provenance."""
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .. import io as jio
 from ..io import run_lock
@@ -104,6 +105,14 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _batch_planner(model: Any, processor: Any, entry: ModelEntry, images_dir: str | Path, gen: Any,
+                   grids: Any) -> Callable[[list], list[list]]:
+    """``plan(records) -> batches``: the engine's batches under ``gen`` (``params.generation``), which
+    :func:`.sharding.caption_sharded` deals out whole."""
+    return functools.partial(plan_batches, model, processor, entry, images_dir=images_dir,
+                             batch_size=gen.batch_size, num_beams=gen.num_beams, decoder=gen.decoder, grids=grids)
+
+
 def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, system: str,
                     files: Mapping[str, Path], max_images: Optional[int], adapter: str = "",
                     options: EngineOptions = EngineOptions()) -> list[dict]:
@@ -125,10 +134,7 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
                 decoder=gen.decoder, extra={"split": split}, options=options,
                 constraints=gen.constraints, grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup)
 
-        def plan(pending: list, gen: Any = gen, grids: Any = grids) -> list[list]:
-            return plan_batches(model, processor, entry, pending, params.images_dir, batch_size=gen.batch_size,
-                                num_beams=gen.num_beams, decoder=gen.decoder, grids=grids)
-
+        plan = _batch_planner(model, processor, entry, params.images_dir, gen, grids)
         summary = caption_sharded(caption, records, out, plan)  # one GPU, or whole batches per GPU under accelerate
         if process_group()[0] == 0:
             write_prediction_meta(out, entry, summary, prompt=params.generation.prompt,
@@ -280,10 +286,7 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
                     constraints=gen.constraints, keep_file_name=keep_file_name,
                     grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup)
 
-            def plan(pending: list) -> list[list]:
-                return plan_batches(model, processor, entry, pending, images_dir, batch_size=gen.batch_size,
-                                    num_beams=gen.num_beams, decoder=gen.decoder, grids=grids)
-
+            plan = _batch_planner(model, processor, entry, images_dir, gen, grids)
             try:
                 summary = caption_sharded(caption, records, out, plan)
             finally:
