@@ -13,6 +13,7 @@ seconds a step waited for its micro-batches (rank 0's train log).
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
     python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
     python benchmarks/bench_ddp.py --gpus 1 2 --pack --micro 16          # h100.yaml's packed recipe
+    python benchmarks/bench_ddp.py --gpus 1 2 --concurrent-alone        # + 2 lone one-GPU runs at once
 """
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pack", action="store_true",
                     help="train.pack_captions (h100.yaml's default): a sample is an image with all its captions")
     ap.add_argument("--keep-logs", default=None, help="folder for each train command's stdout and stderr")
+    ap.add_argument("--concurrent-alone", action="store_true",
+                    help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
+                         "one-GPU run's work (do processes slow each other down on this host without DDP?)")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
                          "process 1, a one-GPU run keeps torch's default of every core)")
@@ -121,9 +125,7 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **extra_env}, capture_output=True, text=True)
         wall = time.perf_counter() - t
-        if args.keep_logs:   # the train command's own output (e.g. under TORCH_LOGS=recompiles)
-            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
-            (Path(args.keep_logs) / f"{run}.log").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
+        keep_log(args.keep_logs, run, res.stdout, res.stderr)
         if res.returncode:
             emit({"bench": "ddp", "gpus": gpus, "error": res.stderr[-1500:]})
             continue
@@ -152,6 +154,48 @@ def main(argv=None) -> None:
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
         emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped,
               "compile_static": args.compile_static})
+
+    if args.concurrent_alone and max(args.gpus) > 1:
+        concurrent_alone(args, model_dir, n_train, max(args.gpus), Path(params.run.output_dir), rates.get((1, False)))
+
+
+def keep_log(folder: str | None, run: str, stdout: str, stderr: str) -> None:
+    """The train command's own output (e.g. under TORCH_LOGS=recompiles) in ``folder``/``run``.log."""
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{run}.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
+
+
+def concurrent_alone(args: argparse.Namespace, model_dir: Path, n_train: int, n: int, output_dir: Path,
+                     one_gpu: float | None) -> None:
+    """``n`` plain one-GPU training runs at once, run k on GPU k (``CUDA_VISIBLE_DEVICES``), each the one-GPU
+    run's work: no launcher, no process group, no gradient all-reduce. If each is slower than the one-GPU
+    run alone, the processes slow each other down on this host (CPU, loader workers, memory) whatever DDP
+    does; if not, the 2-GPU gap lies in DDP itself (collectives, waiting for the slower rank)."""
+    _, extra = launch_prefix(1, args.cpu_threads)
+    running = []
+    for k in range(n):
+        run = f"ddp-bench-{args.method}-alone-{n}-{k}" + ("-pack" if args.pack else "")
+        cmd = [sys.executable, "-m", "jpcap_helpers.cli", "train", str(ROOT / "params/smoke.yaml"), "--no-resume",
+               "--run-name", run]
+        for item in overrides(model_dir, args.method, 1, args.steps, args.micro, args.mix, False, args.pack, n_train):
+            cmd += ["--set", item]
+        running.append((run, subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **extra, "CUDA_VISIBLE_DEVICES": str(k)},
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    medians = []
+    for run, proc in running:
+        out, err = proc.communicate()
+        keep_log(args.keep_logs, run, out, err)
+        if proc.returncode:
+            emit({"bench": "ddp", "phase": "concurrent alone", "error": err[-1500:]})
+            return
+        rows = [json.loads(line) for line in (output_dir / run / "train_log.jsonl").read_text().splitlines()]
+        medians.append(statistics.median(r["samples_per_s"] for r in rows
+                                         if r.get("samples_per_s") is not None and r["step"] > args.skip))
+    emit({"bench": "ddp", "phase": "concurrent one-GPU runs, one per GPU", "method": args.method, "mix": args.mix,
+          "pack_captions": args.pack, "micro_per_gpu": args.micro, "gpus": n, "cpu_threads": args.cpu_threads,
+          "samples_per_s_per_process": [round(m, 2) for m in medians],
+          "vs_one_gpu_alone": [round(m / one_gpu, 3) for m in medians] if one_gpu else None})
 
 
 def train_images(steps: int, micro: int, gpus: int) -> int:
