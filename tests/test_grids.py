@@ -47,9 +47,9 @@ def project(tmp_path_factory):
             "records": records}
 
 
-def _caption(project, out, **kw) -> dict:
+def _caption(project, out, records=None, **kw) -> dict:
     kw = {"batch_size": 4, "max_new_tokens": 6, "progress": False, **kw}
-    return engine.caption_records(project["model"], project["processor"], ENTRY, project["records"],
+    return engine.caption_records(project["model"], project["processor"], ENTRY, records or project["records"],
                                   project["images"], out, **kw)
 
 
@@ -180,6 +180,24 @@ def test_warmup_does_not_change_rows_and_is_timed_apart(project, tmp_path, monke
     assert lengths == sorted(lengths, reverse=True), "the longest prompt first (buffers sized once)"
     hf = _caption(project, tmp_path / "hf.jsonl", warmup=True, decoder="hf")
     assert hf["warmup_seconds"] == 0   # HF generate captures nothing: no warm-up
+
+
+def test_a_shard_warms_the_shapes_of_the_whole_run(project, tmp_path, monkeypatch):
+    """Under sharding each process warms what one GPU would (``warmup_records``): a process warmed on its
+    own share alone met new shapes inside its timed run (run X2-8: one 3–4 s batch on one of 2 GPUs)."""
+    warmed = []
+    monkeypatch.setattr(pipeline, "warm_up", lambda captioner, batches: warmed.append(
+        warmup.warmup_shapes(batches, captioner.decoder.fast.max_batch)) or (0.0, 0))
+    share = [r for r in project["records"] if SIZES[r["image_id"]] == (140, 112)]   # one grid only
+    own = _caption(project, tmp_path / "own.jsonl", records=share, warmup=True)
+    every = _caption(project, tmp_path / "every.jsonl", records=share, warmup=True,
+                     warmup_records=project["records"])
+    whole = _caption(project, tmp_path / "whole.jsonl", warmup=True)
+    assert len({key for key, _ in warmed[0]}) == 1 and own["n_done"] == every["n_done"] == len(share)
+    assert warmed[1] == warmed[2] and len({key for key, _ in warmed[1]}) == 9   # the one-GPU run's: every grid
+    assert _rows(tmp_path / "every.jsonl") == {k: v for k, v in _rows(tmp_path / "whole.jsonl").items()
+                                               if k in {r["image_id"] for r in share}}
+    assert whole["n_batches"] >= 9 and len(whole["slowest_batches"]) == 3
 
 
 def test_summary_and_provenance_record_the_settings(project, tmp_path, capsys):

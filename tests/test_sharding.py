@@ -41,6 +41,29 @@ def test_one_process_is_a_plain_call(tmp_path, monkeypatch):
     assert seen == [(5, tmp_path / "p.jsonl")] and summary["processes"] == 1
 
 
+def test_every_process_gets_its_whole_batches_and_the_whole_run_for_its_warm_up(tmp_path, monkeypatch):
+    from jpcap_helpers.engine import sharding
+
+    class Group:
+        def wait_for_everyone(self):
+            pass
+
+        def gather(self, obj):
+            return [obj, obj]
+
+    records = [{"image_id": i} for i in range(7)] + [{"image_id": 3}]   # a duplicate id
+    jio.append_jsonl(tmp_path / "p.jsonl", [{"image_id": 0, "caption": "done"}])
+    calls = []
+    monkeypatch.setattr(sharding, "process_group", lambda: (1, 2, Group()))
+    plan = lambda recs: [recs[:4], recs[4:]]  # noqa: E731
+    caption_sharded(lambda shard, path, every: calls.append((shard, path, every)) or {"n_done": len(shard)},
+                    records, tmp_path / "p.jsonl", plan)
+    (shard, path, every), = calls
+    assert path == shard_path(tmp_path / "p.jsonl", 1, 2)
+    assert [r["image_id"] for r in every] == [1, 2, 3, 4, 5, 6]          # the run's records: not done, once
+    assert [r["image_id"] for r in shard] == [5, 6]                      # rank 1's whole batch
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")

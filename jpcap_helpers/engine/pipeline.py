@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from .. import io as jio
 from ..models import ModelEntry, ModelError
@@ -180,6 +180,13 @@ def run_summary(entry: ModelEntry, out_path: Path, pending: Pending, writer: "Ro
     }
 
 
+def _slowest(batches: list[list[Item]], seconds: list[float], n: int = 3) -> list[list]:
+    """The ``n`` slowest batches as [seconds, images, grid "HxW"] (a compilation inside the run shows here)."""
+    timed = sorted(zip(seconds, batches), key=lambda sb: -sb[0])[:n]
+    return [[round(s, 3), len(b), "x".join(map(str, b[0].key[1:])) if b and len(b[0].key) == 3 else None]
+            for s, b in timed]
+
+
 class RowWriter:
     """Appends rows to the predictions file, counts captions and errors, moves the progress bar."""
 
@@ -314,6 +321,7 @@ class BatchPipeline:
         self.loads: dict[int, list[Future]] = {}
         self.upcoming: Optional[PreparedBatch] = None
         self.finished: list[dict] = []  # rows of the last batch, written while the GPU works on the next
+        self.batch_seconds: list[float] = []  # each batch's share of the run: from the last batch's end to its own
 
     def _load_ahead(self, i: int) -> None:
         if i < len(self.batches) and i not in self.loads:
@@ -334,12 +342,14 @@ class BatchPipeline:
             self.upcoming = self._prepare(i + 1)
 
     def run(self, first_rows: list[dict]) -> None:
-        """Write ``first_rows`` (images failed before batching), then caption every batch."""
+        """Write ``first_rows`` (images failed before batching), then caption every batch
+        (``batch_seconds``: each one's seconds, the first's including the pipeline fill)."""
         try:
             self.writer.emit(first_rows)
             self._load_ahead(0)
             self._load_ahead(1)
             self.upcoming = self._prepare(0) if self.batches else None
+            last = time.perf_counter()
             for i in range(len(self.batches)):
                 current, self.upcoming = self.upcoming, None
                 busy = _Once(lambda i=i: self._between(i))
@@ -347,6 +357,9 @@ class BatchPipeline:
                 busy()  # HF generate, failed batches and an unpipelined run did not call it
                 busy.reraise()
                 self.finished = rows
+                now = time.perf_counter()
+                self.batch_seconds.append(now - last)
+                last = now
             self._flush()
         finally:
             if self.finished:  # interrupted: keep the rows already captioned (a resumed run skips them)
@@ -364,7 +377,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                     retry_errors: bool = False, decoder: str = "auto",
                     options: EngineOptions = EngineOptions(), constraints: Any = None,
                     keep_file_name: bool = False, grid_buckets: int = 0, grids: Optional[GridPlan] = None,
-                    warmup: bool = False) -> dict:
+                    warmup: bool = False, warmup_records: Optional[Sequence[Any]] = None) -> dict:
     """Caption ``records`` (dicts or objects with ``image_id`` and ``file_name`` relative to
     ``images_dir``) into the JSONL ``out_path``, one ``{"image_id", "caption", "model", **extra}``
     row per image, appended after every batch.
@@ -383,13 +396,17 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     ``keep_file_name`` adds each record's ``file_name`` to its row (captioning a folder of photos).
     ``grid_buckets`` K > 0 moves every image to one of K canonical visual grids chosen from all of
     ``records`` (``grids``: a :class:`.grids.GridPlan` chosen beforehand, e.g. over a whole split before
-    sharding); ``warmup`` runs one blank batch per distinct (grid, batch-size bucket) first, untimed.
+    sharding); ``warmup`` runs one blank batch per distinct (grid, batch-size bucket) first, untimed —
+    of the batches of ``warmup_records`` where given (sharding passes the whole run's records, so that
+    each process warms what one GPU would: a process warmed on its own share alone met some shapes
+    for the first time inside its timed run).
 
     Returns a summary: n_records, n_done (rows written now), n_captioned, n_errors,
     n_skipped_existing, n_duplicate_records, seconds (after the warm-up), images_per_s, warmup_seconds,
     n_grids (distinct visual grids of the images captioned now), n_resized (of them, moved to a
-    canonical grid), grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit,
-    constraints (their provenance record, or None).
+    canonical grid), n_batches, slowest_batches (the three slowest: [seconds, images, grid]),
+    grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit, constraints (their
+    provenance record, or None).
     """
     import torch
 
@@ -428,22 +445,32 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    warmup_seconds = warm_up(captioner, batches)[0] if warmup and batches else 0.0
+    warmup_seconds = 0.0
+    if warmup and batches:
+        start = time.perf_counter()
+        warm = batches
+        if warmup_records is not None:   # the shapes of every record's batch, not only this process's
+            every = sort_by_visual_tokens(pending_items(list(warmup_records), set(), images_dir).items, processor,
+                                          grids)[0]
+            warm = make_batches(every, batch_size, one_grid=run_decoder.fast is not None)
+        warm_up(captioner, warm)
+        warmup_seconds = time.perf_counter() - start
     bar = None
     if progress and pending.items:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
     writer = RowWriter(out_path, bar)
     start = time.perf_counter()
+    pipeline = BatchPipeline(batches, captioner, writer, options.pipeline)
     try:
-        BatchPipeline(batches, captioner, writer, options.pipeline).run(
-            [captioner.row(item, error=exc) for item, exc in failed])
+        pipeline.run([captioner.row(item, error=exc) for item, exc in failed])
     finally:
         if bar is not None:
             bar.close()
     return run_summary(entry, out_path, pending, writer, time.perf_counter() - start,
                        warmup_seconds=warmup_seconds, n_grids=len({it.key for it in ready}),
                        n_resized=sum(it.size is not None for it in ready),
+                       n_batches=len(batches), slowest_batches=_slowest(batches, pipeline.batch_seconds),
                        batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                        grid_buckets=grid_buckets or (len(grids.grids) if grids is not None else 0),
                        canonical_grids=grids.as_list() if grids is not None else None, warmup=warmup,

@@ -141,13 +141,16 @@ def _my_shard(pending: list, rank: int, world: int, plan: Optional[Callable[[lis
     return sorted(deal_batches(batches, world)[rank], key=lambda r: position[id(r)])
 
 
-def caption_sharded(caption: Callable[[list, Path], dict], records: Sequence[Any], out: str | Path,
+def caption_sharded(caption: Callable[..., dict], records: Sequence[Any], out: str | Path,
                     plan: Optional[Callable[[list], list[list]]] = None) -> dict:
     """``caption(records, path) -> summary`` over this process's shard of ``records`` (all of them on
-    one process), merged into ``out``. ``plan(records) -> batches`` (the engine's batches for those
+    one process), merged into ``out``; with several processes it is called ``caption(shard, path,
+    every)``, ``every`` being all the records the run captions (for the warm-up: each process warms
+    the shapes one GPU would meet). ``plan(records) -> batches`` (the engine's batches for those
     records) makes the shards whole batches. Every process returns the run's summary: counts summed
     over the processes, ``images_per_s`` = all rows / the slowest process's seconds, ``processes`` =
-    world, ``seconds_per_process`` and ``n_done_per_process`` (rank order: the balance)."""
+    world, ``seconds_per_process``, ``n_done_per_process`` and ``slowest_batches_per_process`` (rank
+    order: the balance)."""
     out = Path(out)
     rank, world, state = process_group()
     if world == 1:
@@ -167,7 +170,7 @@ def caption_sharded(caption: Callable[[list, Path], dict], records: Sequence[Any
             continue
         seen.add(rid)
         pending.append(record)
-    summary = caption(_my_shard(pending, rank, world, plan), shard_path(out, rank, world))
+    summary = caption(_my_shard(pending, rank, world, plan), shard_path(out, rank, world), pending)
     summaries = state.gather(summary)
     state.wait_for_everyone()
     if rank == 0:
@@ -184,6 +187,7 @@ def caption_sharded(caption: Callable[[list, Path], dict], records: Sequence[Any
         seconds=max(float(s.get("seconds") or 0) for s in summaries),
         seconds_per_process=[round(float(s.get("seconds") or 0), 3) for s in summaries],
         n_done_per_process=[int(s.get("n_done") or 0) for s in summaries],
+        slowest_batches_per_process=[s.get("slowest_batches") for s in summaries],
         peak_gpu_gib=max((s.get("peak_gpu_gib") or 0) for s in summaries) or None)
     total["images_per_s"] = round(total["n_done"] / total["seconds"], 3) if total["seconds"] > 0 else 0.0
     return total
