@@ -38,14 +38,15 @@ IMAGE_TOKENS, PATCHES = 234, 936  # a 640×480 COCO image at model.max_pixels 44
 PROMPT_TOKENS, CAPTION_TOKENS = 30, 25
 
 # ---- measured rates (benchmarks/results/) ----------------------------------------------------------
-# runs X2-1…X2-5 (2026-11-29-x2.jsonl): hosts with 2 NVIDIA H200, the 1- and 2-GPU rows of a pair on one host
+# runs X2-1…X2-8 (2026-11-29-x2.jsonl): hosts with 2 NVIDIA H200, the 1- and 2-GPU rows of a pair on one host
 H200_TRAIN_CAPTIONS_PER_S = 341.98   # run X2-2: `jpcap train` end to end, packed QLoRA at the h100.yaml
                                      # defaults (micro-batch 16 images ≈ 5 captions each), median step rate
 H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): the training step alone
 TRAIN_SPEEDUP = {1: 1.0, 2: 1.55}    # runs X2-2/X2-3: the same command on 2 GPUs, 529.43 captions/s (DDP)
-H200_CAPTION_IMAGES_PER_S = 175.78   # run X2-5: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
+H200_CAPTION_IMAGES_PER_S = 174.50   # run X2-8: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
                                      # 24 new tokens, no adapter, generation.warmup (its seconds apart)
-CAPTION_SPEEDUP = {1: 1.0, 2: 1.67}  # run X2-5: sharded over 2 GPUs (whole batches per GPU), 292.84 images/s
+CAPTION_SPEEDUP = {1: 1.0, 2: 1.94}  # run X2-8: sharded over 2 GPUs (whole batches, every process warmed on the
+                                     # whole run's shapes), 337.74 images/s (mean of 3 runs: 334.75–340.91)
 D1_LORA_SPEEDUP = {2: 1.85, 4: 3.29}  # run D1 (2026-11-28-x4.jsonl): bf16 LoRA, unpacked, micro-batch 8 (context)
 T4_CAPTION_IMAGES_PER_S = 2.5        # ESTIMATE (docs/training.md, params/colab_t4.yaml: "≈ 2–3 images/s")
 
@@ -106,13 +107,13 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
         caption_x, _ = projected_speedup(gpus, CAPTION_SPEEDUP)
         if gpus == 1:
             basis = ("MEASURED: `jpcap train` end to end, packed QLoRA (run X2-2); the engine on the COCO-like mix "
-                     "(run X2-5)")
+                     "(run X2-8)")
         elif projected:
             basis = (f"PROJECTED: training {train_x:.2f}×, captioning {caption_x:.2f}× (each doubling of GPUs "
                      "multiplies the parallel efficiency as the measured 1 → 2 did)")
         else:
             basis = (f"MEASURED on {gpus} GPUs of the same host: training {train_x:.2f}× (run X2-3), captioning "
-                     f"{caption_x:.2f}× (run X2-5)")
+                     f"{caption_x:.2f}× (run X2-8)")
         out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * train_x) / 3600,
                        CAPTION_IMAGES / (H200_CAPTION_IMAGES_PER_S * caption_x) / 3600, usd_per_gpu_hour))
     return out
@@ -154,11 +155,12 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         f"{flops / 1e12:.2f} TFLOP per packed caption at an assumed {T4_EFFECTIVE_TFLOPS:g} TFLOP/s ≈ "
         f"{t4_train_captions_per_s():.1f} captions/s (no T4 was available); on free Colab that is ≈ "
         f"{math.ceil(table[0].train_h / 3)} sessions of ≈ 3 usable hours, resuming from checkpoints.",
-        f"- Captioning: {H200_CAPTION_IMAGES_PER_S} images/s on one H200 (run X2-5, `results/2026-11-29-x2.jsonl`: "
+        f"- Captioning: {H200_CAPTION_IMAGES_PER_S} images/s on one H200 (run X2-8, `results/2026-11-29-x2.jsonl`: "
         "warm inductor cache, the COCO-like size mix, batch 256, 24 new tokens — the default `max_new_tokens` is "
         "40 — after `generation.warmup`, whose seconds are not counted: a one-shot run pays 18–37 s of it per "
-        f"process). 2 GPUs: {CAPTION_SPEEDUP[2]:.2f}× with whole batches per GPU (run X2-5, same host; run X2-1 "
-        "on another host gave 1.76× with records dealt one by one). The rate holds for the "
+        f"process). 2 GPUs: {CAPTION_SPEEDUP[2]:.2f}× with whole batches per GPU, each process warmed on the whole "
+        "run's shapes (run X2-8, same host, mean of three runs; against that call's other one-GPU run, 182.42 "
+        "images/s, it is 1.85×; each process warmed on its own share only: 1.59–1.75×). The rate holds for the "
         "QLoRA recipe's adapter since it is merged into its dequantized base (run QL-1: 150.2 images/s against "
         "149.0 for a bf16 base with a merged adapter, same run; the 4-bit base with the adapter kept separate ran "
         "28.2–44.9). "

@@ -22,8 +22,8 @@ def test_hours_gpu_hours_and_cost_follow_from_the_rates():
     t4, one, two, four, eight = table
     captions, images = 3 * 413_915, 5_000 + 5_000 + 26_500
     assert one.train_h == pytest.approx(captions / 341.98 / 3600)            # ≈ 1.01 h
-    assert one.caption_h == pytest.approx(images / 175.78 / 3600)
-    assert two.train_h * 1.55 == pytest.approx(one.train_h) and two.caption_h * 1.67 == pytest.approx(one.caption_h)
+    assert one.caption_h == pytest.approx(images / 174.50 / 3600)
+    assert two.train_h * 1.55 == pytest.approx(one.train_h) and two.caption_h * 1.94 == pytest.approx(one.caption_h)
     assert "MEASURED" in two.basis and "PROJECTED" in four.basis and "PROJECTED" in eight.basis
     assert eight.train_h < four.train_h < two.train_h and eight.caption_h < four.caption_h < two.caption_h
     assert four.train_h * st.projected_speedup(4)[0] == pytest.approx(one.train_h)
