@@ -14,6 +14,7 @@ seconds a step waited for its micro-batches (rank 0's train log).
     python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
     python benchmarks/bench_ddp.py --gpus 1 2 --pack --micro 16          # h100.yaml's packed recipe
     python benchmarks/bench_ddp.py --gpus 1 2 --concurrent-alone        # + 2 lone one-GPU runs at once
+    python benchmarks/bench_ddp.py --gpus 1 2 --same-batches            # + 2 GPUs with equal work per rank
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,21 @@ def specialised(blocks, dynamic=None, **kw):
     torch._dynamo.config.recompile_limit = 8
     return n
 fastpath.compile_blocks = specialised
+from jpcap_helpers.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# --same-batches: the train command with every rank drawing rank 0's micro-batches — equal work on every GPU,
+# so a 2-GPU step then costs no more than its slowest rank's share when the ranks' shares differ (the loss
+# curve is not the run's; only the rate is compared)
+SAME_BATCHES = """
+import sys
+from jpcap_helpers.train import session
+class SameBatches(session.StepBatchSampler):
+    def __init__(self, order, first, last, effective, micro, world, rank):
+        super().__init__(order, first, last, effective, micro, world, 0)
+session.StepBatchSampler = SameBatches
 from jpcap_helpers.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -90,6 +107,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pack", action="store_true",
                     help="train.pack_captions (h100.yaml's default): a sample is an image with all its captions")
     ap.add_argument("--keep-logs", default=None, help="folder for each train command's stdout and stderr")
+    ap.add_argument("--same-batches", action="store_true",
+                    help="also: each GPU count > 1 again with every rank drawing rank 0's micro-batches (equal "
+                         "work per GPU: is the DDP gap the ranks' unequal shares?)")
     ap.add_argument("--concurrent-alone", action="store_true",
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
@@ -110,14 +130,20 @@ def main(argv=None) -> None:
     emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro,
           "mix": args.mix, "pack_captions": args.pack, "cpu_threads": args.cpu_threads, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
-    rates = {}
-    for gpus, grouped in ((g, b) for g in args.gpus for b in groupings):
-        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "")
+    rates, same_rates = {}, {}
+    variants = ((g, b, same) for g in args.gpus for b in groupings
+                for same in ((False, True) if args.same_batches and g > 1 else (False,)))
+    for gpus, grouped, same in variants:
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + ("-same" if same else "")
         launch, extra_env = launch_prefix(gpus, args.cpu_threads)
         if args.compile_static and gpus > 1:   # accelerate launch takes a script, not -c
             emit({"bench": "ddp", "gpus": gpus, "error": "--compile-static runs on one GPU only"})
             continue
         entry = ["-c", STATIC_COMPILE, "train"] if args.compile_static else ["-m", "jpcap_helpers.cli", "train"]
+        if same:   # accelerate launch takes a script file
+            script = Path(tempfile.gettempdir()) / "jpcap_bench_same_batches.py"
+            script.write_text(SAME_BATCHES)
+            entry = [str(script), "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
                               n_train):
@@ -135,18 +161,19 @@ def main(argv=None) -> None:
         warm = [r for r in steps if r["step"] > args.skip]
         first = [r for r in steps if r["step"] <= 2]
         batch = lambda r, g=gpus: r.get("global_batch", args.micro * g)  # noqa: E731
-        rates[gpus, grouped] = statistics.median(r["samples_per_s"] for r in warm)
+        rate = statistics.median(r["samples_per_s"] for r in warm)
+        (same_rates if same else rates)[gpus, grouped] = rate
         captions = [r["captions_per_s"] for r in warm if r.get("captions_per_s") is not None]
         data_s = [r["data_s"] for r in warm if r.get("data_s") is not None]
-        one = rates.get((min(g for g, _ in rates), grouped), rates[gpus, grouped])
+        one = rates.get((min(g for g, _ in rates), grouped), rate)
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
-              "micro_per_gpu": args.micro, "gpus": gpus,
+              "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
               "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
-              "samples_per_s": round(rates[gpus, grouped], 2),
+              "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
               "captions_per_s": round(statistics.median(captions), 2) if captions else None,
-              "per_gpu": round(rates[gpus, grouped] / gpus, 2), "speedup": round(rates[gpus, grouped] / one, 2),
+              "per_gpu": round(rate / gpus, 2), "speedup": round(rate / one, 2),
               "first_steps_s": [round(batch(r) / r["samples_per_s"], 2) for r in first],
               # seconds a step waited for its micro-batches (rank 0): median and worst after --skip
               "data_s_median_max": [round(statistics.median(data_s), 4), round(max(data_s), 4)] if data_s else None,
