@@ -183,15 +183,17 @@ def test_warmup_does_not_change_rows_and_is_timed_apart(project, tmp_path, monke
 
 
 def test_a_shard_warms_the_shapes_of_the_whole_run(project, tmp_path, monkeypatch):
-    """Under sharding each process warms what one GPU would (``warmup_records``): a process warmed on its
-    own share alone met new shapes inside its timed run (run X2-8: one 3–4 s batch on one of 2 GPUs)."""
+    """Under sharding each process warms what one GPU would (``warmup_batches``: the whole run's planned
+    batches): a process warmed on its own share alone met new shapes inside its timed run (run X2-8: one
+    3–4 s batch on one of 2 GPUs)."""
     warmed = []
     monkeypatch.setattr(pipeline, "warm_up", lambda captioner, batches: warmed.append(
         warmup.warmup_shapes(batches, captioner.decoder.fast.max_batch)) or (0.0, 0))
     share = [r for r in project["records"] if SIZES[r["image_id"]] == (140, 112)]   # one grid only
     own = _caption(project, tmp_path / "own.jsonl", records=share, warmup=True)
-    every = _caption(project, tmp_path / "every.jsonl", records=share, warmup=True,
-                     warmup_records=project["records"])
+    planned = pipeline.plan_batches(project["model"], project["processor"], ENTRY, project["records"],
+                                    project["images"], batch_size=4)
+    every = _caption(project, tmp_path / "every.jsonl", records=share, warmup=True, warmup_batches=planned)
     whole = _caption(project, tmp_path / "whole.jsonl", warmup=True)
     assert len({key for key, _ in warmed[0]}) == 1 and own["n_done"] == every["n_done"] == len(share)
     assert warmed[1] == warmed[2] and len({key for key, _ in warmed[1]}) == 9   # the one-GPU run's: every grid

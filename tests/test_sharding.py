@@ -41,7 +41,7 @@ def test_one_process_is_a_plain_call(tmp_path, monkeypatch):
     assert seen == [(5, tmp_path / "p.jsonl")] and summary["processes"] == 1
 
 
-def test_every_process_gets_its_whole_batches_and_the_whole_run_for_its_warm_up(tmp_path, monkeypatch):
+def test_every_process_gets_its_whole_batches_and_the_whole_plan_for_its_warm_up(tmp_path, monkeypatch):
     from jpcap_helpers.engine import sharding
 
     class Group:
@@ -56,12 +56,13 @@ def test_every_process_gets_its_whole_batches_and_the_whole_run_for_its_warm_up(
     calls = []
     monkeypatch.setattr(sharding, "process_group", lambda: (1, 2, Group()))
     plan = lambda recs: [recs[:4], recs[4:]]  # noqa: E731
-    caption_sharded(lambda shard, path, every: calls.append((shard, path, every)) or {"n_done": len(shard)},
+    caption_sharded(lambda shard, path, planned: calls.append((shard, path, planned)) or {"n_done": len(shard)},
                     records, tmp_path / "p.jsonl", plan)
-    (shard, path, every), = calls
+    (shard, path, planned), = calls
     assert path == shard_path(tmp_path / "p.jsonl", 1, 2)
-    assert [r["image_id"] for r in every] == [1, 2, 3, 4, 5, 6]          # the run's records: not done, once
-    assert [r["image_id"] for r in shard] == [5, 6]                      # rank 1's whole batch
+    # the run's batches (records not done, each once) for the warm-up; rank 1 captions its whole batch
+    assert [[r["image_id"] for r in b] for b in planned] == [[1, 2, 3, 4], [5, 6]]
+    assert [r["image_id"] for r in shard] == [5, 6]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_each_process_runs_whole_batches_of_the_one_gpu_run(tiny_model_dir, tmp_
     planned = ids(plan(records))
     assert planned[:-1] == engine_batches(records) and planned[-1] == [99]
     for world in (2, 3):
-        shards = [sharding._my_shard(records, rank, world, plan) for rank in range(world)]
+        shards = [sharding._my_shard(records, rank, world, plan)[0] for rank in range(world)]
         assert sorted(r["image_id"] for shard in shards for r in shard) == sorted(r["image_id"] for r in records)
         ran = [batch for shard in shards for batch in engine_batches(shard)]
         assert sorted(ran) == sorted(planned[:-1])   # every one-GPU batch once, none split

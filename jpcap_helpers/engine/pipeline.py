@@ -180,6 +180,16 @@ def run_summary(entry: ModelEntry, out_path: Path, pending: Pending, writer: "Ro
     }
 
 
+def _planned_shapes(planned: Sequence[Sequence[Any]], processor: Any, images_dir: Path,
+                    grids: Optional[GridPlan]) -> list[list[Item]]:
+    """Planned batches of records as the warm-up reads them — a batch's first item's grid and the batch's
+    length (:func:`.warmup.warmup_shapes`): each batch is its first record's item repeated, so one image
+    header is read per batch. A batch whose first header cannot be read (the error rows) is left out."""
+    planned = [b for b in planned if b]
+    firsts, _ = sort_by_visual_tokens(pending_items([b[0] for b in planned], set(), images_dir).items, processor, grids)
+    return [[it] * len(planned[it.order]) for it in firsts]
+
+
 def _slowest(batches: list[list[Item]], seconds: list[float], n: int = 3) -> list[list]:
     """The ``n`` slowest batches as [seconds, images, grid "HxW"] (a compilation inside the run shows here)."""
     timed = sorted(zip(seconds, batches), key=lambda sb: -sb[0])[:n]
@@ -377,7 +387,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                     retry_errors: bool = False, decoder: str = "auto",
                     options: EngineOptions = EngineOptions(), constraints: Any = None,
                     keep_file_name: bool = False, grid_buckets: int = 0, grids: Optional[GridPlan] = None,
-                    warmup: bool = False, warmup_records: Optional[Sequence[Any]] = None) -> dict:
+                    warmup: bool = False, warmup_batches: Optional[Sequence[Sequence[Any]]] = None) -> dict:
     """Caption ``records`` (dicts or objects with ``image_id`` and ``file_name`` relative to
     ``images_dir``) into the JSONL ``out_path``, one ``{"image_id", "caption", "model", **extra}``
     row per image, appended after every batch.
@@ -397,9 +407,9 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     ``grid_buckets`` K > 0 moves every image to one of K canonical visual grids chosen from all of
     ``records`` (``grids``: a :class:`.grids.GridPlan` chosen beforehand, e.g. over a whole split before
     sharding); ``warmup`` runs one blank batch per distinct (grid, batch-size bucket) first, untimed —
-    of the batches of ``warmup_records`` where given (sharding passes the whole run's records, so that
-    each process warms what one GPU would: a process warmed on its own share alone met some shapes
-    for the first time inside its timed run).
+    of ``warmup_batches`` where given (batches of records, as :func:`plan_batches` makes them: sharding
+    passes the whole run's, so that each process warms what one GPU would; a process warmed on its own
+    share alone met some shapes for the first time inside its timed run).
 
     Returns a summary: n_records, n_done (rows written now), n_captioned, n_errors,
     n_skipped_existing, n_duplicate_records, seconds (after the warm-up), images_per_s, warmup_seconds,
@@ -448,11 +458,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     warmup_seconds = 0.0
     if warmup and batches:
         start = time.perf_counter()
-        warm = batches
-        if warmup_records is not None:   # the shapes of every record's batch, not only this process's
-            every = sort_by_visual_tokens(pending_items(list(warmup_records), set(), images_dir).items, processor,
-                                          grids)[0]
-            warm = make_batches(every, batch_size, one_grid=run_decoder.fast is not None)
+        warm = batches if warmup_batches is None else _planned_shapes(warmup_batches, processor, images_dir, grids)
         warm_up(captioner, warm)
         warmup_seconds = time.perf_counter() - start
     bar = None

@@ -126,7 +126,7 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
         gen = params.generation
         grids = plan_grids(processor, records, params.images_dir, gen.grid_buckets)  # over the whole split
 
-        def caption(shard: list, path: Path, every: Optional[list] = None, split: str = split, gen: Any = gen,
+        def caption(shard: list, path: Path, planned: Optional[list] = None, split: str = split, gen: Any = gen,
                     grids: Any = grids) -> dict:
             return caption_records(
                 model, processor, entry, shard, params.images_dir, path,
@@ -134,7 +134,7 @@ def _caption_splits(params: Any, model: Any, processor: Any, entry: ModelEntry, 
                 num_beams=gen.num_beams, prompt=gen.prompt,
                 decoder=gen.decoder, extra={"split": split}, options=options,
                 constraints=gen.constraints, grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup,
-                warmup_records=every)
+                warmup_batches=planned)
 
         plan = _batch_planner(model, processor, entry, params.images_dir, gen, grids)
         summary = caption_sharded(caption, records, out, plan)  # one GPU, or whole batches per GPU under accelerate
@@ -280,13 +280,13 @@ def caption_file(params: Any, name: str, records: Sequence[Mapping[str, Any]], i
             model, processor, entry = load_model(params, name, load_in_4bit=quant, adapter=adapter, path=model_dir)
             grids = plan_grids(processor, records, images_dir, gen.grid_buckets)  # over all records
 
-            def caption(shard: list, path: Path, every: Optional[list] = None) -> dict:
+            def caption(shard: list, path: Path, planned: Optional[list] = None) -> dict:
                 return caption_records(
                     model, processor, entry, shard, images_dir, path, batch_size=gen.batch_size,
                     max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, prompt=gen.prompt,
                     decoder=gen.decoder, progress=progress and rank == 0, options=options,
                     constraints=gen.constraints, keep_file_name=keep_file_name,
-                    grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup, warmup_records=every)
+                    grid_buckets=gen.grid_buckets, grids=grids, warmup=gen.warmup, warmup_batches=planned)
 
             plan = _batch_planner(model, processor, entry, images_dir, gen, grids)
             try:

@@ -129,25 +129,26 @@ def deal_batches(batches: Sequence[Sequence[Any]], world: int) -> list[list[Any]
     return shards
 
 
-def _my_shard(pending: list, rank: int, world: int, plan: Optional[Callable[[list], list[list]]]) -> list:
-    """This process's records, in their order in ``pending``: whole planned batches, or every
-    ``world``-th record without a plan."""
+def _my_shard(pending: list, rank: int, world: int, plan: Optional[Callable[[list], list[list]]]
+              ) -> tuple[list, Optional[list[list]]]:
+    """(this process's records in their order in ``pending``, the run's planned batches): whole planned
+    batches, or every ``world``-th record without a plan (batches None)."""
     if plan is None:
-        return pending[rank::world]
+        return pending[rank::world], None
     batches = plan(pending)
     position = {id(r): i for i, r in enumerate(pending)}
     if sorted(position.get(id(r), -1) for batch in batches for r in batch) != list(range(len(pending))):
         raise RuntimeError("plan(records) must return every record it was given exactly once")
-    return sorted(deal_batches(batches, world)[rank], key=lambda r: position[id(r)])
+    return sorted(deal_batches(batches, world)[rank], key=lambda r: position[id(r)]), batches
 
 
 def caption_sharded(caption: Callable[..., dict], records: Sequence[Any], out: str | Path,
                     plan: Optional[Callable[[list], list[list]]] = None) -> dict:
     """``caption(records, path) -> summary`` over this process's shard of ``records`` (all of them on
-    one process), merged into ``out``; with several processes it is called ``caption(shard, path,
-    every)``, ``every`` being all the records the run captions (for the warm-up: each process warms
-    the shapes one GPU would meet). ``plan(records) -> batches`` (the engine's batches for those
-    records) makes the shards whole batches. Every process returns the run's summary: counts summed
+    one process), merged into ``out``. ``plan(records) -> batches`` (the engine's batches for those
+    records) makes the shards whole batches; with several processes ``caption`` is then called
+    ``caption(shard, path, batches)`` with the whole run's planned batches (each process warms the
+    shapes one GPU would meet; None without a plan). Every process returns the run's summary: counts summed
     over the processes, ``images_per_s`` = all rows / the slowest process's seconds, ``processes`` =
     world, ``seconds_per_process``, ``n_done_per_process`` and ``slowest_batches_per_process`` (rank
     order: the balance)."""
@@ -170,7 +171,8 @@ def caption_sharded(caption: Callable[..., dict], records: Sequence[Any], out: s
             continue
         seen.add(rid)
         pending.append(record)
-    summary = caption(_my_shard(pending, rank, world, plan), shard_path(out, rank, world), pending)
+    shard, batches = _my_shard(pending, rank, world, plan)
+    summary = caption(shard, shard_path(out, rank, world), batches)
     summaries = state.gather(summary)
     state.wait_for_everyone()
     if rank == 0:
