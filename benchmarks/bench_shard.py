@@ -98,6 +98,7 @@ def summary_row(out: Path, wall: float) -> dict:
             "processes": meta.get("processes"), "n_done": meta["n_done"], "peak_gpu_gib": meta["peak_gpu_gib"],
             "seconds_per_process": meta.get("seconds_per_process"), "n_done_per_process": meta.get("n_done_per_process"),
             "n_batches": meta.get("n_batches"),
+            "fill_seconds": meta.get("fill_seconds_per_process") or meta.get("fill_seconds"),
             "slowest_batches": meta.get("slowest_batches_per_process") or meta.get("slowest_batches")}
 
 

@@ -4,6 +4,7 @@ captions are junk but depend on the image, so equal rows mean equal computations
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -200,6 +201,36 @@ def test_a_shard_warms_the_shapes_of_the_whole_run(project, tmp_path, monkeypatc
     assert _rows(tmp_path / "every.jsonl") == {k: v for k, v in _rows(tmp_path / "whole.jsonl").items()
                                                if k in {r["image_id"] for r in share}}
     assert whole["n_batches"] >= 9 and len(whole["slowest_batches"]) == 3
+
+
+def test_the_first_batches_are_read_while_the_warmup_runs(project, tmp_path, monkeypatch):
+    """With ``warmup`` the loader threads decode the first two batches' images during the warm-up, so the
+    timed run does not begin by waiting for them (run X4-2: on 4 GPUs the processes whose first batch held
+    256 images were the slow ones); ``fill_seconds`` reports that wait, with or without a warm-up."""
+    planned = pipeline.plan_batches(project["model"], project["processor"], ENTRY, project["records"],
+                                    project["images"], batch_size=4)
+    first_two = len(planned[0]) + len(planned[1])
+    loaded, seen_in_warmup = [], []
+    real_load = pipeline.BatchCaptioner.load
+    monkeypatch.setattr(pipeline.BatchCaptioner, "load",
+                        lambda self, item: loaded.append(item.image_id) or real_load(self, item))
+
+    def warm_up(captioner, batches):
+        first = warmup.warmup_shapes(batches, captioner.decoder.fast.max_batch)
+        deadline = time.monotonic() + 20
+        while len(loaded) < first_two and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_in_warmup.append(len(loaded))
+        return 0.0, len(first)
+
+    monkeypatch.setattr(pipeline, "warm_up", warm_up)
+    warm = _caption(project, tmp_path / "warm.jsonl", warmup=True)
+    assert seen_in_warmup == [first_two], "the first two batches' images were not read while the warm-up ran"
+    assert 0 <= warm["fill_seconds"] <= warm["seconds"]
+    loaded.clear()
+    cold = _caption(project, tmp_path / "cold.jsonl")
+    assert 0 < cold["fill_seconds"] <= cold["seconds"] and loaded   # no warm-up: the run reads them itself
+    assert _rows(tmp_path / "warm.jsonl") == _rows(tmp_path / "cold.jsonl")
 
 
 def test_summary_and_provenance_record_the_settings(project, tmp_path, capsys):

@@ -324,14 +324,25 @@ class BatchPipeline:
     """Runs the batches: images decoded in threads two batches ahead; with ``pipelined``, while the
     GPU works on batch i, batch i-1's rows are written and batch i+1 is prepared."""
 
-    def __init__(self, batches: list[list[Item]], captioner: BatchCaptioner, writer: RowWriter, pipelined: bool):
-        self.batches, self.captioner, self.writer, self.pipelined = batches, captioner, writer, pipelined
+    def __init__(self, batches: list[list[Item]], captioner: BatchCaptioner, pipelined: bool):
+        self.batches, self.captioner, self.pipelined = batches, captioner, pipelined
+        self.writer: Optional[RowWriter] = None
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
                                        thread_name_prefix="jpcap-load")
         self.loads: dict[int, list[Future]] = {}
         self.upcoming: Optional[PreparedBatch] = None
         self.finished: list[dict] = []  # rows of the last batch, written while the GPU works on the next
+        self.fill_seconds = 0.0  # from run() to the first batch's start: its images read and prepared
         self.batch_seconds: list[float] = []  # each batch's share of the run: from the last batch's end to its own
+
+    def prefetch(self) -> None:
+        """Start decoding the first two batches' images in the loader threads (e.g. while the warm-up
+        keeps the GPU busy: the run then does not begin by waiting for them)."""
+        self._load_ahead(0)
+        self._load_ahead(1)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _load_ahead(self, i: int) -> None:
         if i < len(self.batches) and i not in self.loads:
@@ -351,15 +362,18 @@ class BatchPipeline:
         if i + 1 < len(self.batches):
             self.upcoming = self._prepare(i + 1)
 
-    def run(self, first_rows: list[dict]) -> None:
-        """Write ``first_rows`` (images failed before batching), then caption every batch
-        (``batch_seconds``: each one's seconds, the first's including the pipeline fill)."""
+    def run(self, writer: RowWriter, first_rows: list[dict]) -> None:
+        """Write ``first_rows`` (images failed before batching) with ``writer``, then caption every batch
+        (``fill_seconds``: until the first batch could start; ``batch_seconds``: each batch's seconds).
+        Closes the loader threads."""
+        self.writer = writer
         try:
+            start = time.perf_counter()
             self.writer.emit(first_rows)
-            self._load_ahead(0)
-            self._load_ahead(1)
+            self.prefetch()
             self.upcoming = self._prepare(0) if self.batches else None
             last = time.perf_counter()
+            self.fill_seconds = last - start
             for i in range(len(self.batches)):
                 current, self.upcoming = self.upcoming, None
                 busy = _Once(lambda i=i: self._between(i))
@@ -377,7 +391,7 @@ class BatchPipeline:
                     self._flush()
                 except Exception:
                     pass
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.close()
 
 
 def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iterable[Any],
@@ -415,6 +429,8 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     n_skipped_existing, n_duplicate_records, seconds (after the warm-up), images_per_s, warmup_seconds,
     n_grids (distinct visual grids of the images captioned now), n_resized (of them, moved to a
     canonical grid), n_batches, slowest_batches (the three slowest: [seconds, images, grid]),
+    fill_seconds (of ``seconds``, those before the first batch could start: its images read and prepared —
+    with ``warmup`` their reading overlaps the warm-up),
     grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit, constraints (their
     provenance record, or None).
     """
@@ -456,10 +472,16 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     warmup_seconds = 0.0
+    pipeline = BatchPipeline(batches, captioner, options.pipeline)
     if warmup and batches:
         start = time.perf_counter()
+        pipeline.prefetch()   # the first batches' JPEGs are decoded while the warm-up runs (run X4-2)
         warm = batches if warmup_batches is None else _planned_shapes(warmup_batches, processor, images_dir, grids)
-        warm_up(captioner, warm)
+        try:
+            warm_up(captioner, warm)
+        except BaseException:
+            pipeline.close()
+            raise
         warmup_seconds = time.perf_counter() - start
     bar = None
     if progress and pending.items:
@@ -467,9 +489,8 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
         bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
     writer = RowWriter(out_path, bar)
     start = time.perf_counter()
-    pipeline = BatchPipeline(batches, captioner, writer, options.pipeline)
     try:
-        pipeline.run([captioner.row(item, error=exc) for item, exc in failed])
+        pipeline.run(writer, [captioner.row(item, error=exc) for item, exc in failed])
     finally:
         if bar is not None:
             bar.close()
@@ -477,6 +498,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                        warmup_seconds=warmup_seconds, n_grids=len({it.key for it in ready}),
                        n_resized=sum(it.size is not None for it in ready),
                        n_batches=len(batches), slowest_batches=_slowest(batches, pipeline.batch_seconds),
+                       fill_seconds=round(pipeline.fill_seconds, 3),
                        batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                        grid_buckets=grid_buckets or (len(grids.grids) if grids is not None else 0),
                        canonical_grids=grids.as_list() if grids is not None else None, warmup=warmup,

@@ -150,8 +150,8 @@ def caption_sharded(caption: Callable[..., dict], records: Sequence[Any], out: s
     ``caption(shard, path, batches)`` with the whole run's planned batches (each process warms the
     shapes one GPU would meet; None without a plan). Every process returns the run's summary: counts summed
     over the processes, ``images_per_s`` = all rows / the slowest process's seconds, ``processes`` =
-    world, ``seconds_per_process``, ``n_done_per_process`` and ``slowest_batches_per_process`` (rank
-    order: the balance)."""
+    world, ``seconds_per_process``, ``n_done_per_process``, ``slowest_batches_per_process`` and
+    ``fill_seconds_per_process`` (rank order: the balance)."""
     out = Path(out)
     rank, world, state = process_group()
     if world == 1:
@@ -181,7 +181,7 @@ def caption_sharded(caption: Callable[..., dict], records: Sequence[Any], out: s
     total = dict(summaries[0])
     for key in ("n_done", "n_captioned", "n_errors", "n_skipped_existing", "n_resized"):
         total[key] = sum(int(s.get(key) or 0) for s in summaries)
-    for key in ("warmup_seconds", "n_grids"):  # per process, in parallel: the largest
+    for key in ("warmup_seconds", "n_grids", "fill_seconds"):  # per process, in parallel: the largest
         values = [s[key] for s in summaries if s.get(key) is not None]
         total[key] = max(values) if values else None
     total.update(out_path=str(out), n_records=len(records), n_skipped_existing=total["n_skipped_existing"] + len(done & {
@@ -190,6 +190,7 @@ def caption_sharded(caption: Callable[..., dict], records: Sequence[Any], out: s
         seconds_per_process=[round(float(s.get("seconds") or 0), 3) for s in summaries],
         n_done_per_process=[int(s.get("n_done") or 0) for s in summaries],
         slowest_batches_per_process=[s.get("slowest_batches") for s in summaries],
+        fill_seconds_per_process=[s.get("fill_seconds") for s in summaries],
         peak_gpu_gib=max((s.get("peak_gpu_gib") or 0) for s in summaries) or None)
     total["images_per_s"] = round(total["n_done"] / total["seconds"], 3) if total["seconds"] > 0 else 0.0
     return total
