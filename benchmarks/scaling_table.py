@@ -1,6 +1,7 @@
 """Scaling table (issue 18): time and cost to fine-tune Qwen2-VL-2B for 3 epochs on the full STAIR train
 split with caption packing and to caption STAIR val + test and YJ Captions, on a T4 (ESTIMATED from the
-cost model), one and two H200s (MEASURED on one host) and 4 and 8 (PROJECTED from the 1 → 2 scaling).
+cost model), one and two H200s (MEASURED on one host), four (captioning MEASURED on one 4-GPU host;
+training PROJECTED) and 8 (PROJECTED from the largest measured doubling).
 Arithmetic only: every input is a named constant below with its source, or a flag.
 
     python benchmarks/scaling_table.py [--usd-per-gpu-hour 3.5] [--usd-per-t4-hour 0.35] [--write-results]
@@ -45,8 +46,14 @@ H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): t
 TRAIN_SPEEDUP = {1: 1.0, 2: 1.55}    # runs X2-2/X2-3: the same command on 2 GPUs, 529.43 captions/s (DDP)
 H200_CAPTION_IMAGES_PER_S = 174.50   # run X2-8: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
                                      # 24 new tokens, no adapter, generation.warmup (its seconds apart)
-CAPTION_SPEEDUP = {1: 1.0, 2: 1.94}  # run X2-8: sharded over 2 GPUs (whole batches, every process warmed on the
-                                     # whole run's shapes), 337.74 images/s (mean of 3 runs: 334.75–340.91)
+CAPTION_SPEEDUP = {1: 1.0, 2: 1.94, 4: 3.50}  # 2: run X2-8, sharded over 2 GPUs (whole batches, every process
+                                     # warmed on the whole run's shapes), 337.74 images/s (mean of 3 runs:
+                                     # 334.75–340.91); 4: run X4-2 (2026-11-29-x4.jsonl), a 4×H200 host, 615.94
+                                     # images/s against the same call's warm one-GPU run, 176.14
+TRAIN_RUNS = {2: "X2-3"}             # the run behind each measured speed-up
+CAPTION_RUNS = {2: "X2-8", 4: "X4-2"}
+X4_LORA_SPEEDUP = 3.45               # run X4-2: bf16 LoRA unpacked, micro-batch 8, 185.27 against 53.68 samples/s
+                                     # (the packed QLoRA recipe on 4 GPUs: not measured, cut by the call's limit)
 D1_LORA_SPEEDUP = {2: 1.85, 4: 3.29}  # run D1 (2026-11-28-x4.jsonl): bf16 LoRA, unpacked, micro-batch 8 (context)
 T4_CAPTION_IMAGES_PER_S = 2.5        # ESTIMATE (docs/training.md, params/colab_t4.yaml: "≈ 2–3 images/s")
 
@@ -103,17 +110,18 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
                captions / t4_train_captions_per_s() / 3600, CAPTION_IMAGES / T4_CAPTION_IMAGES_PER_S / 3600,
                usd_per_t4_hour)]
     for gpus in gpu_counts:
-        train_x, projected = projected_speedup(gpus, TRAIN_SPEEDUP)
-        caption_x, _ = projected_speedup(gpus, CAPTION_SPEEDUP)
+        train_x, train_projected = projected_speedup(gpus, TRAIN_SPEEDUP)
+        caption_x, caption_projected = projected_speedup(gpus, CAPTION_SPEEDUP)
         if gpus == 1:
             basis = ("MEASURED: `jpcap train` end to end, packed QLoRA (run X2-2); the engine on the COCO-like mix "
                      "(run X2-8)")
-        elif projected:
-            basis = (f"PROJECTED: training {train_x:.2f}×, captioning {caption_x:.2f}× (each doubling of GPUs "
-                     "multiplies the parallel efficiency as the measured 1 → 2 did)")
         else:
-            basis = (f"MEASURED on {gpus} GPUs of the same host: training {train_x:.2f}× (run X2-3), captioning "
-                     f"{caption_x:.2f}× (run X2-8)")
+            basis = "; ".join(
+                f"{what} {x:.2f}× " + ("PROJECTED (each doubling of GPUs multiplies the parallel efficiency as the "
+                                       "last measured one did)" if projected else
+                                       f"MEASURED on {gpus} GPUs of one host (run {runs[gpus]})")
+                for what, x, projected, runs in (("training", train_x, train_projected, TRAIN_RUNS),
+                                                 ("captioning", caption_x, caption_projected, CAPTION_RUNS)))
         out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * train_x) / 3600,
                        CAPTION_IMAGES / (H200_CAPTION_IMAGES_PER_S * caption_x) / 3600, usd_per_gpu_hour))
     return out
@@ -150,8 +158,9 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         f"median step rate after 8 steps; the step alone ran {H200_STEP_ALONE_CAPTIONS_PER_S} captions/s, run "
         f"pack-2). 2× H200: the same command under `accelerate launch` on the same host, "
         f"{TRAIN_SPEEDUP[2]:.2f}× (run X2-3; its mean over all steps is lower: slow steps). 4 and 8 GPUs are "
-        f"projections, not measurements; run D1 (another host, bf16 LoRA unpacked at micro-batch 8) measured "
-        f"{D1_LORA_SPEEDUP[2]:.2f}× on 2 and {D1_LORA_SPEEDUP[4]:.2f}× on 4 GPUs. T4: the cost model's "
+        f"projections for this recipe, not measurements (its 4-GPU run was cut by the call's time limit); bf16 LoRA "
+        f"unpacked at micro-batch 8 measured {X4_LORA_SPEEDUP:.2f}× on 4 GPUs (run X4-2) and, on another host, "
+        f"{D1_LORA_SPEEDUP[2]:.2f}× on 2 and {D1_LORA_SPEEDUP[4]:.2f}× on 4 (run D1). T4: the cost model's "
         f"{flops / 1e12:.2f} TFLOP per packed caption at an assumed {T4_EFFECTIVE_TFLOPS:g} TFLOP/s ≈ "
         f"{t4_train_captions_per_s():.1f} captions/s (no T4 was available); on free Colab that is ≈ "
         f"{math.ceil(table[0].train_h / 3)} sessions of ≈ 3 usable hours, resuming from checkpoints.",
@@ -160,7 +169,9 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "40 — after `generation.warmup`, whose seconds are not counted: a one-shot run pays 18–37 s of it per "
         f"process). 2 GPUs: {CAPTION_SPEEDUP[2]:.2f}× with whole batches per GPU, each process warmed on the whole "
         "run's shapes (run X2-8, same host, mean of three runs; against that call's other one-GPU run, 182.42 "
-        "images/s, it is 1.85×; each process warmed on its own share only: 1.59–1.75×). The rate holds for the "
+        "images/s, it is 1.85×; each process warmed on its own share only: 1.59–1.75×). 4 GPUs: "
+        f"{CAPTION_SPEEDUP[4]:.2f}× (run X4-2, a 4×H200 host, 4,096 files, rows identical to the one-GPU run's; "
+        "1.92× on 2 GPUs of that host, run X4-1). 8 GPUs: projected. The rate holds for the "
         "QLoRA recipe's adapter since it is merged into its dequantized base (run QL-1: 150.2 images/s against "
         "149.0 for a bf16 base with a merged adapter, same run; the 4-bit base with the adapter kept separate ran "
         "28.2–44.9). "

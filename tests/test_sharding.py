@@ -152,9 +152,9 @@ def test_each_process_runs_whole_batches_of_the_one_gpu_run(tiny_model_dir, tmp_
         assert sum(len(engine_batches(records[rank::world])) for rank in range(world)) > len(ran)
 
 
-def _qwen_two_vs_one(tiny_model_dir, tmp_path, two: list[str], env: dict) -> None:
-    """The tiny Qwen2-VL's fast decoder (fp32) over 40 images of 8 visual grids: ``two`` (a 2-process
-    launcher) writes exactly the one-process run's rows, and both processes got work."""
+def _qwen_two_vs_one(tiny_model_dir, tmp_path, two: list[str], env: dict, processes: int = 2) -> None:
+    """The tiny Qwen2-VL's fast decoder (fp32) over 40 images of 8 visual grids: ``two`` (a launcher of
+    ``processes`` processes) writes exactly the one-process run's rows, and every process got work."""
     images = tmp_path / "images"
     images.mkdir()
     for i in range(40):
@@ -171,7 +171,9 @@ def _qwen_two_vs_one(tiny_model_dir, tmp_path, two: list[str], env: dict) -> Non
     rows = list(jio.read_jsonl(tmp_path / "two.jsonl"))
     assert len(rows) == len(one) == 40 and {r["image_id"]: (r["file_name"], r["caption"]) for r in rows} == one
     meta = json.loads((tmp_path / "two.meta.json").read_text())["last_run"]
-    assert meta["processes"] == 2 and sum(meta["n_done_per_process"]) == 40 and min(meta["n_done_per_process"]) > 0
+    assert meta["processes"] == processes and sum(meta["n_done_per_process"]) == 40
+    assert len(meta["n_done_per_process"]) == processes and min(meta["n_done_per_process"]) > 0
+    assert len(meta["fill_seconds_per_process"]) == processes and meta["fill_seconds"] == max(meta["fill_seconds_per_process"])
     assert meta["decoder"] == "static-cache greedy" and not list(tmp_path.glob("two.shard-*"))
 
 
@@ -182,11 +184,13 @@ def test_two_cpu_processes_write_the_rows_of_one_with_the_fast_decoder(tiny_mode
                      {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""})
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_gpu_two_gpus_write_the_rows_of_one_gpu(tiny_model_dir, tmp_path):
-    """`accelerate launch --multi_gpu` on 2 GPUs (CUDA graphs; compiled where the GPU allows)."""
+@pytest.mark.parametrize("gpus", [2, 4], ids=["two_gpus", "four_gpus"])
+def test_gpu_several_gpus_write_the_rows_of_one_gpu(tiny_model_dir, tmp_path, gpus):
+    """`accelerate launch --multi_gpu` on 2 and on 4 GPUs (CUDA graphs; compiled where the GPU allows)."""
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} CUDA GPUs")
     _qwen_two_vs_one(tiny_model_dir, tmp_path, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                                "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
-                                                "--dynamo_backend=no"], {})
+                                                f"--num_processes={gpus}", "--num_machines=1", "--mixed_precision=no",
+                                                "--dynamo_backend=no"], {}, processes=gpus)

@@ -770,9 +770,9 @@ if os.environ.get("RANK") == "0":
 
 
 def _ddp_losses_match_one_process(project, tmp_path, name: str, launcher: list[str], env: dict, tol: float,
-                                  load_in_4bit: bool = False) -> None:
-    """``launcher`` (2 processes) trains the same 3 steps as one process accumulating each step's 2
-    micro-batches: the same loss curve within ``tol``."""
+                                  load_in_4bit: bool = False, processes: int = 2) -> None:
+    """``launcher`` (``processes`` processes, 2 or 4) trains the same 3 steps as one process accumulating
+    each step's 4 micro-batches of 2: the same loss curve within ``tol``."""
     import subprocess
 
     import yaml
@@ -796,7 +796,7 @@ def _ddp_losses_match_one_process(project, tmp_path, name: str, launcher: list[s
     for step in losses:
         assert losses[step] == pytest.approx(single.losses[step], abs=tol)
     plan = json.loads((Path(params.run_dir) / "train_plan.json").read_text())
-    assert plan["processes"] == 2 and plan["accumulation_steps"] == 2
+    assert plan["processes"] == processes and plan["accumulation_steps"] == 4 // processes
 
 
 @pytest.mark.slow
@@ -807,18 +807,21 @@ def test_ddp_two_cpu_processes_match_one_process(project, tmp_path):
         {"OMP_NUM_THREADS": "1"}, tol=1e-5)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.parametrize("gpus", [2, 4], ids=["two_gpus", "four_gpus"])
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
-def test_gpu_ddp_two_gpus_match_one_gpu(project, tmp_path, load_in_4bit):
-    """`accelerate launch --multi_gpu` on 2 GPUs (NCCL) with the GPU defaults (bf16, compile, lean
+def test_gpu_ddp_gpus_match_one_gpu(project, tmp_path, load_in_4bit, gpus):
+    """`accelerate launch --multi_gpu` on 2 and on 4 GPUs (NCCL) with the GPU defaults (bf16, compile, lean
     activations): the loss curve of one GPU accumulating the step. 1e-3: reduction order differs in
     bf16 autocast; a wrong gradient scale moves the third loss by ≈ 1e-2."""
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} CUDA GPUs")
     _ddp_losses_match_one_process(
-        project, tmp_path, "ddp-gpu-" + ("qlora" if load_in_4bit else "lora"),
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-         "--mixed_precision=no", "--dynamo_backend=no"], {}, tol=1e-3, load_in_4bit=load_in_4bit)
+        project, tmp_path, f"ddp-gpu{gpus}-" + ("qlora" if load_in_4bit else "lora"),
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
+         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"], {}, tol=1e-3,
+        load_in_4bit=load_in_4bit, processes=gpus)
 
 
 def test_cli_plan_only_and_bad_params(project, tmp_path, capsys):
