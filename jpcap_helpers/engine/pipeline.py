@@ -474,8 +474,9 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     warmup_seconds = 0.0
     pipeline = BatchPipeline(batches, captioner, options.pipeline)
     if warmup and batches:
+        if run_decoder.fast is not None:   # the first batches' JPEGs are decoded while the warm-up runs (run X4-2)
+            pipeline.prefetch()
         start = time.perf_counter()
-        pipeline.prefetch()   # the first batches' JPEGs are decoded while the warm-up runs (run X4-2)
         warm = batches if warmup_batches is None else _planned_shapes(warmup_batches, processor, images_dir, grids)
         try:
             warm_up(captioner, warm)
