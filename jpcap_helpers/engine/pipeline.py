@@ -471,31 +471,28 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    warmup_seconds = 0.0
+    warmup_seconds, bar = 0.0, None
     pipeline = BatchPipeline(batches, captioner, options.pipeline)
-    if warmup and batches:
-        if run_decoder.fast is not None:   # the first batches' JPEGs are decoded while the warm-up runs (run X4-2)
-            pipeline.prefetch()
-        start = time.perf_counter()
-        warm = batches if warmup_batches is None else _planned_shapes(warmup_batches, processor, images_dir, grids)
-        try:
+    try:   # the loader threads are closed however the warm-up or the run ends
+        if warmup and batches:
+            if run_decoder.fast is not None:   # the first batches' JPEGs are read while the warm-up runs (run X4-2)
+                pipeline.prefetch()
+            start = time.perf_counter()
+            warm = batches if warmup_batches is None else _planned_shapes(warmup_batches, processor, images_dir, grids)
             warm_up(captioner, warm)
-        except BaseException:
-            pipeline.close()
-            raise
-        warmup_seconds = time.perf_counter() - start
-    bar = None
-    if progress and pending.items:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
-    writer = RowWriter(out_path, bar)
-    start = time.perf_counter()
-    try:
+            warmup_seconds = time.perf_counter() - start
+        if progress and pending.items:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
+        writer = RowWriter(out_path, bar)
+        start = time.perf_counter()
         pipeline.run(writer, [captioner.row(item, error=exc) for item, exc in failed])
+        seconds = time.perf_counter() - start
     finally:
+        pipeline.close()
         if bar is not None:
             bar.close()
-    return run_summary(entry, out_path, pending, writer, time.perf_counter() - start,
+    return run_summary(entry, out_path, pending, writer, seconds,
                        warmup_seconds=warmup_seconds, n_grids=len({it.key for it in ready}),
                        n_resized=sum(it.size is not None for it in ready),
                        n_batches=len(batches), slowest_batches=_slowest(batches, pipeline.batch_seconds),
