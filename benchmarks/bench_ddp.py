@@ -15,6 +15,8 @@ seconds a step waited for its micro-batches (rank 0's train log).
     python benchmarks/bench_ddp.py --gpus 1 2 --pack --micro 16          # h100.yaml's packed recipe
     python benchmarks/bench_ddp.py --gpus 1 2 --concurrent-alone        # + 2 lone one-GPU runs at once
     python benchmarks/bench_ddp.py --gpus 1 2 --same-batches            # + 2 GPUs with equal work per rank
+    python benchmarks/bench_ddp.py --gpus 2 1 --pack --micro 16 --broadcast-buffers --trace   # + DDP as before
+                         # X2-10 (buffer broadcast on); per-rank forward/backward/step times (row ddp-trace)
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,38 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import COCO_LIKE_SIZES, emit, launch_prefix, random_model_dir, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# --compile-static: the train command with the language layers compiled as before run ETA-2's fix
-# (specialised on the first shapes, recompiled when they change) and dynamo's default recompile limit
-STATIC_COMPILE = """
-import sys
-import torch._dynamo
-from jpcap_helpers.models import fastpath
-real = fastpath.compile_blocks
-def specialised(blocks, dynamic=None, **kw):
-    n = real(blocks, dynamic=None, **kw)
-    torch._dynamo.config.recompile_limit = 8
-    return n
-fastpath.compile_blocks = specialised
-from jpcap_helpers.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-# --same-batches: the train command with every rank drawing rank 0's micro-batches — equal work on every GPU,
-# so a 2-GPU step then costs no more than its slowest rank's share when the ranks' shares differ (the loss
-# curve is not the run's; only the rate is compared)
-SAME_BATCHES = """
-import sys
-from jpcap_helpers.train import session
-class SameBatches(session.StepBatchSampler):
-    def __init__(self, order, first, last, effective, micro, world, rank):
-        super().__init__(order, first, last, effective, micro, world, 0)
-session.StepBatchSampler = SameBatches
-from jpcap_helpers.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def image_sizes(mix: str) -> list[list[int]]:
@@ -110,6 +79,12 @@ def main(argv=None) -> None:
     ap.add_argument("--same-batches", action="store_true",
                     help="also: each GPU count > 1 again with every rank drawing rank 0's micro-batches (equal "
                          "work per GPU: is the DDP gap the ranks' unequal shares?)")
+    ap.add_argument("--broadcast-buffers", action="store_true",
+                    help="also: each GPU count > 1 again with DDP's per-forward buffer broadcast on (torch's "
+                         "default; the trainer's before run X2-10), right after the same count's default run")
+    ap.add_argument("--trace", action="store_true",
+                    help="also write each rank's per-step GPU times (forward, backward incl. DDP's wait, step) and "
+                         "host waits (train_variant.py --trace) and emit their medians (row ddp-trace)")
     ap.add_argument("--concurrent-alone", action="store_true",
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
@@ -130,20 +105,16 @@ def main(argv=None) -> None:
     emit({"bench": "ddp", "versions": versions(), "method": args.method, "micro_per_gpu": args.micro,
           "mix": args.mix, "pack_captions": args.pack, "cpu_threads": args.cpu_threads, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
-    rates, same_rates = {}, {}
-    variants = ((g, b, same) for g in args.gpus for b in groupings
-                for same in ((False, True) if args.same_batches and g > 1 else (False,)))
-    for gpus, grouped, same in variants:
-        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + ("-same" if same else "")
+    rates, variant_rates = {}, {}
+    multi = [None] + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
+    variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else [None]))
+    for gpus, grouped, variant in variants:
+        same = variant == "same"
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
         launch, extra_env = launch_prefix(gpus, args.cpu_threads)
-        if args.compile_static and gpus > 1:   # accelerate launch takes a script, not -c
-            emit({"bench": "ddp", "gpus": gpus, "error": "--compile-static runs on one GPU only"})
-            continue
-        entry = ["-c", STATIC_COMPILE, "train"] if args.compile_static else ["-m", "jpcap_helpers.cli", "train"]
-        if same:   # accelerate launch takes a script file
-            script = Path(tempfile.gettempdir()) / "jpcap_bench_same_batches.py"
-            script.write_text(SAME_BATCHES)
-            entry = [str(script), "train"]
+        patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
+                                          ("--broadcast-buffers", variant == "buf"), ("--trace", args.trace)) if on]
+        entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
                               n_train):
@@ -162,13 +133,13 @@ def main(argv=None) -> None:
         first = [r for r in steps if r["step"] <= 2]
         batch = lambda r, g=gpus: r.get("global_batch", args.micro * g)  # noqa: E731
         rate = statistics.median(r["samples_per_s"] for r in warm)
-        (same_rates if same else rates)[gpus, grouped] = rate
+        (rates if variant is None else variant_rates)[gpus, grouped, variant] = rate
         captions = [r["captions_per_s"] for r in warm if r.get("captions_per_s") is not None]
         data_s = [r["data_s"] for r in warm if r.get("data_s") is not None]
-        one = rates.get((min(g for g, _ in rates), grouped), rate)
+        one = rates.get((min(g for g, _, _ in rates), grouped, None), rate)
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
-              "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
+              "broadcast_buffers": variant == "buf", "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
               "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
@@ -179,11 +150,20 @@ def main(argv=None) -> None:
               "data_s_median_max": [round(statistics.median(data_s), 4), round(max(data_s), 4)] if data_s else None,
               "epochs_run": round(steps[-1].get("epoch", 0.0), 2), "n_train": n_train,
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
+        if args.trace:
+            emit({"bench": "ddp-trace", "gpus": gpus, "method": args.method, "pack_captions": args.pack,
+                  "same_batches_on_every_rank": same, "broadcast_buffers": variant == "buf", **trace_summary(Path(params.run.output_dir) / run, args.skip)})
         emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped,
               "compile_static": args.compile_static})
 
+    ones = {grouped: r for (g, grouped, _), r in rates.items() if g == 1}
+    if ones:   # each run against the call's one-GPU run, whatever the order of --gpus
+        emit({"bench": "ddp-summary", "method": args.method, "pack_captions": args.pack, "order": args.gpus,
+               "runs": [{"gpus": g, "group_by_grid": grouped, "variant": v or "default", "samples_per_s": round(r, 2),
+                         "vs_one_gpu": round(r / ones[grouped], 3) if grouped in ones else None}
+                        for (g, grouped, v), r in {**rates, **variant_rates}.items()]})
     if args.concurrent_alone and max(args.gpus) > 1:
-        concurrent_alone(args, model_dir, n_train, max(args.gpus), Path(params.run.output_dir), rates.get((1, False)))
+        concurrent_alone(args, model_dir, n_train, max(args.gpus), Path(params.run.output_dir), rates.get((1, False, None)))
 
 
 def keep_log(folder: str | None, run: str, stdout: str, stderr: str) -> None:
@@ -203,13 +183,13 @@ def concurrent_alone(args: argparse.Namespace, model_dir: Path, n_train: int, n:
     running = []
     for k in range(n):
         run = f"ddp-bench-{args.method}-alone-{n}-{k}" + ("-pack" if args.pack else "")
-        cmd = [sys.executable, "-m", "jpcap_helpers.cli", "train", str(ROOT / "params/smoke.yaml"), "--no-resume",
-               "--run-name", run]
+        entry = [str(ROOT / "benchmarks/train_variant.py"), "--trace"] if args.trace else ["-m", "jpcap_helpers.cli"]
+        cmd = [sys.executable, *entry, "train", str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, 1, args.steps, args.micro, args.mix, False, args.pack, n_train):
             cmd += ["--set", item]
         running.append((run, subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **extra, "CUDA_VISIBLE_DEVICES": str(k)},
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    medians = []
+    medians, traces = [], []
     for run, proc in running:
         out, err = proc.communicate()
         keep_log(args.keep_logs, run, out, err)
@@ -219,10 +199,42 @@ def concurrent_alone(args: argparse.Namespace, model_dir: Path, n_train: int, n:
         rows = [json.loads(line) for line in (output_dir / run / "train_log.jsonl").read_text().splitlines()]
         medians.append(statistics.median(r["samples_per_s"] for r in rows
                                          if r.get("samples_per_s") is not None and r["step"] > args.skip))
+        if args.trace:
+            traces.append(trace_summary(output_dir / run, args.skip)["rank0"])
     emit({"bench": "ddp", "phase": "concurrent one-GPU runs, one per GPU", "method": args.method, "mix": args.mix,
           "pack_captions": args.pack, "micro_per_gpu": args.micro, "gpus": n, "cpu_threads": args.cpu_threads,
           "samples_per_s_per_process": [round(m, 2) for m in medians],
-          "vs_one_gpu_alone": [round(m / one_gpu, 3) for m in medians] if one_gpu else None})
+          "vs_one_gpu_alone": [round(m / one_gpu, 3) for m in medians] if one_gpu else None,
+          **({"trace_per_process": traces} if traces else {})})
+
+
+def trace_summary(run_dir: Path, skip: int) -> dict:
+    """Medians over the steps after ``skip`` of each rank's trace (train_variant.py --trace): GPU ms of the
+    step's forwards and backwards (a DDP backward includes waiting for the other ranks' gradients), of the
+    whole step (first forward to the next step's) and of its GPU idle part (``gap``: the step's time not
+    covered by its own work), host seconds of its three pieces, its sequence tokens (B×L summed over
+    micro-batches) and image patches; under DDP also the per-step spread of the forwards across ranks."""
+    ranks = sorted(run_dir.glob("trace-rank*.jsonl"))
+    rows = {int(p.stem.removeprefix("trace-rank")): [json.loads(x) for x in p.read_text().splitlines()][skip:]
+            for p in ranks}
+    med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+    out: dict = {"steps": min((len(v) for v in rows.values()), default=0)}
+    for r, steps in sorted(rows.items()):
+        out[f"rank{r}"] = {
+            "fwd_ms": med([sum(s["fwd_ms"]) for s in steps]), "bwd_ms": med([sum(s["bwd_ms"]) for s in steps]),
+            "gpu_step_ms": med([s["gpu_step_ms"] for s in steps]),
+            "gap_ms": med([s["gpu_step_ms"] - s["gpu_own_ms"] for s in steps]),
+            "host_count_s": med([s["host_count_s"] for s in steps]), "host_fb_s": med([s["host_fb_s"] for s in steps]),
+            "host_clip_s": med([s["host_clip_s"] for s in steps]),
+            "seq_tokens": med([sum(m["tokens"][0] * m["tokens"][1] for m in s["micro"]) for s in steps]),
+            "patches": med([sum(m["patches"] for m in s["micro"]) for s in steps])}
+    if len(rows) > 1:
+        n = out["steps"]
+        per_step = [[sum(rows[r][k]["fwd_ms"]) for r in rows] for k in range(n)]
+        out["fwd_spread_ms"] = med([max(v) - min(v) for v in per_step])
+        bwd = [[sum(rows[r][k]["bwd_ms"]) for r in rows] for k in range(n)]
+        out["bwd_spread_ms"] = med([max(v) - min(v) for v in bwd])
+    return out
 
 
 def train_images(steps: int, micro: int, gpus: int) -> int:
