@@ -1031,3 +1031,17 @@ def test_cost_model_matches_the_stated_recipe_cost_and_sizes_the_t4_preset(proje
     per_caption = model_flops_per_caption(model, 234 + 30, 25, 234 * 4, per_image if p.train.pack_captions else 1)
     captions = p.data.train_subset * 5 * p.train.epochs
     assert cost_estimate(per_caption, captions)["hours"] <= 2.0
+
+
+def test_ddp_runs_without_the_buffer_broadcast_and_refuses_changing_buffers(project):
+    """The trainer's DDP skips the buffer broadcast before every forward (constant rotary buffers; run X2-10/11:
+    6–10% per 2-GPU step); a model whose buffers change in training (batch norm) is refused under DDP."""
+    from jpcap_helpers.train import session as S
+
+    acc, _ = S._new_accelerator(make_params(project, "ddp-kwargs"))
+    assert acc.ddp_handler.to_kwargs() == {"broadcast_buffers": False}
+    norm = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    S._check_constant_buffers(norm, world=1)
+    with pytest.raises(T.TrainError, match="1 keeps running statistics"):
+        S._check_constant_buffers(norm, world=2)
+    S._check_constant_buffers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)), world=2)
