@@ -136,7 +136,7 @@ def main(argv=None) -> None:
         (rates if variant is None else variant_rates)[gpus, grouped, variant] = rate
         captions = [r["captions_per_s"] for r in warm if r.get("captions_per_s") is not None]
         data_s = [r["data_s"] for r in warm if r.get("data_s") is not None]
-        one = rates.get((min(g for g, _, _ in rates), grouped, None), rate)
+        one = rates.get((min(args.gpus), grouped, None))   # None until the smallest count has run
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
               "broadcast_buffers": variant == "buf", "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
               "captions_per_s": round(statistics.median(captions), 2) if captions else None,
-              "per_gpu": round(rate / gpus, 2), "speedup": round(rate / one, 2),
+              "per_gpu": round(rate / gpus, 2), "speedup": round(rate / one, 2) if one else None,
               "first_steps_s": [round(batch(r) / r["samples_per_s"], 2) for r in first],
               # seconds a step waited for its micro-batches (rank 0): median and worst after --skip
               "data_s_median_max": [round(statistics.median(data_s), 4), round(max(data_s), 4)] if data_s else None,
