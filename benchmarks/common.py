@@ -46,8 +46,26 @@ def versions() -> dict:
     except ImportError:
         out["bitsandbytes"] = None
     out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if out["gpu"]:
+        out["gpu_limits"] = gpu_limits()
     out["date"] = time.strftime("%Y-%m-%d")
     return out
+
+
+def gpu_limits() -> list[str] | None:
+    """Per GPU: its power limit, max and current SM clock, CPU model (``nvidia-smi``, ``/proc/cpuinfo``) —
+    hosts of one card differed by 36% in the same training forward (runs X2-9 … X2-11), with nothing
+    recorded to tell a slower GPU setting from a slower host."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=power.limit,clocks.max.sm,clocks.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
+                if line.startswith("model name")), None) if os.path.exists("/proc/cpuinfo") else None
+    return [line.strip() for line in out.splitlines() if line.strip()] + ([f"cpu: {cpu}"] if cpu else [])
 
 
 def special_ids(tok) -> dict:
