@@ -8,9 +8,9 @@ the run's; only the rate is compared).
 ``--trace``: each rank appends one row per optimizer step to ``<run_dir>/trace-rank<r>.jsonl``: GPU
 milliseconds of each micro-batch's forward and backward (CUDA events around them: the backward's includes
 DDP's wait for the gradient all-reduce, hence for the slower rank), the GPU time from this step's first
-forward to the next step's (``gpu_step_ms``), the host seconds spent in the step's three pieces (each ends in
-a host read that waits for the GPU), and the micro-batches' shapes (sequence tokens, image patches, target
-tokens). Events are read after the step's own host reads, so the trace adds no synchronisation.
+forward to the next step's (``gpu_step_ms``), the host seconds spent in the step's three pieces (up to run
+X2-11 each ended in a host read that waits for the GPU; since, only the last does), and the micro-batches'
+shapes (sequence tokens, image patches, target tokens). Events are read after the step's own host reads, so the trace adds no synchronisation.
 ``--broadcast-buffers``: DDP with its buffer broadcast before every forward (torch's default; the trainer
 turns it off since run X2-10: the buffers are constant rotary frequencies) — the baseline of that change.
 ``--compile-static``: the language layers compiled as before run ETA-2's fix (specialised on the first
@@ -94,14 +94,14 @@ def trace() -> None:
                              "a", encoding="utf-8")
         state["installed"] = True
 
-    def count_step(session, micro, missing=0):
+    def count_step(session, micro, missing=0, local=None):
         if not state.get("installed"):
             install(session)
         state["marks"], state["shapes"] = [], [
             {"tokens": list(b["input_ids"].shape), "patches": int(b["pixel_values"].shape[0]) if "pixel_values" in b else 0,
              "targets": int(b["target_ids"].numel()) if "target_ids" in b else None} for b in micro]  # no sync
         t = time.perf_counter()
-        out = real_count(session, micro, missing)
+        out = real_count(session, micro, missing, local)
         state["count_s"] = time.perf_counter() - t
         return out
 
@@ -112,9 +112,9 @@ def trace() -> None:
         state["fb_s"] = time.perf_counter() - t
         return out
 
-    def clip_and_step(session, finite):
+    def clip_and_step(session, n_bad, scalars=()):
         t = time.perf_counter()
-        out = real_clip(session, finite)
+        out = real_clip(session, n_bad, scalars)
         state["clip_s"] = time.perf_counter() - t
         flush(state["start"])   # the previous step's row needs this step's start
         marks = state["marks"]

@@ -1045,3 +1045,53 @@ def test_ddp_runs_without_the_buffer_broadcast_and_refuses_changing_buffers(proj
     with pytest.raises(T.TrainError, match="1 keeps running statistics"):
         S._check_constant_buffers(norm, world=2)
     S._check_constant_buffers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)), world=2)
+
+
+def test_a_step_reads_the_device_once(monkeypatch):
+    """Counting the step's tokens and its forward + backward leave every number on the device (under DDP
+    too); clip_and_step reads the inf/NaN count, the gradient norm, the loss and the counts in one copy —
+    so the host never waits for the device mid-step (bf16/fp32; a GradScaler reads twice)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from jpcap_helpers.train import steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+
+    def loss_module(batch):
+        return ((model(batch["x"]) - batch["y"]) ** 2).sum(), None
+
+    acc = SimpleNamespace(device=torch.device("cpu"), scaler=None, optimizer_step_was_skipped=False,
+                          autocast=contextlib.nullcontext, no_sync=lambda m: contextlib.nullcontext(),
+                          backward=lambda loss: loss.backward(), reduce=lambda t, op: t * 1,   # 2 ranks, one's view
+                          clip_grad_norm_=lambda ps, m: torch.nn.utils.clip_grad_norm_(list(ps), m))
+    session = SimpleNamespace(accelerator=acc, world=2, loss_module=loss_module,
+                              params=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0)),
+                              trainable_params=list(model.parameters()),
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    micro = [{"x": torch.randn(4, 3), "y": torch.randn(4, 1), "labels": torch.tensor([[0, 5, 6]])} for _ in range(2)]
+
+    def host_read(*a, **k):
+        raise AssertionError("a device number was read on the host mid-step")
+
+    with monkeypatch.context() as m:
+        for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, host_read)
+        n_tokens, n_missing = steps.count_step(session, micro, missing=1, local=4)
+        loss_sum, n_bad = steps.forward_backward(session, micro, n_tokens)
+    reads = []
+    real_read = steps._read_once
+    monkeypatch.setattr(steps, "_read_once", lambda values: reads.append(len(values)) or real_read(values))
+    before = model.weight.detach().clone()
+    grad_norm, skipped, (loss, tokens, missing) = steps.clip_and_step(session, n_bad, (loss_sum, n_tokens, n_missing))
+    assert reads == [5] and skipped is None and tokens == 4.0 and missing == 1.0
+    assert grad_norm > 0 and loss > 0 and not torch.equal(model.weight, before)
+
+    # an inf loss: masked, counted, the step skipped and the gradients dropped, still one read
+    bad = [{**micro[0], "y": torch.full((4, 1), float("inf"))}, micro[1]]
+    loss_sum, n_bad = steps.forward_backward(session, bad, n_tokens)
+    before = model.weight.detach().clone()
+    grad_norm, skipped, _ = steps.clip_and_step(session, n_bad, (loss_sum,))
+    assert reads == [5, 3] and skipped == "non-finite loss" and grad_norm is None
+    assert torch.equal(model.weight, before) and model.weight.grad is None

@@ -27,6 +27,7 @@ from .checkpoint import (
 from .export import export_adapter, merge_adapter
 from .logs import StepLog, TrainResult, truncate_log
 from .loss import caption_loss
+from .packing import target_count
 from .planning import format_plan, probe
 from .rng import set_rng_state
 from .session import TrainSession, open_session, peak_memory
@@ -113,17 +114,20 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
             batches = iter(session.loader(epoch, step_in_epoch, last))
             while step_in_epoch < last:
                 t_step = time.perf_counter()
-                micro, missing = _next_micro_batches(session, batches)
+                micro, missing, targets, captions = _next_micro_batches(session, batches)
                 data_s = time.perf_counter() - t_step   # waiting for the loader (and the copy to the device)
-                captions = sum(int(b["n_captions"]) for b in micro if "n_captions" in b) * session.world
+                captions *= session.world
                 lr = session.scheduler.get_last_lr()[0]
-                n_tokens, n_missing = count_step(session, micro, missing)
-                loss_sum, finite = forward_backward(session, micro, n_tokens)
-                grad_norm, skipped = clip_and_step(session, finite)
+                # the host reads the device once per step, in clip_and_step (with a GradScaler twice)
+                n_tokens, n_missing = count_step(session, micro, missing, local=targets)
+                loss_sum, n_bad = forward_backward(session, micro, n_tokens)
+                grad_norm, skipped, (loss_sum, n_tokens, n_missing) = clip_and_step(
+                    session, n_bad, (loss_sum, n_tokens, n_missing))
+                finite = skipped != "non-finite loss"
                 step, step_in_epoch = step + 1, step_in_epoch + 1
                 guard_non_finite(counters, skipped, step, options.max_consecutive_non_finite, checkpoints_dir(run_dir))
                 _advance_schedule(session.scheduler)
-                counters["missing_image_samples"] += n_missing
+                counters["missing_image_samples"] += int(n_missing)
 
                 loss = _step_loss(loss_sum, n_tokens, finite)
                 losses[step] = loss
@@ -195,10 +199,11 @@ def _finished_result(run_dir: Path, start_step: int, total_steps: int) -> Option
     return None
 
 
-def _next_micro_batches(session: TrainSession, batches: Iterator[dict]) -> tuple[list[dict], int]:
-    """This process's micro-batches of one step on its device, and how many samples were stand-ins
-    for a missing image file (masked out: they train nothing)."""
-    micro, missing = [], 0
+def _next_micro_batches(session: TrainSession, batches: Iterator[dict]) -> tuple[list[dict], int, int, int]:
+    """This process's micro-batches of one step on its device; how many samples were stand-ins for a
+    missing image file (masked out: they train nothing); and their target tokens and captions, counted
+    before the copy to the device so that no count waits for it."""
+    micro, missing, targets, captions = [], 0, 0, 0
     for _ in range(session.accum):
         batch = next(batches)
         names = batch.pop("missing_images", ())
@@ -206,8 +211,10 @@ def _next_micro_batches(session: TrainSession, batches: Iterator[dict]) -> tuple
             warnings.warn(f"image file missing, sample skipped and counted: {names[0]} (under "
                           f"{session.params.images_dir})", stacklevel=2)
         missing += len(names)
+        targets += target_count(batch)
+        captions += int(batch["n_captions"]) if "n_captions" in batch else 0
         micro.append(session.to_device(batch))
-    return micro, missing
+    return micro, missing, targets, captions
 
 
 def _advance_schedule(scheduler: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .errors import TrainError
 from .packing import target_count
@@ -18,24 +18,30 @@ SKIP_COUNTERS = {"non-finite loss": "non_finite_loss_steps", "non-finite gradien
 NON_FINITE = tuple(SKIP_COUNTERS)
 
 
-def count_step(session: Any, micro_batches: list[dict], missing: int = 0) -> tuple[float, int]:
-    """(target tokens of the whole step, samples skipped for a missing image) over every process."""
+def count_step(session: Any, micro_batches: list[dict], missing: int = 0,
+               local: Optional[int] = None) -> tuple[Any, Any]:
+    """(target tokens of the whole step, samples skipped for a missing image) over every process: numbers
+    on one process; under DDP 0-dim device tensors, all-reduced but not read here — the step reads them
+    once, with its loss (:func:`clip_and_step`). ``local``: this process's target tokens, counted by the
+    caller before the batches went to the device (else counted here, which may wait for the device)."""
     import torch
 
-    local = sum(target_count(b) for b in micro_batches)
+    local = sum(target_count(b) for b in micro_batches) if local is None else local
     if session.world == 1:   # no round trip through the device
         return max(float(local), 1.0), int(missing)
-    counts = torch.tensor([float(local), float(missing)], device=session.accelerator.device)
+    device = session.accelerator.device
+    # filled by kernels, not copied from the host: nothing waits for the previous step's work
+    counts = torch.stack([torch.full((), float(local), device=device), torch.full((), float(missing), device=device)])
     counts = session.accelerator.reduce(counts, "sum")
-    return max(float(counts[0]), 1.0), int(counts[1])
+    return counts[0].clamp_min(1.0), counts[1]
 
 
-def forward_backward(session: Any, micro_batches: list[dict], n_tokens: float) -> tuple[Any, bool]:
+def forward_backward(session: Any, micro_batches: list[dict], n_tokens: Any) -> tuple[Any, Any]:
     """Backward over the step's micro-batches, each scaled so the step's gradient is the mean over all
-    its ``n_tokens``; returns (the summed loss over every process, whether every loss of every process
-    was finite). A non-finite loss still gets its backward (masked to 0; DDP needs one per forward) and
-    the step is then skipped; the losses are checked once, after the last backward (one all-reduce of
-    both numbers under DDP), so the host does not wait for each forward before it queues the backward."""
+    its ``n_tokens``; returns (the summed loss over every process, how many losses of every process
+    were inf/NaN), both device tensors that this function does not read. A non-finite loss still gets
+    its backward (masked to 0; DDP needs one per forward) and the step is then skipped
+    (:func:`clip_and_step`); under DDP both numbers are reduced in one all-reduce."""
     import torch
 
     acc, world = session.accelerator, session.world
@@ -52,27 +58,54 @@ def forward_backward(session: Any, micro_batches: list[dict], n_tokens: float) -
             total = total + torch.where(finite, loss_sum.detach().float(), torch.zeros_like(total))
     if world > 1:
         n_bad, total = acc.reduce(torch.stack([n_bad, total]), "sum").unbind()
-    return total, float(n_bad) == 0
+    return total, n_bad
 
 
-def clip_and_step(session: Any, finite: bool) -> tuple[Optional[float], Optional[str]]:
-    """Clip gradients and step the optimizer unless the step must be skipped; zero the gradients.
-    Returns (gradient norm, why the step was skipped or None)."""
+def clip_and_step(session: Any, n_bad: Any, scalars: Sequence[Any] = ()) -> tuple[Optional[float], Optional[str], list[float]]:
+    """Clip gradients and step the optimizer unless the step must be skipped — an inf/NaN loss on any
+    process (``n_bad`` > 0) or, without a GradScaler, an inf/NaN gradient norm —; zero the gradients.
+    The host reads the device once per step: ``n_bad``, the gradient norm and ``scalars`` (device tensors
+    or numbers: the step's loss sum, token count …) in one copy. With a GradScaler (fp16) it reads twice:
+    the loss check comes before the gradients are unscaled, which must be followed by an optimizer step.
+    Returns (gradient norm, why the step was skipped or None, ``scalars`` as floats)."""
     acc, t = session.accelerator, session.params.train
+    max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
     grad_norm, skipped = None, None
-    if not finite:
-        skipped = "non-finite loss"
-    else:
-        gn = acc.clip_grad_norm_(session.trainable_params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-        grad_norm = float(gn) if gn is not None else None
-        if acc.scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
-            skipped = "non-finite gradient"
+    if acc.scaler is not None:
+        bad, *values = _read_once([n_bad, *scalars])
+        if bad:
+            skipped = "non-finite loss"
         else:
+            gn = acc.clip_grad_norm_(session.trainable_params, max_norm)
+            grad_norm = float(gn) if gn is not None else None
             session.optimizer.step()
             if acc.optimizer_step_was_skipped:
                 skipped = "fp16 overflow (GradScaler lowered the scale)"
+    else:
+        gn = acc.clip_grad_norm_(session.trainable_params, max_norm)
+        bad, norm, *values = _read_once([n_bad, float("nan") if gn is None else gn, *scalars])
+        if bad:
+            skipped = "non-finite loss"
+        else:
+            grad_norm = None if gn is None else norm
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                skipped = "non-finite gradient"
+            else:
+                session.optimizer.step()
     session.optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
+    return grad_norm, skipped, values
+
+
+def _read_once(values: Sequence[Any]) -> list[float]:
+    """``values`` (device tensors of one element, or numbers) as floats, the tensors copied to the host in
+    one transfer."""
+    import torch
+
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([v.detach().reshape(()).double() for v in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def guard_non_finite(counters: dict, skipped: Optional[str], step: int, limit: int, checkpoints: Any) -> None:
