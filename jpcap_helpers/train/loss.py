@@ -20,8 +20,10 @@ def visual_features(base: Any, pixel_values: Any, grid_thw: Any) -> tuple[Any, l
     mergers with one where they train (:func:`~jpcap_helpers.models.deepstack.tower_features`)."""
     visual = base.model.visual
     vit_dtype = next(visual.patch_embed.parameters()).dtype
-    embeds, deepstack = tower_features(visual, pixel_values.to(vit_dtype), grid_thw)
+    # read before the tower is queued: read after it, the host would wait for the whole ViT before it
+    # could queue the language model
     sizes = (grid_thw.prod(-1) // visual.spatial_merge_size ** 2).tolist()
+    embeds, deepstack = tower_features(visual, pixel_values.to(vit_dtype), grid_thw)
     return embeds, sizes, deepstack
 
 
