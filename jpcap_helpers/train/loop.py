@@ -118,7 +118,7 @@ def _run(session: TrainSession, checkpoint: Optional[Checkpoint], callbacks: Seq
                 data_s = time.perf_counter() - t_step   # waiting for the loader (and the copy to the device)
                 captions *= session.world
                 lr = session.scheduler.get_last_lr()[0]
-                # the host reads the device once per step, in clip_and_step (with a GradScaler twice)
+                # the step's bookkeeping reads the device once, in clip_and_step (with a GradScaler twice)
                 n_tokens, n_missing = count_step(session, micro, missing, local=targets)
                 loss_sum, n_bad = forward_backward(session, micro, n_tokens)
                 grad_norm, skipped, (loss_sum, n_tokens, n_missing) = clip_and_step(
