@@ -1095,3 +1095,28 @@ def test_a_step_reads_the_device_once(monkeypatch):
     grad_norm, skipped, _ = steps.clip_and_step(session, n_bad, (loss_sum,))
     assert reads == [5, 3] and skipped == "non-finite loss" and grad_norm is None
     assert torch.equal(model.weight, before) and model.weight.grad is None
+
+
+def test_with_a_grad_scaler_the_loss_is_checked_before_unscaling(monkeypatch):
+    """fp16 (a T4): an inf/NaN loss skips the step before the gradients are unscaled (an unscale must be
+    followed by an optimizer step); a finite one clips, steps and reports an overflow the scaler found."""
+    from types import SimpleNamespace
+
+    from jpcap_helpers.train import steps
+
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    calls = []
+    acc = SimpleNamespace(scaler=object(), optimizer_step_was_skipped=True,
+                          clip_grad_norm_=lambda ps, m: calls.append("clip") or torch.tensor(0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(opt, "step", lambda: calls.append("step"))
+    session = SimpleNamespace(accelerator=acc, params=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0)),
+                              trainable_params=list(model.parameters()), optimizer=opt)
+    grad_norm, skipped, values = steps.clip_and_step(session, torch.tensor(1.0), (torch.tensor(3.0), 7))
+    assert (grad_norm, skipped, values, calls) == (None, "non-finite loss", [3.0, 7.0], [])
+    assert model.weight.grad is None
+    model(torch.ones(1, 2)).sum().backward()
+    grad_norm, skipped, values = steps.clip_and_step(session, torch.tensor(0.0), (torch.tensor(3.0),))
+    assert (grad_norm, skipped, values, calls) == (0.5, "fp16 overflow (GradScaler lowered the scale)", [3.0],
+                                                   ["clip", "step"])
