@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--broadcast-buffers", action="store_true",
                     help="also: each GPU count > 1 again with DDP's per-forward buffer broadcast on (torch's "
                          "default; the trainer's before run X2-10), right after the same count's default run")
+    ap.add_argument("--no-ddp-optimizer", action="store_true",
+                    help="also: each GPU count > 1 again with dynamo's DDP optimizer off (on: torch's default and "
+                         "the trainer's; it splits compiled graphs at DDP's bucket sizes)")
     ap.add_argument("--trace", action="store_true",
                     help="also write each rank's per-step GPU times (forward, backward incl. DDP's wait, step) and "
                          "host waits (train_variant.py --trace) and emit their medians (row ddp-trace)")
@@ -106,14 +109,16 @@ def main(argv=None) -> None:
           "mix": args.mix, "pack_captions": args.pack, "cpu_threads": args.cpu_threads, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates, variant_rates = {}, {}
-    multi = [None] + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
+    multi = ([None] + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
+             + (["noddpopt"] if args.no_ddp_optimizer else []))
     variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else [None]))
     for gpus, grouped, variant in variants:
         same = variant == "same"
         run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
         launch, extra_env = launch_prefix(gpus, args.cpu_threads)
         patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
-                                          ("--broadcast-buffers", variant == "buf"), ("--trace", args.trace)) if on]
+                                          ("--broadcast-buffers", variant == "buf"), ("--no-ddp-optimizer", variant == "noddpopt"),
+                                          ("--trace", args.trace)) if on]
         entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
@@ -139,7 +144,8 @@ def main(argv=None) -> None:
         one = rates.get((min(args.gpus), grouped, None))   # None until the smallest count has run
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
-              "broadcast_buffers": variant == "buf", "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
+              "broadcast_buffers": variant == "buf", "ddp_optimizer": variant != "noddpopt",
+              "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
               "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
@@ -152,7 +158,8 @@ def main(argv=None) -> None:
               "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]], "wall_s": round(wall, 1)})
         if args.trace:
             emit({"bench": "ddp-trace", "gpus": gpus, "method": args.method, "pack_captions": args.pack,
-                  "same_batches_on_every_rank": same, "broadcast_buffers": variant == "buf", **trace_summary(Path(params.run.output_dir) / run, args.skip)})
+                  "same_batches_on_every_rank": same, "broadcast_buffers": variant == "buf",
+                  "ddp_optimizer": variant != "noddpopt", **trace_summary(Path(params.run.output_dir) / run, args.skip)})
         emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped,
               "compile_static": args.compile_static})
 

@@ -43,17 +43,17 @@ PROMPT_TOKENS, CAPTION_TOKENS = 30, 25
 H200_TRAIN_CAPTIONS_PER_S = 341.98   # run X2-2: `jpcap train` end to end, packed QLoRA at the h100.yaml
                                      # defaults (micro-batch 16 images ≈ 5 captions each), median step rate
 H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): the training step alone
-TRAIN_SPEEDUP = {1: 1.0, 2: 1.83}    # run X2-11: the same command on 2 GPUs against the same call's one GPU,
-                                     # DDP without its per-forward buffer broadcast (the trainer's default since;
-                                     # 1.91× on another host, run X2-10; with the broadcast 1.55–1.80×, X2-3…X2-11)
+TRAIN_SPEEDUP = {1: 1.0, 2: 1.87}    # median of runs X2-10…X2-13 on four hosts (1.91, 1.83, 1.60, 2.14): the same
+                                     # command on 2 GPUs against the same call's one GPU, DDP without its per-forward
+                                     # buffer broadcast (the trainer's default since X2-10; with it 1.55–1.80×)
 H200_CAPTION_IMAGES_PER_S = 174.50   # run X2-8: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
                                      # 24 new tokens, no adapter, generation.warmup (its seconds apart)
 CAPTION_SPEEDUP = {1: 1.0, 2: 1.94, 4: 3.50}  # 2: run X2-8, sharded over 2 GPUs (whole batches, every process
                                      # warmed on the whole run's shapes), 337.74 images/s (mean of 3 runs:
                                      # 334.75–340.91); 4: run X4-2 (2026-11-29-x4.jsonl), a 4×H200 host, 615.94
                                      # images/s against the same call's warm one-GPU run, 176.14
-TRAIN_RUNS = {2: "X2-11"}             # the run behind each measured speed-up
-CAPTION_RUNS = {2: "X2-8", 4: "X4-2"}
+TRAIN_RUNS = {2: "median of runs X2-10…X2-13, four hosts"}   # the runs behind each measured speed-up
+CAPTION_RUNS = {2: "run X2-8", 4: "run X4-2"}
 X4_LORA_SPEEDUP = 3.45               # run X4-2: bf16 LoRA unpacked, micro-batch 8, 185.27 against 53.68 samples/s
                                      # (the packed QLoRA recipe on 4 GPUs: not measured, cut by the call's limit)
 D1_LORA_SPEEDUP = {2: 1.85, 4: 3.29}  # run D1 (2026-11-28-x4.jsonl): bf16 LoRA, unpacked, micro-batch 8 (context)
@@ -121,7 +121,7 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
             basis = "; ".join(
                 f"{what} {x:.2f}× " + ("PROJECTED (each doubling of GPUs multiplies the parallel efficiency as the "
                                        "last measured one did)" if projected else
-                                       f"MEASURED on {gpus} GPUs of one host (run {runs[gpus]})")
+                                       f"MEASURED on {gpus} GPUs of one host ({runs[gpus]})")
                 for what, x, projected, runs in (("training", train_x, train_projected, TRAIN_RUNS),
                                                  ("captioning", caption_x, caption_projected, CAPTION_RUNS)))
         out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * train_x) / 3600,
@@ -159,8 +159,9 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "micro-batch 16 images, random weights of the Qwen2-VL-2B shape, jp-shapes captions on three COCO sizes, "
         f"median step rate after 8 steps; the step alone ran {H200_STEP_ALONE_CAPTIONS_PER_S} captions/s, run "
         f"pack-2). 2× H200: the same command under `accelerate launch`, {TRAIN_SPEEDUP[2]:.2f}× the same call's "
-        "one-GPU run (run X2-11, DDP without its per-forward buffer broadcast, the trainer's default since; 1.91× "
-        "on another host, run X2-10; with the broadcast 1.55–1.80×, runs X2-3, X2-9–X2-11). 4 and 8 GPUs are "
+        "one-GPU run: the median of four hosts (runs X2-10…X2-13: 1.91, 1.83, 1.60 and 2.14×), DDP without its "
+        "per-forward buffer broadcast, the trainer's default since X2-10 (with it 1.55–1.80×, runs X2-3, "
+        "X2-9–X2-11). 4 and 8 GPUs are "
         f"projections for this recipe, not measurements (its 4-GPU run was cut by the call's time limit); bf16 LoRA "
         f"unpacked at micro-batch 8 measured {X4_LORA_SPEEDUP:.2f}× on 4 GPUs (run X4-2) and, on another host, "
         f"{D1_LORA_SPEEDUP[2]:.2f}× on 2 and {D1_LORA_SPEEDUP[4]:.2f}× on 4 (run D1). T4: the cost model's "

@@ -13,6 +13,9 @@ X2-11 each ended in a host read that waits for the GPU; since, only the last doe
 shapes (sequence tokens, image patches, target tokens). Events are read after the step's own host reads, so the trace adds no synchronisation.
 ``--broadcast-buffers``: DDP with its buffer broadcast before every forward (torch's default; the trainer
 turns it off since run X2-10: the buffers are constant rotary frequencies) — the baseline of that change.
+``--no-ddp-optimizer``: dynamo's DDP optimizer off (torch's default, which the trainer keeps, is on: inside a
+DDP forward each compiled graph is split at DDP's gradient-bucket sizes, whose first holds 1 MB — less than one
+LoRA layer's fp32 adapters). Tried in run X2-13 and not kept: it did not pay.
 ``--compile-static``: the language layers compiled as before run ETA-2's fix (specialised on the first
 shapes, recompiled when they change) with dynamo's recompile limit 8.
 """
@@ -154,9 +157,22 @@ def broadcast_buffers() -> None:
     accelerate.Accelerator = Broadcast   # the session imports it when it opens
 
 
+def no_ddp_optimizer() -> None:
+    from jpcap_helpers.models import fastpath
+
+    real = fastpath.compile_blocks
+
+    def compile_blocks(*a, **kw):
+        n = real(*a, **kw)
+        fastpath.torch._dynamo.config.optimize_ddp = False
+        return n
+
+    fastpath.compile_blocks = compile_blocks
+
+
 def main(argv: list[str]) -> int:
     flags = {"--same-batches": same_batches, "--trace": trace, "--compile-static": compile_static,
-             "--broadcast-buffers": broadcast_buffers}
+             "--broadcast-buffers": broadcast_buffers, "--no-ddp-optimizer": no_ddp_optimizer}
     while argv and argv[0] in flags:
         flags[argv.pop(0)]()
     from jpcap_helpers.cli import main as cli_main
