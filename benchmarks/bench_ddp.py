@@ -12,6 +12,7 @@ seconds a step waited for its micro-batches (rank 0's train log).
 
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
     python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
+    python benchmarks/bench_ddp.py --gpus 1 --group-by-grid on --set train.cudagraphs=true   # + any override
     python benchmarks/bench_ddp.py --gpus 1 2 --pack --micro 16          # h100.yaml's packed recipe
     python benchmarks/bench_ddp.py --gpus 1 2 --concurrent-alone        # + 2 lone one-GPU runs at once
     python benchmarks/bench_ddp.py --gpus 1 2 --same-batches            # + 2 GPUs with equal work per rank
@@ -91,6 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--concurrent-alone", action="store_true",
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further params override for every run (e.g. train.cudagraphs=true), after the bench's")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
                          "process 1, a one-GPU run keeps torch's default of every core)")
@@ -122,7 +125,7 @@ def main(argv=None) -> None:
         entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
-                              n_train):
+                              n_train) + args.extra:
             cmd += ["--set", item]
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **extra_env}, capture_output=True, text=True)
@@ -145,7 +148,7 @@ def main(argv=None) -> None:
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
               "broadcast_buffers": variant == "buf", "ddp_optimizer": variant != "noddpopt",
-              "compile": "static (before ETA-2's fix)" if args.compile_static else "default",
+              "compile": "static (before ETA-2's fix)" if args.compile_static else "default", "set": args.extra,
               "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
@@ -160,7 +163,7 @@ def main(argv=None) -> None:
             emit({"bench": "ddp-trace", "gpus": gpus, "method": args.method, "pack_captions": args.pack,
                   "same_batches_on_every_rank": same, "broadcast_buffers": variant == "buf",
                   "ddp_optimizer": variant != "noddpopt", **trace_summary(Path(params.run.output_dir) / run, args.skip)})
-        emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped,
+        emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped, "set": args.extra,
               "compile_static": args.compile_static})
 
     ones = {grouped: r for (g, grouped, _), r in rates.items() if g == 1}

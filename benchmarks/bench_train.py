@@ -6,12 +6,14 @@ same run, same GPU, same synthetic batches (640×480 images, 20 prompt + 24 capt
 Rows: cookbook (prepare_model_for_kbit_training + gradient checkpointing + full-vocabulary loss +
 default max_pixels), jpcap QLoRA with params/h100.yaml defaults (regional torch.compile included),
 jpcap bf16 LoRA, and the T4 recipe (params/colab_t4.yaml: fp16, sdpa, 4-bit, gradient checkpointing,
-no compile) for peak memory. --lean-off / --compile-off add same-run rows with one lever off.
+no compile) for peak memory. --lean-off / --compile-off add same-run rows with one lever off; --cudagraphs
+adds rows whose compiled blocks replay as CUDA graphs (``torch.compile(mode="reduce-overhead")``).
 Prints one JSON line per measurement (and appends to $BENCH_OUT).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 from pathlib import Path
@@ -85,9 +87,13 @@ def undo_lean_activations(model) -> int:
     return n
 
 
-def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None, positions=True):
+def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autocast=None, positions=True,
+            cudagraphs=False, warmup=None):
     """``positions``: the batch carries its rotary positions, computed on the CPU as the trainer's
-    collators do (``train.positions``); off, the model computes them in its forward (GPU idle meanwhile)."""
+    collators do (``train.positions``); off, the model computes them in its forward (GPU idle meanwhile).
+    ``cudagraphs``: each step begins a new generation of cudagraph trees (outputs of the last step's
+    replays may be overwritten), and two more warm-up steps let them record (``warmup``: steps before the
+    timed ones, default 2, or 4 with ``cudagraphs``)."""
     batch, n_img = synthetic_batch(arch, bs, max_pixels)
     if positions:
         from jpcap_helpers.train.positions import rope_positions
@@ -98,6 +104,8 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
     free()
 
     def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if autocast is None:
             loss = loss_fn(model, batch)
         else:  # as the trainer runs: autocast over fp32 trainable weights (accelerate mixed precision)
@@ -109,7 +117,7 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
         step.loss = float(loss)
 
     try:
-        sec = timed_steps(step, steps=steps)
+        sec = timed_steps(step, steps=steps, warmup=warmup or (4 if cudagraphs else 2))
     except torch.OutOfMemoryError:
         opt = None  # free the optimizer state before the next size
         free()
@@ -123,10 +131,62 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
            "step_s": round(sec, 4), "samples_per_s": round(bs / sec, 2), "peak_gib": round(peak, 2),
            "mfu": round(flops * bs / sec / (peak_tflops() * 1e12), 4), "loss": round(step.loss, 3),
            **(extra or {})}
+    if cudagraphs:
+        row["cudagraph_skips"] = cudagraph_skips()  # counted since the last dynamo reset (compiles are lazy)
     emit(row)
     opt = None  # free the optimizer state before the next size
     free()
     return row
+
+
+@contextlib.contextmanager
+def cudagraph_blocks(static: bool = False, reset: bool = True):
+    """Lever probe: every block compiled by ``fastpath.compile_blocks`` while the model loads is compiled with
+    ``mode="reduce-overhead"`` (inductor's cudagraph trees: each compiled region's kernels, forward and
+    backward, replay as one CUDA graph per shape); ``static``: specialised on the first shapes instead of
+    the language layers' ``dynamic=True``. Dynamo's caches are reset first (other rows' entries) unless
+    ``reset`` is off (A/B rounds: a model compiled the trainer's way stays loaded next to it)."""
+    import torch._dynamo
+
+    from jpcap_helpers.models import fastpath
+
+    real = fastpath.compile_blocks
+    if reset:
+        torch._dynamo.reset()
+    fastpath.compile_blocks = lambda blocks, dynamic=None, **kw: real(blocks, dynamic=None if static else dynamic,
+                                                                      **{**kw, "mode": "reduce-overhead"})
+    try:
+        yield
+    finally:
+        fastpath.compile_blocks = real
+
+
+def cudagraph_ab(path, key, label, variant, args) -> None:
+    """Rows alternating between a model compiled as the trainer does and one whose blocks replay as CUDA
+    graphs, both loaded in this process, ``args.ab_rounds`` rounds."""
+    cg_label = label + f", compiled blocks as CUDA graphs (reduce-overhead, {variant} shapes)"
+    torch.manual_seed(0)  # the same LoRA initialisation, the same steps: the losses compare too
+    m0, p = jpcap_model(path, "params/h100.yaml", key)
+    torch.manual_seed(0)
+    with cudagraph_blocks(static=variant == "static", reset=False):
+        m1, _ = jpcap_model(path, "params/h100.yaml", key)
+    try:
+        for r in range(args.ab_rounds):
+            for bs in args.batch:
+                measure(label, m0, fast, args.arch, bs, p.model.max_pixels, args.steps, {"ab_round": r},
+                        autocast=torch.bfloat16, warmup=4)
+                measure(cg_label, m1, fast, args.arch, bs, p.model.max_pixels, args.steps, {"ab_round": r},
+                        autocast=torch.bfloat16, cudagraphs=True, warmup=4)
+    except Exception as e:  # a probe: report it and go on with the other rows
+        emit({"bench": "train", "arch": args.arch, "row": cg_label, "error": f"{type(e).__name__}: {e}"[:500]})
+    del m0, m1
+    free()
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor ran without a CUDA graph (and why: its perf_hints log)."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
 def plain(model, batch):
@@ -151,6 +211,13 @@ def main(argv=None):
     ap.add_argument("--positions-off", action="store_true",
                     help="add rows whose batches lack position_ids (the model computes them: lever probe)")
     ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
+    ap.add_argument("--cudagraphs", nargs="*", choices=["dynamic", "static"],
+                    help="add rows whose compiled blocks replay as CUDA graphs (mode='reduce-overhead'; lever "
+                         "probe for the launch-bound small micro-batch): language layers dynamic as the "
+                         "trainer compiles them, or specialised (default: dynamic)")
+    ap.add_argument("--ab-rounds", type=int, default=0,
+                    help="with --cudagraphs: both models loaded in one process, rows alternating default / "
+                         "CUDA graphs this many rounds (launch-bound rows differ by up to 30%% between processes)")
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="use regional torch.compile for this arch even if its model type is not in "
                          "fastpath.COMPILE_MEASURED (with --compile-off: measure whether it pays)")
@@ -174,6 +241,10 @@ def main(argv=None):
     for key, label in (("qlora", "jpcap QLoRA (h100.yaml defaults)"), ("lora", "jpcap bf16 LoRA")):
         if key not in rows:
             continue
+        if args.ab_rounds and args.cudagraphs is not None:
+            for variant in args.cudagraphs or ["dynamic"]:
+                cudagraph_ab(path, key, label, variant, args)
+            continue
         m, p = jpcap_model(path, "params/h100.yaml", key)
         for bs in args.batch:
             results.setdefault(key, {})[bs] = measure(
@@ -190,6 +261,19 @@ def main(argv=None):
                         {"unpatched_modules": n}, autocast=torch.bfloat16)
         del m
         free()
+        for variant in ([] if args.cudagraphs is None else args.cudagraphs or ["dynamic"]):
+            cg_label = label + f", compiled blocks as CUDA graphs (reduce-overhead, {variant} shapes)"
+            try:
+                with cudagraph_blocks(static=variant == "static"):
+                    m, p = jpcap_model(path, "params/h100.yaml", key)
+                for bs in args.batch:
+                    measure(cg_label, m, fast, args.arch, bs, p.model.max_pixels, args.steps,
+                            autocast=torch.bfloat16, cudagraphs=True)
+            except Exception as e:  # a probe: report it and go on with the other rows
+                emit({"bench": "train", "arch": args.arch, "row": cg_label, "error": f"{type(e).__name__}: {e}"[:500]})
+            m = None
+            free()
+            torch._dynamo.reset()  # the next rows compile as the trainer does
         if args.compile_off:
             m, p = jpcap_model(path, "params/h100.yaml", key, {"model.compile": False})
             for bs in args.batch:
