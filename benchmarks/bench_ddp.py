@@ -12,7 +12,7 @@ seconds a step waited for its micro-batches (rank 0's train log).
 
     python benchmarks/bench_ddp.py --gpus 1 2 4 --method qlora --steps 40
     python benchmarks/bench_ddp.py --gpus 1 --mix coco --group-by-grid both   # the COCO-like mix, grouped or not
-    python benchmarks/bench_ddp.py --gpus 1 --group-by-grid on --set train.cudagraphs=true   # + any override
+    python benchmarks/bench_ddp.py --gpus 1 --group-by-grid on --set train.lora_dropout=0.05   # + any override
     python benchmarks/bench_ddp.py --gpus 1 2 --pack --micro 16          # h100.yaml's packed recipe
     python benchmarks/bench_ddp.py --gpus 1 2 --concurrent-alone        # + 2 lone one-GPU runs at once
     python benchmarks/bench_ddp.py --gpus 1 2 --same-batches            # + 2 GPUs with equal work per rank
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                    help="a further params override for every run (e.g. train.cudagraphs=true), after the bench's")
+                    help="a further params override for every run (e.g. train.lora_dropout=0.05), after the bench's")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
                          "process 1, a one-GPU run keeps torch's default of every core)")

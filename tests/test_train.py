@@ -275,65 +275,6 @@ def test_language_layers_compile_once_for_every_batch_shape(project, monkeypatch
     assert torch._dynamo.config.recompile_limit >= fastpath.RECOMPILE_LIMIT
 
 
-@pytest.mark.parametrize("cudagraphs", [False, True])
-def test_cudagraph_training_compiles_every_block_per_shape_and_marks_each_forward(project, monkeypatch, cudagraphs):
-    """train.cudagraphs: the ViT blocks and language layers are compiled specialised with
-    mode="reduce-overhead" (cudagraph trees; dynamic shapes crashed there, run CG-2) and every caption-loss
-    forward begins a new cudagraph step; off, the trainer's dynamic layers and no step marks. CPU: compiled
-    with a counting backend (mode and backend exclude each other), so this checks the wiring, not the graphs."""
-    from torch._dynamo.testing import CompileCounter
-
-    from jpcap_helpers.models import fastpath
-
-    params = make_params(project, f"cg-{cudagraphs}", cudagraphs=cudagraphs, group_by_grid=True, eval_images=0)
-    calls, counter, real = [], CompileCounter(), fastpath.compile_blocks
-
-    def recording(blocks, **kw):
-        calls.append((type(blocks[0]).__name__, kw.get("dynamic"), kw.pop("mode", None)))
-        return real(blocks, backend=counter, **kw)
-
-    marks = []
-    monkeypatch.setattr(fastpath, "compile_supported", lambda model_type: True)   # as on a GPU ≥ 8.0
-    monkeypatch.setattr(fastpath, "compile_blocks", recording)
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    torch._dynamo.reset()
-    try:
-        model, processor, entry = models.load_model(params, for_training=True)
-        model = T.prepare_model(model, params)
-        batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 2))
-        for _ in range(2):
-            s, n = T.caption_loss(model, batch)
-            (s / n).backward()
-    finally:
-        torch._dynamo.reset()
-    mode = "reduce-overhead" if cudagraphs else None
-    vision, language = calls
-    assert "Vision" in vision[0] and "Decoder" in language[0], calls
-    assert vision[1:] == ((False, mode) if cudagraphs else (None, None))
-    assert language[1:] == ((False, mode) if cudagraphs else (True, None))
-    assert len(marks) == (2 if cudagraphs else 0) and counter.frame_count > 0
-
-
-def test_cudagraph_training_pads_rows_coarser_and_refuses_ddp(project):
-    """Fewer row lengths, fewer graphs: rows padded to T.CUDAGRAPH_PAD_MULTIPLE (the loss is unchanged, as
-    for PAD_MULTIPLE); several processes are refused with the fix (measured on one GPU only)."""
-    from jpcap_helpers.train.session import _check_cudagraphs
-
-    params = make_params(project, "cg-ddp", cudagraphs=True, group_by_grid=True, eval_images=0)
-    _check_cudagraphs(params, 1)
-    with pytest.raises(T.TrainError, match=r"train\.cudagraphs .* one GPU only.*2 processes.*cudagraphs: false"):
-        _check_cudagraphs(params, 2)
-    model, processor, entry = models.load_model(params, for_training=True)
-    pairs = samples(params, 3)
-    coarse = T.CaptionCollator(processor, entry.prompt, "right", pad_multiple=T.CUDAGRAPH_PAD_MULTIPLE)(pairs)
-    fine = T.CaptionCollator(processor, entry.prompt, "right")(pairs)
-    assert T.CUDAGRAPH_PAD_MULTIPLE == 32 and coarse["input_ids"].shape[1] % 32 == 0
-    with torch.no_grad():
-        a, n_a = T.caption_loss(model, fine)
-        b, n_b = T.caption_loss(model, coarse)
-    assert int(n_a) == int(n_b) and (b / n_b).item() == pytest.approx((a / n_a).item(), rel=1e-5)
-
-
 def test_training_rows_are_padded_to_a_multiple_of_eight_without_changing_the_loss(tiny):
     """Rows padded to T.PAD_MULTIPLE tokens (the compiled layers then meet aligned lengths only: run ETA-3)
     give the loss of rows padded to their longest only; a prompt-only (generation) batch is not padded."""

@@ -313,9 +313,7 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
     visual = getattr(getattr(model, "model", None), "visual", None)
     compiled = bool(params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"))
-    if compiled and for_training and params.train.cudagraphs:   # one CUDA graph per shape (docs/training.md)
-        compile_blocks(visual.blocks, dynamic=False, mode="reduce-overhead")
-    elif compiled:
+    if compiled:
         compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
