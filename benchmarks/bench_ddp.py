@@ -92,6 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--concurrent-alone", action="store_true",
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="every run with train_variant.py --cudagraphs (blocks as CUDA graphs; needs --group-by-grid on)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a further params override for every run (e.g. train.lora_dropout=0.05), after the bench's")
     ap.add_argument("--cpu-threads", type=int, default=None,
@@ -117,11 +119,11 @@ def main(argv=None) -> None:
     variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else [None]))
     for gpus, grouped, variant in variants:
         same = variant == "same"
-        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-cudagraphs" if args.cudagraphs else "") + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
         launch, extra_env = launch_prefix(gpus, args.cpu_threads)
         patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
                                           ("--broadcast-buffers", variant == "buf"), ("--no-ddp-optimizer", variant == "noddpopt"),
-                                          ("--trace", args.trace)) if on]
+                                          ("--trace", args.trace), ("--cudagraphs", args.cudagraphs)) if on]
         entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
@@ -148,7 +150,8 @@ def main(argv=None) -> None:
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
               "broadcast_buffers": variant == "buf", "ddp_optimizer": variant != "noddpopt",
-              "compile": "static (before ETA-2's fix)" if args.compile_static else "default", "set": args.extra,
+              "compile": "static (before ETA-2's fix)" if args.compile_static else
+              ("blocks as CUDA graphs (train_variant --cudagraphs)" if args.cudagraphs else "default"), "set": args.extra,
               "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),

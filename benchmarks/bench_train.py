@@ -140,11 +140,12 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
 
 
 @contextlib.contextmanager
-def cudagraph_blocks(static: bool = False, reset: bool = True):
+def cudagraph_blocks(variant: str = "dynamic", reset: bool = True):
     """Lever probe: every block compiled by ``fastpath.compile_blocks`` while the model loads is compiled with
     ``mode="reduce-overhead"`` (inductor's cudagraph trees: each compiled region's kernels, forward and
-    backward, replay as one CUDA graph per shape); ``static``: specialised on the first shapes instead of
-    the language layers' ``dynamic=True``. Dynamo's caches are reset first (other rows' entries) unless
+    backward, replay as one CUDA graph per shape). ``variant``: ``dynamic`` keeps each call's ``dynamic`` (the
+    language layers': True), ``static`` compiles ``dynamic=None`` (specialised on the first shapes: runs
+    CG-3/CG-4), ``never-dynamic`` ``dynamic=False`` (as the trainer trial, CG-5/CG-6). Dynamo's caches are reset first (other rows' entries) unless
     ``reset`` is off (A/B rounds: a model compiled the trainer's way stays loaded next to it)."""
     import torch._dynamo
 
@@ -153,7 +154,8 @@ def cudagraph_blocks(static: bool = False, reset: bool = True):
     real = fastpath.compile_blocks
     if reset:
         torch._dynamo.reset()
-    fastpath.compile_blocks = lambda blocks, dynamic=None, **kw: real(blocks, dynamic=None if static else dynamic,
+    choose = {"dynamic": lambda d: d, "static": lambda d: None, "never-dynamic": lambda d: False}[variant]
+    fastpath.compile_blocks = lambda blocks, dynamic=None, **kw: real(blocks, dynamic=choose(dynamic),
                                                                       **{**kw, "mode": "reduce-overhead"})
     try:
         yield
@@ -168,7 +170,7 @@ def cudagraph_ab(path, key, label, variant, args) -> None:
     torch.manual_seed(0)  # the same LoRA initialisation, the same steps: the losses compare too
     m0, p = jpcap_model(path, "params/h100.yaml", key)
     torch.manual_seed(0)
-    with cudagraph_blocks(static=variant == "static", reset=False):
+    with cudagraph_blocks(variant, reset=False):
         m1, _ = jpcap_model(path, "params/h100.yaml", key)
     try:
         for r in range(args.ab_rounds):
@@ -211,10 +213,11 @@ def main(argv=None):
     ap.add_argument("--positions-off", action="store_true",
                     help="add rows whose batches lack position_ids (the model computes them: lever probe)")
     ap.add_argument("--lean-off", action="store_true", help="add rows without lean activations (lever probe)")
-    ap.add_argument("--cudagraphs", nargs="*", choices=["dynamic", "static"],
+    ap.add_argument("--cudagraphs", nargs="*", choices=["dynamic", "static", "never-dynamic"],
                     help="add rows whose compiled blocks replay as CUDA graphs (mode='reduce-overhead'; lever "
                          "probe for the launch-bound small micro-batch): language layers dynamic as the "
-                         "trainer compiles them, or specialised (default: dynamic)")
+                         "trainer compiles them, specialised on the first shapes (static: dynamic=None), or "
+                         "dynamic=False (never-dynamic) (default: dynamic)")
     ap.add_argument("--ab-rounds", type=int, default=0,
                     help="with --cudagraphs: both models loaded in one process, rows alternating default / "
                          "CUDA graphs this many rounds (launch-bound rows differ by up to 30%% between processes)")
@@ -264,7 +267,7 @@ def main(argv=None):
         for variant in ([] if args.cudagraphs is None else args.cudagraphs or ["dynamic"]):
             cg_label = label + f", compiled blocks as CUDA graphs (reduce-overhead, {variant} shapes)"
             try:
-                with cudagraph_blocks(static=variant == "static"):
+                with cudagraph_blocks(variant):
                     m, p = jpcap_model(path, "params/h100.yaml", key)
                 for bs in args.batch:
                     measure(cg_label, m, fast, args.arch, bs, p.model.max_pixels, args.steps,
