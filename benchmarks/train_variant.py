@@ -20,8 +20,9 @@ LoRA layer's fp32 adapters). Tried in run X2-13 and not kept: it did not pay.
 shapes, recompiled when they change) with dynamo's recompile limit 8.
 ``--cudagraphs``: every compiled block (ViT blocks, language layers) compiled specialised with
 ``mode="reduce-overhead"`` (cudagraph trees) and a cudagraph step begun before each loss forward — the trainer
-trial of runs CG-5/CG-6 (commit ed065b0), which failed in the probe's first backward ("tensor output of
-CUDAGraphs overwritten by a subsequent run"); here to find why (with ``TORCH_LOGS=cudagraphs``). Needs
+trial of runs CG-5/CG-6 (commit ed065b0; without its rows padded to 32 tokens), which failed in a backward of
+the probe's warm-up ("tensor output of CUDAGraphs overwritten by a subsequent run"); here to find why (with
+``TORCH_LOGS=cudagraphs``). Needs
 ``train.group_by_grid=true`` and ``train.eval_images=0`` (the engine captures CUDA graphs of its own).
 """
 from __future__ import annotations
