@@ -92,14 +92,17 @@ def main(argv=None) -> None:
     ap.add_argument("--concurrent-alone", action="store_true",
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
-    ap.add_argument("--cudagraphs", action="store_true",
-                    help="every run with train_variant.py --cudagraphs (blocks as CUDA graphs; needs --group-by-grid on)")
+    ap.add_argument("--cudagraphs", default="off", choices=["off", "on", "both"],
+                    help="one-GPU runs with train.cudagraphs (compiled blocks as CUDA graphs; needs --group-by-grid "
+                         "on; refused under DDP); both: each one-GPU run without, then with (variant cg)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a further params override for every run (e.g. train.lora_dropout=0.05), after the bench's")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch CPU threads per process for every run (default: accelerate launch gives each GPU "
                          "process 1, a one-GPU run keeps torch's default of every core)")
     args = ap.parse_args(argv)
+    if args.cudagraphs != "off" and args.group_by_grid != "on":
+        ap.error("--cudagraphs needs --group-by-grid on (train.cudagraphs records one graph per batch shape)")
     from jpcap_helpers import data, models
     from jpcap_helpers.params import load_params
 
@@ -116,18 +119,19 @@ def main(argv=None) -> None:
     rates, variant_rates = {}, {}
     multi = ([None] + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
              + (["noddpopt"] if args.no_ddp_optimizer else []))
-    variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else [None]))
+    single = {"off": [None], "on": ["cg"], "both": [None, "cg"]}[args.cudagraphs]   # DDP refuses cudagraphs
+    variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else single))
     for gpus, grouped, variant in variants:
         same = variant == "same"
-        run = f"ddp-bench-{args.method}-{gpus}" + ("-cudagraphs" if args.cudagraphs else "") + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
+        run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
         launch, extra_env = launch_prefix(gpus, args.cpu_threads)
         patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
                                           ("--broadcast-buffers", variant == "buf"), ("--no-ddp-optimizer", variant == "noddpopt"),
-                                          ("--trace", args.trace), ("--cudagraphs", args.cudagraphs)) if on]
+                                          ("--trace", args.trace)) if on]
         entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]
         for item in overrides(model_dir, args.method, gpus, args.steps, args.micro, args.mix, grouped, args.pack,
-                              n_train) + args.extra:
+                              n_train) + args.extra + (["train.cudagraphs=true"] if variant == "cg" else []):
             cmd += ["--set", item]
         t = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **extra_env}, capture_output=True, text=True)
@@ -151,7 +155,7 @@ def main(argv=None) -> None:
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
               "broadcast_buffers": variant == "buf", "ddp_optimizer": variant != "noddpopt",
               "compile": "static (before ETA-2's fix)" if args.compile_static else
-              ("blocks as CUDA graphs (train_variant --cudagraphs)" if args.cudagraphs else "default"), "set": args.extra,
+              ("blocks as CUDA graphs (train.cudagraphs)" if variant == "cg" else "default"), "set": args.extra,
               "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
               "mean_samples_per_s": round(sum(map(batch, warm)) / sum(batch(r) / r["samples_per_s"] for r in warm), 2),
@@ -167,7 +171,7 @@ def main(argv=None) -> None:
                   "same_batches_on_every_rank": same, "broadcast_buffers": variant == "buf",
                   "ddp_optimizer": variant != "noddpopt", **trace_summary(Path(params.run.output_dir) / run, args.skip)})
         emit({**eta_check(Path(params.run.output_dir) / run, gpus), "mix": args.mix, "group_by_grid": grouped, "set": args.extra,
-              "compile_static": args.compile_static})
+              "compile_static": args.compile_static, "cudagraphs": variant == "cg"})
 
     ones = {grouped: r for (g, grouped, _), r in rates.items() if g == 1}
     if ones:   # each run against the call's one-GPU run, whatever the order of --gpus

@@ -18,12 +18,6 @@ DDP forward each compiled graph is split at DDP's gradient-bucket sizes, whose f
 LoRA layer's fp32 adapters). Tried in run X2-13 and not kept: it did not pay.
 ``--compile-static``: the language layers compiled as before run ETA-2's fix (specialised on the first
 shapes, recompiled when they change) with dynamo's recompile limit 8.
-``--cudagraphs``: every compiled block (ViT blocks, language layers) compiled specialised with
-``mode="reduce-overhead"`` (cudagraph trees) and a cudagraph step begun before each loss forward — the trainer
-trial of runs CG-5/CG-6 (commit ed065b0; without its rows padded to 32 tokens), which failed in a backward of
-the probe's warm-up ("tensor output of CUDAGraphs overwritten by a subsequent run"); here to find why (with
-``TORCH_LOGS=cudagraphs``). Needs
-``train.group_by_grid=true`` and ``train.eval_images=0`` (the engine captures CUDA graphs of its own).
 """
 from __future__ import annotations
 
@@ -59,26 +53,6 @@ def compile_static() -> None:
         return n
 
     fastpath.compile_blocks = specialised
-
-
-def cudagraphs() -> None:
-    import torch
-
-    from jpcap_helpers.models import fastpath
-    from jpcap_helpers.train import session
-
-    real_compile, real_module = fastpath.compile_blocks, session.make_loss_module
-
-    def compile_blocks(blocks, dynamic=None, **kw):
-        return real_compile(blocks, dynamic=False, **{**kw, "mode": "reduce-overhead"})
-
-    def make_loss_module(peft_model, loss=session.caption_loss):
-        def marked(model, batch):
-            torch.compiler.cudagraph_mark_step_begin()   # the last forward's graph outputs are done with
-            return loss(model, batch)
-        return real_module(peft_model, marked)
-
-    fastpath.compile_blocks, session.make_loss_module = compile_blocks, make_loss_module
 
 
 def trace() -> None:
@@ -198,8 +172,7 @@ def no_ddp_optimizer() -> None:
 
 def main(argv: list[str]) -> int:
     flags = {"--same-batches": same_batches, "--trace": trace, "--compile-static": compile_static,
-             "--broadcast-buffers": broadcast_buffers, "--no-ddp-optimizer": no_ddp_optimizer,
-             "--cudagraphs": cudagraphs}
+             "--broadcast-buffers": broadcast_buffers, "--no-ddp-optimizer": no_ddp_optimizer}
     while argv and argv[0] in flags:
         flags[argv.pop(0)]()
     from jpcap_helpers.cli import main as cli_main

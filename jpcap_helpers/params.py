@@ -172,6 +172,8 @@ class TrainParams:
     pack_captions: bool = False           # one packed sample per image: its captions share one image+prompt prefix
     captions_per_image: int = _f(0, ge=0, le=1000)   # with pack_captions: captions per packed sample (0: all)
     group_by_grid: bool = False           # micro-batches grouped by visual grid within shuffled windows
+    cudagraphs: bool = False              # compiled language layers replay as CUDA graphs, one per batch shape (opt-in:
+                                          # docs/training.md "CUDA graphs"; one GPU, no validation, grouped grids)
     eval_every: int = _f(200, ge=0)       # optimizer steps between validations (0: off)
     eval_images: int = _f(200, ge=0)
     save_every: int = _f(200, ge=0)       # 0: only the final adapter, no checkpoints
@@ -480,6 +482,16 @@ def load_params(path: str | os.PathLike, overrides: Optional[Mapping[str, Any] |
                             check_paths=check_paths)
 
 
+CUDAGRAPH_NEEDS = {   # why train.cudagraphs needs each setting (docs/training.md "CUDA graphs")
+    "model.compile": "replays the compiled language layers' graphs: needs model.compile: true",
+    "train.gradient_checkpointing": "compiled blocks are not used with train.gradient_checkpointing: set it false",
+    "train.group_by_grid": "records one graph per batch shape: needs train.group_by_grid: true (a micro-batch of "
+                           "one visual grid, so few shapes)",
+    "train.eval_images": "validation captions through the engine, which captures CUDA graphs of its own: set "
+                         "train.eval_images: 0 (or train.eval_every: 0)",
+}
+
+
 def _check_consistency(p: Params, source: str) -> None:
     def fail(key: str, msg: str):
         raise ParamsError(f"{source}: {key}: {msg}")
@@ -493,6 +505,12 @@ def _check_consistency(p: Params, source: str) -> None:
     if t.pack_captions and p.model.attn_implementation == "flash_attention_2":
         fail("train.pack_captions", "needs an explicit 4-D attention mask: use model.attn_implementation sdpa "
              "(or eager/auto), not flash_attention_2")
+    if t.cudagraphs:
+        why = {"model.compile": not p.model.compile, "train.gradient_checkpointing": t.gradient_checkpointing,
+               "train.group_by_grid": not t.group_by_grid, "train.eval_images": t.eval_every > 0 and t.eval_images > 0}
+        for key, bad in why.items():
+            if bad:
+                fail("train.cudagraphs", CUDAGRAPH_NEEDS[key] + " (or set train.cudagraphs: false)")
     if p.model.min_pixels > p.model.max_pixels:
         fail("model.min_pixels", "must not exceed model.max_pixels")
     for i, size in enumerate(p.data.toy.image_sizes):

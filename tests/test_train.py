@@ -275,6 +275,102 @@ def test_language_layers_compile_once_for_every_batch_shape(project, monkeypatch
     assert torch._dynamo.config.recompile_limit >= fastpath.RECOMPILE_LIMIT
 
 
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_cudagraph_training_compiles_every_block_per_shape_and_marks_each_forward(project, monkeypatch, cudagraphs):
+    """train.cudagraphs: the language layers are compiled specialised with mode="reduce-overhead" (cudagraph
+    trees; dynamic shapes crashed there, run CG-2), the ViT blocks as usual, and every caption-loss
+    forward begins a new cudagraph step; off, the trainer's dynamic layers and no step marks. CPU: compiled
+    with a counting backend (mode and backend exclude each other), so this checks the wiring, not the graphs."""
+    from torch._dynamo.testing import CompileCounter
+
+    from jpcap_helpers.models import fastpath
+
+    params = make_params(project, f"cg-{cudagraphs}", cudagraphs=cudagraphs, group_by_grid=True, eval_images=0)
+    calls, counter, real = [], CompileCounter(), fastpath.compile_blocks
+
+    def recording(blocks, **kw):
+        calls.append((type(blocks[0]).__name__, kw.get("dynamic"), kw.pop("mode", None)))
+        return real(blocks, backend=counter, **kw)
+
+    marks = []
+    monkeypatch.setattr(fastpath, "compile_supported", lambda model_type: True)   # as on a GPU ≥ 8.0
+    monkeypatch.setattr(fastpath, "compile_blocks", recording)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch._dynamo.reset()
+    try:
+        model, processor, entry = models.load_model(params, for_training=True)
+        model = T.prepare_model(model, params)
+        batch = T.CaptionCollator(processor, entry.prompt, "right")(samples(params, 2))
+        for _ in range(2):
+            s, n = T.caption_loss(model, batch)
+            (s / n).backward()
+    finally:
+        torch._dynamo.reset()
+    mode = "reduce-overhead" if cudagraphs else None
+    vision, language = calls
+    assert "Vision" in vision[0] and "Decoder" in language[0], calls
+    assert vision[1:] == (None, None)   # the frozen ViT's inputs take many sizes: compiled as usual
+    assert language[1:] == ((False, mode) if cudagraphs else (True, None))
+    assert len(marks) == (2 if cudagraphs else 0) and counter.frame_count > 0
+
+
+def test_cudagraph_training_pads_rows_coarser_and_refuses_ddp(project):
+    """Fewer row lengths, fewer graphs: rows padded to T.CUDAGRAPH_PAD_MULTIPLE (the loss is unchanged, as
+    for PAD_MULTIPLE); several processes are refused with the fix (measured on one GPU only)."""
+    from jpcap_helpers.train.session import _check_cudagraphs
+
+    params = make_params(project, "cg-ddp", cudagraphs=True, group_by_grid=True, eval_images=0)
+    _check_cudagraphs(params, 1)
+    with pytest.raises(T.TrainError, match=r"train\.cudagraphs .* one GPU only.*2 processes.*cudagraphs: false"):
+        _check_cudagraphs(params, 2)
+    model, processor, entry = models.load_model(params, for_training=True)
+    pairs = samples(params, 3)
+    coarse = T.CaptionCollator(processor, entry.prompt, "right", pad_multiple=T.CUDAGRAPH_PAD_MULTIPLE)(pairs)
+    fine = T.CaptionCollator(processor, entry.prompt, "right")(pairs)
+    assert T.CUDAGRAPH_PAD_MULTIPLE == 32 and coarse["input_ids"].shape[1] % 32 == 0
+    with torch.no_grad():
+        a, n_a = T.caption_loss(model, fine)
+        b, n_b = T.caption_loss(model, coarse)
+    assert int(n_a) == int(n_b) and (b / n_b).item() == pytest.approx((a / n_a).item(), rel=1e-5)
+
+
+def test_cudagraph_training_accumulates_into_gradients_kept_in_place(project):
+    """train.cudagraphs: the gradients are allocated before the first backward and zeroed in place after
+    each step, so every backward adds into them (a gradient kept as the backward made it would be a CUDA
+    graph's output, overwritten by the next micro-batch's replay: runs CG-5/CG-6); two accumulated
+    micro-batches give the gradients of the default session, which drops its gradients (None)."""
+    from jpcap_helpers.train import steps
+    from jpcap_helpers.train.session import open_session
+
+    grads = {}
+    for cudagraphs in (False, True):
+        torch.manual_seed(0)
+        params = make_params(project, f"cg-grads-{cudagraphs}", cudagraphs=cudagraphs, group_by_grid=True,
+                             eval_images=0, micro_batch_size=2, effective_batch_size=4)
+        session = open_session(params)
+        try:
+            held = session.trainable_params
+            assert all((p.grad is not None and not p.grad.any()) if cudagraphs else p.grad is None for p in held)
+            ptrs = [p.grad.data_ptr() for p in held] if cudagraphs else None
+            micro = [session.to_device(T.CaptionCollator(session.processor, session.prompt, "right")(
+                samples(params, 2, start=k))) for k in (0, 1)]
+            n_tokens, _ = steps.count_step(session, micro)
+            steps.forward_backward(session, micro, n_tokens)
+            grads[cudagraphs] = [p.grad.clone() for p in held]
+            if cudagraphs:
+                assert [p.grad.data_ptr() for p in held] == ptrs
+            steps.clip_and_step(session, torch.zeros(()))
+            assert all((p.grad is not None and not p.grad.any()) if cudagraphs else p.grad is None for p in held)
+            if cudagraphs:
+                assert [p.grad.data_ptr() for p in held] == ptrs
+        finally:
+            session.close()
+    assert len(grads[True]) == len(grads[False]) > 0
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[True])
+
+
 def test_training_rows_are_padded_to_a_multiple_of_eight_without_changing_the_loss(tiny):
     """Rows padded to T.PAD_MULTIPLE tokens (the compiled layers then meet aligned lengths only: run ETA-3)
     give the loss of rows padded to their longest only; a prompt-only (generation) batch is not padded."""
@@ -909,6 +1005,22 @@ def test_tiny_on_cuda_resume_matches(project, method):
         assert resumed.losses[step] == pytest.approx(ref.losses[step], rel=1e-2, abs=1e-3)
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_gpu_cudagraph_training_follows_the_default_loss_curve(project, method):
+    """train.cudagraphs on a GPU (compiled blocks replayed as CUDA graphs, one per shape): the plan's probe
+    (warm-up micro-batches accumulate gradients) and six steps of two accumulated micro-batches run, and
+    give the default trainer's losses (bf16 rounding apart)."""
+    kw = dict(load_in_4bit=method == "qlora", max_steps=6, micro_batch_size=2, effective_batch_size=4,
+              group_by_grid=True, eval_images=0)
+    ref = T.train(make_params(project, f"cuda-cg-ref-{method}", **kw), resume=False)
+    cg = T.train(make_params(project, f"cuda-cg-{method}", cudagraphs=True, **kw), resume=False)
+    assert sorted(cg.losses) == sorted(ref.losses) and len(ref.losses) == 6
+    for step in ref.losses:
+        assert cg.losses[step] == pytest.approx(ref.losses[step], rel=2e-2, abs=1e-3), (step, cg.losses, ref.losses)
+
+
 def perturbed_with_reference(params, scale: float = 0.01):
     """The training model (LoRA B made non-zero, so the adapters matter) and an unpatched copy of it."""
     model, processor, entry = models.load_model(params, for_training=True)
@@ -1067,7 +1179,7 @@ def test_a_step_reads_the_device_once(monkeypatch):
                           backward=lambda loss: loss.backward(), reduce=lambda t, op: t * 1,   # 2 ranks, one's view
                           clip_grad_norm_=lambda ps, m: torch.nn.utils.clip_grad_norm_(list(ps), m))
     session = SimpleNamespace(accelerator=acc, world=2, loss_module=loss_module,
-                              params=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0)),
+                              params=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0, cudagraphs=False)),
                               trainable_params=list(model.parameters()),
                               optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     micro = [{"x": torch.randn(4, 3), "y": torch.randn(4, 1), "labels": torch.tensor([[0, 5, 6]])} for _ in range(2)]
@@ -1111,7 +1223,7 @@ def test_with_a_grad_scaler_the_loss_is_checked_before_unscaling(monkeypatch):
                           clip_grad_norm_=lambda ps, m: calls.append("clip") or torch.tensor(0.5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monkeypatch.setattr(opt, "step", lambda: calls.append("step"))
-    session = SimpleNamespace(accelerator=acc, params=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0)),
+    session = SimpleNamespace(accelerator=acc, params=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0, cudagraphs=False)),
                               trainable_params=list(model.parameters()), optimizer=opt)
     grad_norm, skipped, values = steps.clip_and_step(session, torch.tensor(1.0), (torch.tensor(3.0), 7))
     assert (grad_norm, skipped, values, calls) == (None, "non-finite loss", [3.0, 7.0], [])

@@ -313,8 +313,8 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
     visual = getattr(getattr(model, "model", None), "visual", None)
     compiled = bool(params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"))
-    if compiled:
-        compile_blocks(visual.blocks)  # the ViT is frozen: compiled for captioning and training alike
+    if compiled:   # the ViT is frozen: compiled for captioning and training alike (train.cudagraphs too:
+        compile_blocks(visual.blocks)   # its inputs take many sizes, and it is not launch-bound: run G2)
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
     processor = load_processor(params, name, override)

@@ -20,7 +20,7 @@ from ..io import read_jsonl
 from .errors import TrainError
 from .positions import rope_positions
 
-__all__ = ["IGNORE_INDEX", "PAD_MULTIPLE", "ASSISTANT_HEADER", "END_TOKEN", "MISSING_IMAGE", "chat_messages", "read_pair_rows",
+__all__ = ["IGNORE_INDEX", "PAD_MULTIPLE", "CUDAGRAPH_PAD_MULTIPLE", "ASSISTANT_HEADER", "END_TOKEN", "MISSING_IMAGE", "chat_messages", "read_pair_rows",
            "select_pairs", "read_pairs", "pairs_at_rows", "pairs_digest", "missing_image_files",
            "read_val_records", "truncate_captions", "PairDataset", "CaptionCollator", "epoch_order",
            "StepBatchSampler"]
@@ -33,6 +33,9 @@ MISSING_IMAGE = "image file missing"
 # layers on the sequence length's alignment (a length ≢ 0 mod 8 after aligned ones recompiled for ≈ 10 s
 # per layer variant in the middle of a run: run ETA-3), and aligned lengths suit the tensor cores
 PAD_MULTIPLE = 8
+# with train.cudagraphs every row length is its own CUDA graph (and compilation): coarser lengths, fewer
+# graphs, for ≤ 31 padded tokens per row (masked: the loss is unchanged)
+CUDAGRAPH_PAD_MULTIPLE = 32
 PLACEHOLDER_SIDE = 56   # a missing image's stand-in: its row is fully masked, so it trains nothing
 
 

@@ -129,11 +129,17 @@ def prepare_model(model: Any, params: Any) -> Any:
     base = causal_lm(peft_model)
     # same outputs, fewer activations kept for backward (SwiGLU, RMSNorm): docs/training.md
     use_lean_activations(base.model.language_model)
-    if params.model.compile and compile_supported(model_type) and not t.gradient_checkpointing:
+    compiled = bool(params.model.compile and compile_supported(model_type) and not t.gradient_checkpointing)
+    if compiled and t.cudagraphs:
+        # each batch shape its own CUDA graph (docs/training.md "CUDA graphs"): specialised, since dynamic
+        # shapes under cudagraph trees crashed in the compiled backward (torch 2.11, run CG-2)
+        compile_blocks(base.model.language_model.layers, dynamic=False, mode="reduce-overhead")
+    elif compiled:
         # compiled layers inside gradient checkpointing were never measured: those run eagerly. Dynamic
         # from the start: caption batches change their sequence length all the time (validation's last
         # micro-batch its size too); specialised graphs recompiled mid-run (run ETA-2: 19 s at step 5)
         compile_blocks(base.model.language_model.layers, dynamic=True)
+    base.jpcap_cudagraphs = compiled and t.cudagraphs   # caption_loss then begins each forward as a new step
     if t.gradient_checkpointing:
         _checkpoint_language_layers(base)
     for name, p in peft_model.named_parameters():

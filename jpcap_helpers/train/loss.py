@@ -72,9 +72,12 @@ def caption_loss(model: Any, batch: dict, *, use_mm_encoder_outputs: Optional[bo
     at positions whose next token is a target, in fp32 for the cross-entropy. ``label_smoothing``
     (``train.label_smoothing``): the target distribution puts that mass uniformly over the vocabulary.
     """
+    import torch
     import torch.nn.functional as F
 
     base = causal_lm(model)
+    if getattr(base, "jpcap_cudagraphs", False):   # train.cudagraphs: the last forward's graph outputs are done
+        torch.compiler.cudagraph_mark_step_begin()
     embeds, sizes, deepstack = visual_features(base, batch["pixel_values"], batch["image_grid_thw"])
     if is_packed(batch):
         eager = base.config._attn_implementation == "eager"

@@ -21,7 +21,7 @@ from .batches import CaptionCollator
 from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
 from .rng import rng_state, set_rng_state
 from .session import TrainSession, open_session, peak_memory, precision_name
-from .steps import count_step, forward_backward
+from .steps import count_step, forward_backward, zero_gradients
 
 __all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
            "PROBE_STABLE_RATIO", "probe_slots", "probe", "fit_check", "plan", "format_plan"]
@@ -144,7 +144,7 @@ def _time_optimizer_step(session: TrainSession) -> tuple[float, bool]:
     acc.clip_grad_norm_(session.trainable_params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
     session.optimizer.step()
     skipped = acc.optimizer_step_was_skipped   # fp16: the scaler's first scale may overflow
-    session.optimizer.zero_grad(set_to_none=True)
+    zero_gradients(session)
     _sync(session)
     return time.perf_counter() - t0, skipped
 

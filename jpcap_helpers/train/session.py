@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .batches import (
+    CUDAGRAPH_PAD_MULTIPLE,
     MISSING_IMAGE,
+    PAD_MULTIPLE,
     CaptionCollator,
     PairDataset,
     StepBatchSampler,
@@ -31,6 +33,7 @@ from .grouping import group_window, grouped_order, pair_grids, sample_grids
 from .lora import count_parameters, prepare_model
 from .loss import caption_loss, make_loss_module
 from .packing import PackedCollator, PackedDataset, PackedSamples
+from .steps import zero_gradients
 
 __all__ = ["TrainData", "TrainSession", "open_session", "precision_name", "peak_memory", "empty_cache"]
 
@@ -239,6 +242,12 @@ def _check_batch_split(params: Any, world: int) -> None:
                          f"train.micro_batch_size × processes ({t.micro_batch_size} × {world})")
 
 
+def _check_cudagraphs(params: Any, world: int) -> None:
+    if params.train.cudagraphs and world > 1:
+        raise TrainError(f"train.cudagraphs was measured on one GPU only, not under DDP ({world} processes): "
+                         "set train.cudagraphs: false for a multi-GPU run")
+
+
 def _check_constant_buffers(model: Any, world: int) -> None:
     """DDP runs without its per-forward buffer broadcast (:func:`_new_accelerator`): refused for a model
     whose buffers change while it trains (batch-norm running statistics), which would then drift apart
@@ -335,17 +344,19 @@ def open_session(params: Any, resume_from: Optional[Checkpoint] = None,
     _refuse_merge_of_4bit(params)
     acc, dtype = _new_accelerator(params)
     _check_batch_split(params, acc.num_processes)
+    _check_cudagraphs(params, acc.num_processes)
     model, processor, entry = _load_model_with_lora(params, acc)
     _check_constant_buffers(model, acc.num_processes)
     prompt = params.generation.prompt or entry.prompt
 
     pairs, skipped, digest = _training_pairs(params, processor.tokenizer, resume_from)
+    pad = CUDAGRAPH_PAD_MULTIPLE if t.cudagraphs else PAD_MULTIPLE
     data = TrainData(pairs=pairs, skipped=skipped, digest=digest, dataset=PairDataset(pairs, params.images_dir),
-                     collator=CaptionCollator(processor, prompt, padding_side="right"),
+                     collator=CaptionCollator(processor, prompt, padding_side="right", pad_multiple=pad),
                      val_records=read_val_records(params, t.eval_images) if t.eval_every > 0 else [])
     if t.pack_captions:
         data.packed = PackedSamples(pairs, t.captions_per_image, params.run.seed)
-        data.packed_collator = PackedCollator(processor, prompt)
+        data.packed_collator = PackedCollator(processor, prompt, pad_multiple=pad)
     if t.group_by_grid:   # a resume takes the grids the run started with (images may have gone since)
         saved = resume_from.pair_grids if resume_from is not None else None
         data.grids = saved if saved is not None else pair_grids(pairs, params.images_dir, processor)
@@ -364,7 +375,9 @@ def open_session(params: Any, resume_from: Optional[Checkpoint] = None,
     loss_module, optimizer = acc.prepare(make_loss_module(model, loss), optimizer, device_placement=[False, False])
     set_seed(params.run.seed + acc.process_index)
     num_workers = 0 if acc.device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 1))
-    return TrainSession(params=params, accelerator=acc, dtype=dtype, model=model, processor=processor, entry=entry,
-                        prompt=prompt, data=data, optimizer=optimizer, scheduler=scheduler, loss_module=loss_module,
-                        total_steps=total_steps, schedule_steps=schedule_steps, trainable=trainable, total=total,
-                        num_workers=num_workers)
+    session = TrainSession(params=params, accelerator=acc, dtype=dtype, model=model, processor=processor,
+                           entry=entry, prompt=prompt, data=data, optimizer=optimizer, scheduler=scheduler,
+                           loss_module=loss_module, total_steps=total_steps, schedule_steps=schedule_steps,
+                           trainable=trainable, total=total, num_workers=num_workers)
+    zero_gradients(session)   # train.cudagraphs: gradients allocated before the first backward
+    return session

@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence
 from .errors import TrainError
 from .packing import target_count
 
-__all__ = ["MAX_CONSECUTIVE_NONFINITE", "count_step", "forward_backward", "clip_and_step", "guard_non_finite"]
+__all__ = ["MAX_CONSECUTIVE_NONFINITE", "count_step", "forward_backward", "clip_and_step", "zero_gradients",
+           "guard_non_finite"]
 
 # Abort after this many optimizer steps in a row whose loss (or, without a GradScaler, gradient)
 # was inf/NaN; single bad steps are skipped and counted.
@@ -92,8 +93,25 @@ def clip_and_step(session: Any, n_bad: Any, scalars: Sequence[Any] = ()) -> tupl
                 skipped = "non-finite gradient"
             else:
                 session.optimizer.step()
-    session.optimizer.zero_grad(set_to_none=True)
+    zero_gradients(session)
     return grad_norm, skipped, values
+
+
+def zero_gradients(session: Any) -> None:
+    """Clear the trainable parameters' gradients for the next step (None: the next backward stores its
+    gradient as is). With ``train.cudagraphs`` they stay allocated and are zeroed in place — allocated here
+    before the first step — so that each backward adds its gradient into them: a gradient kept as is would
+    be a CUDA graph's output, overwritten by the next micro-batch's replay before it is accumulated or
+    stepped (the probe's warm-up, accumulation over micro-batches: runs CG-5/CG-6, pytorch#169545)."""
+    import torch
+
+    if not session.params.train.cudagraphs:
+        session.optimizer.zero_grad(set_to_none=True)
+        return
+    for p in session.trainable_params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    session.optimizer.zero_grad(set_to_none=False)
 
 
 def _read_once(values: Sequence[Any]) -> list[float]:
