@@ -78,3 +78,72 @@ def test_probe_slots_meet_other_grids_when_grouped():
     assert planning.probe_slots(len(grids), 4, grids, scan=3) == [0, 1, 2]   # none new within the scan
     assert planning.probe_slots(len(grids), 4, np.array([a] * 24)) == [0, 1, 2]   # one grid
     assert planning.probe_slots(6, 4, np.array([a] * 3 + [b] * 3)) == [0, 1, 0]  # two slots: cycled
+
+
+@pytest.mark.parametrize("multiple", [T.CUDAGRAPH_PAD_MULTIPLE, 8])
+def test_run_shapes_are_the_loaders_shapes(project, monkeypatch, multiple):  # noqa: F811
+    """train.cudagraphs: each sample's counted tokens are its collated row's, and the run's counted batch
+    shapes are exactly those its loader yields (micro-batches padded to the cudagraph multiple; 8 as well,
+    which gives the tiny rows several shapes)."""
+    from jpcap_helpers.train import session as session_module
+    from jpcap_helpers.train.session import open_session
+    from jpcap_helpers.train.shapes import run_shapes, sample_tokens
+
+    monkeypatch.setattr(session_module, "CUDAGRAPH_PAD_MULTIPLE", multiple)
+
+    params = make_params(project, "shapes", cudagraphs=True, group_by_grid=True, eval_images=0,
+                         micro_batch_size=2, effective_batch_size=4, max_steps=14)
+    session = open_session(params)
+    try:
+        batches, _, samples = planning._collate_probe_batches(session)
+        tokens = sample_tokens(session, batches[0], samples[0])
+        assert tokens is not None
+        per_epoch, seen, rows = session.steps_per_epoch, set(), 0
+        for epoch in range(-(-session.total_steps // per_epoch)):
+            last = min(per_epoch, session.total_steps - epoch * per_epoch)
+            order = session.sample_order(epoch)
+            for k, batch in enumerate(session.loader(epoch, 0, last)):
+                idx = order[k * 2:(k + 1) * 2]
+                assert batch["attention_mask"].sum(dim=1).tolist() == tokens[idx].tolist()
+                seen.add(tuple(batch["input_ids"].shape))
+                rows += 2
+        assert rows == 4 * session.total_steps and all(n % multiple == 0 for _, n in seen)
+        assert run_shapes(session, tokens, 0, multiple) == seen and (len(seen) >= 2 or multiple > 8)
+        # from a later step: the shapes of the steps still to run only
+        assert run_shapes(session, tokens, session.total_steps - 1, multiple) <= seen
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, multiple):  # noqa: F811
+    """With CUDA graphs (faked on the CPU) the ETA adds one compilation per batch shape the run meets
+    beyond the probe's, at the warm-up's measured cost per further shape; where the probe met one shape
+    (rows padded to 8 here) that cost is unknown and the plan says the ETA leaves it out. Off a GPU the
+    plan says CUDA graphs are not used."""
+    from jpcap_helpers.train import session as session_module
+
+    params = make_params(project, f"probe-cg-{multiple}", cudagraphs=True, group_by_grid=True, eval_images=0,
+                         micro_batch_size=2, effective_batch_size=4, max_steps=60, eval_every=0)
+    monkeypatch.setattr(session_module, "CUDAGRAPH_PAD_MULTIPLE", multiple)   # the tiny rows: several shapes
+    if multiple == 1:
+        info = T.plan(params, session_hours=None)
+        assert info["cudagraphs_requested"] and not info["cudagraphs"] and "new_batch_shapes" not in info
+        assert "train.cudagraphs: not used here" in T.format_plan(info)
+
+    monkeypatch.setattr(planning, "_cudagraphs_used", lambda session: True)
+    _slow_start(monkeypatch, {1: 1.0, 2: 0.6})
+    info = T.plan(params, session_hours=None)
+    probe, run, new = info["batch_shapes_probe"], info["batch_shapes_run"], info["new_batch_shapes"]
+    assert run > probe >= 1 and new >= run - probe
+    text = T.format_plan(info)
+    assert "CUDA graphs: language layers replayed per batch shape" in text and f"{run} in the run" in text
+    if multiple == 8:
+        assert probe == 1 and info["new_shape_s_each"] is None and info["new_shapes_s"] is None
+        assert info["eta_s"] == pytest.approx(info["steady_s"] + info["probe_warmup_extra_s"])
+        assert "its cost was not measured" in text
+        return
+    assert probe >= 2 and info["new_shape_s_each"] > 0.5 / (probe - 1)
+    assert info["new_shapes_s"] == pytest.approx(new * info["new_shape_s_each"])
+    assert info["eta_s"] == pytest.approx(info["steady_s"] + info["probe_warmup_extra_s"] + info["new_shapes_s"])
+    assert f"+ {new} new batch shapes ×" in text

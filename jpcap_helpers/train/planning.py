@@ -19,8 +19,10 @@ import numpy as np
 from ..data import load_image, resolve_image_path
 from .batches import CaptionCollator
 from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
+from .lora import causal_lm
 from .rng import rng_state, set_rng_state
 from .session import TrainSession, open_session, peak_memory, precision_name
+from .shapes import run_shapes, sample_tokens
 from .steps import count_step, forward_backward, zero_gradients
 
 __all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
@@ -84,20 +86,21 @@ def probe_slots(n_samples: int, micro_batch: int, grids: Optional[np.ndarray] = 
     return [picked[j % len(picked)] for j in range(k)]
 
 
-def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float]]:
-    """The probe's micro-batches of epoch 0 (:func:`probe_slots`), and the seconds each took to load
-    and collate."""
+def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float], list[list[int]]]:
+    """The probe's micro-batches of epoch 0 (:func:`probe_slots`), the seconds each took to load and
+    collate, and the samples of each."""
     m = session.params.train.micro_batch_size
     order = session.sample_order(0)
     grids = session.data.epoch_grids(0)[order] if session.data.grids is not None else None
     dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
-    batches, seconds = [], []
+    batches, seconds, samples = [], [], []
     for slot in probe_slots(len(order), m, grids):
-        idx = order[(slot * m) % len(order):][:m]
+        idx = [int(i) for i in order[(slot * m) % len(order):][:m]]
         t0 = time.perf_counter()
-        batches.append(collator([dataset[int(i)] for i in idx]))
+        batches.append(collator([dataset[i] for i in idx]))
         seconds.append(time.perf_counter() - t0)
-    return batches, seconds
+        samples.append(idx)
+    return batches, seconds, samples
 
 
 def _time_micro_batch(session: TrainSession, batch: dict) -> float:
@@ -193,7 +196,7 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(acc.device)
-        batches, collate_times = _collate_probe_batches(session)
+        batches, collate_times, probe_samples = _collate_probe_batches(session)
         warm_times = _warm_up(session, batches)
         warm_opt, _ = _time_optimizer_step(session)          # the first step allocates AdamW's state
         step_times = _time_micro_batches(session, batches)
@@ -215,7 +218,9 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
     remaining = max(0, session.total_steps - start_step)
     eval_s = estimate_eval_seconds(session, micro_s) if session.eval_enabled else 0.0
     n_evals = _count_evals(session.total_steps, start_step, t.eval_every) if session.eval_enabled else 0
-    eta_s = remaining * step_s + n_evals * eval_s + (warmup_extra_s if remaining else 0.0)
+    shapes = _new_shapes(session, batches, probe_samples, warm_times, micro_s, start_step) if remaining else {}
+    eta_s = (remaining * step_s + n_evals * eval_s + (warmup_extra_s if remaining else 0.0)
+             + (shapes.get("new_shapes_s") or 0.0))
     info = {
         "device": str(acc.device), "processes": session.world, "precision": precision_name(session.dtype),
         "mixed_precision": acc.mixed_precision, "method": session.params.train_method,
@@ -234,11 +239,34 @@ def probe(session: TrainSession, session_hours: Optional[float] = None, start_st
         "step_s": step_s, "samples_per_s": t.effective_batch_size / step_s,
         "eval_s_each": eval_s, "n_evals": n_evals,
         "peak_memory_gib": peak, "peak_memory_kind": peak_kind,
-        "eta_s": eta_s, "eta_h": eta_s / 3600,
+        "eta_s": eta_s, "eta_h": eta_s / 3600, "cudagraphs_requested": t.cudagraphs,
+        "cudagraphs": _cudagraphs_used(session), **shapes,
     }
     info["cost_model_t4"] = _t4_cost(session, batches, remaining * t.effective_batch_size)
     info.update(fit_check(session.params, info, session_hours, session.data.n_images))
     return info
+
+
+def _cudagraphs_used(session: TrainSession) -> bool:
+    return bool(getattr(causal_lm(session.model), "jpcap_cudagraphs", False))
+
+
+def _new_shapes(session: TrainSession, batches: list[dict], samples: list[list[int]], warm_times: list[float],
+                micro_s: float, start_step: int) -> dict:
+    """``train.cudagraphs`` (where used): how many batch shapes the run meets beyond the probe's, and what
+    each costs once (compilation + CUDA-graph recording) — the warm-up's time beyond the steady pace after its
+    first micro-batch, per further shape it met. Either is None where it cannot be known (:func:`sample_tokens`;
+    a probe of one shape); empty without CUDA graphs (the layers are dynamic: no compilation per shape)."""
+    if not _cudagraphs_used(session):
+        return {}
+    seen = {tuple(b["input_ids"].shape) for b in batches}
+    tokens = sample_tokens(session, batches[0], samples[0])
+    run = None if tokens is None else run_shapes(session, tokens, start_step, session.data.collator.pad_multiple)
+    new = None if run is None else len(run - seen)
+    each = sum(max(0.0, s - micro_s) for s in warm_times[1:]) / (len(seen) - 1) if len(seen) > 1 else None
+    cost = 0.0 if new == 0 else (new * each if new is not None and each is not None else None)
+    return {"batch_shapes_probe": len(seen), "batch_shapes_run": None if run is None else len(run | seen),
+            "new_batch_shapes": new, "new_shape_s_each": each, "new_shapes_s": cost}
 
 
 def _captions_per_sample(session: TrainSession) -> float:
@@ -314,6 +342,19 @@ def plan(params: Any, *, session_hours: Optional[float] = None) -> dict:
         session.close()
 
 
+def _format_shapes(info: dict) -> str:
+    line = (f"CUDA graphs: language layers replayed per batch shape · {info.get('batch_shapes_probe')} shapes "
+            "warmed by the probe")
+    if info.get("batch_shapes_run") is None:
+        return line + "; the run's shapes could not be counted (packed captions or ungrouped grids): each new one " \
+                      "pays a compilation once, not in the ETA"
+    line += f", {info['batch_shapes_run']} in the run"
+    if info.get("new_batch_shapes") and info.get("new_shapes_s") is None:
+        line += ("; each new one pays a compilation once, not in the ETA (the probe met one shape: its cost "
+                 "was not measured)")
+    return line
+
+
 def format_plan(info: dict) -> str:
     """A few human lines for a plan dict."""
     mem = "n/a" if info["peak_memory_gib"] is None else f"{info['peak_memory_gib']:.2f} GiB ({info['peak_memory_kind']})"
@@ -332,8 +373,15 @@ def format_plan(info: dict) -> str:
         f"({info['probe_warmup_s']:.1f} s: compilation, CUDA-graph and allocator warm-up) · peak memory {mem}",
         f"ETA: {info['eta_h']:.2f} h for steps {info['start_step']}→{info['total_steps']} = steady steps "
         f"{info['steady_s'] / 3600:.2f} h + warm-up once {info['probe_warmup_extra_s']:.0f} s"
-        + (f" + {info['n_evals']} validations of ~{info['eval_s_each']:.0f} s" if info['n_evals'] else ""),
+        + (f" + {info['n_evals']} validations of ~{info['eval_s_each']:.0f} s" if info['n_evals'] else "")
+        + (f" + {info['new_batch_shapes']} new batch shapes × {info['new_shape_s_each']:.1f} s"
+           if info.get("new_batch_shapes") and info.get("new_shapes_s") is not None else ""),
     ]
+    if info.get("cudagraphs"):
+        lines.append(_format_shapes(info))
+    elif info.get("cudagraphs_requested"):
+        lines.append("train.cudagraphs: not used here (the blocks are compiled only on a CUDA GPU of compute "
+                     "capability ≥ 8.0 with model.compile): the step runs as without it")
     cost = info.get("cost_model_t4")
     if cost:
         lines.append(f"cost model: {cost['tflop_per_sample']:.2f} TFLOP per caption → on a free T4 "
