@@ -146,7 +146,7 @@ def cudagraph_blocks(variant: str = "dynamic", reset: bool = True):
     backward, replay as one CUDA graph per shape). ``variant``: ``dynamic`` keeps each call's ``dynamic`` (the
     language layers': True), ``static`` compiles ``dynamic=None`` (specialised on the first shapes: runs
     CG-3/CG-4; a second shape turns dynamo's automatic dynamic shapes on, so one ``--batch`` per run),
-    ``never-dynamic`` ``dynamic=False`` (as the trainer trial, CG-5/CG-6). Dynamo's caches are reset first
+    ``never-dynamic`` ``dynamic=False`` (as ``train.cudagraphs`` compiles the language layers). Dynamo's caches are reset first
     (other rows' entries) unless ``reset`` is off (A/B rounds: a model compiled the trainer's way stays loaded
     next to it)."""
     import torch._dynamo
