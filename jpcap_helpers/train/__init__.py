@@ -7,7 +7,8 @@ docs/training.md describes the recipe, the fast path, checkpoints and resume.
 Modules: :mod:`.batches` (pairs, dataset, collator, order), :mod:`.grouping` (micro-batches grouped by
 visual grid), :mod:`.lora` (what trains),
 :mod:`.loss` (the fast-path loss), :mod:`.session` (set-up shared by plan and train), :mod:`.steps`
-(one optimizer step), :mod:`.planning` (probe, ETA, Colab fit), :mod:`.validation`,
+(one optimizer step), :mod:`.planning` (probe, ETA, Colab fit), :mod:`.shapes` (batch shapes of a run,
+for ``train.cudagraphs``), :mod:`.validation`,
 :mod:`.checkpoint` and :mod:`.rng` (save/resume, nothing unpickled), :mod:`.logs`, :mod:`.export`
 (adapter, merge) and :mod:`.loop` (:func:`train`).
 """
