@@ -80,6 +80,20 @@ def test_probe_slots_meet_other_grids_when_grouped():
     assert planning.probe_slots(6, 4, np.array([a] * 3 + [b] * 3)) == [0, 1, 0]  # two slots: cycled
 
 
+def test_probe_slots_meet_the_runs_padded_lengths_under_cudagraphs():
+    """train.cudagraphs: first the micro-batches that bring a padded length not met yet (each one a compiled,
+    recorded shape), up to the cap, over the whole epoch; then new grids up to three slots."""
+    a, b = (16, 12), (12, 16)
+    grids = np.array([a] * 12 + [b] * 12)
+    lengths = np.array([96, 96, 64, 96, 64, 128])
+    assert planning.probe_slots(24, 4, grids, lengths[:5]) == [0, 2, 3]      # lengths 96, 64, then grid b
+    assert planning.probe_slots(24, 4, grids, lengths) == [0, 2, 5]          # 96, 64, 128 (grid b too): full
+    assert planning.probe_slots(24, 4, None, lengths) == [0, 2, 5]           # 96, 64, 128
+    assert planning.probe_slots(24, 4, None, lengths, max_lengths=2) == [0, 2, 1]   # capped: then the first others
+    many = np.arange(10) * 32
+    assert planning.probe_slots(40, 4, None, many, max_lengths=8) == list(range(8))  # more slots than three
+
+
 @pytest.mark.parametrize("multiple", [T.CUDAGRAPH_PAD_MULTIPLE, 8])
 def test_run_shapes_are_the_loaders_shapes(project, monkeypatch, multiple):  # noqa: F811
     """train.cudagraphs: each sample's counted tokens are its collated row's, and the run's counted batch
@@ -115,35 +129,46 @@ def test_run_shapes_are_the_loaders_shapes(project, monkeypatch, multiple):  # n
         session.close()
 
 
-@pytest.mark.parametrize("multiple", [1, 8])
-def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, multiple):  # noqa: F811
-    """With CUDA graphs (faked on the CPU) the ETA adds one compilation per batch shape the run meets
-    beyond the probe's, at the warm-up's measured cost per further shape; where the probe met one shape
-    (rows padded to 8 here) that cost is unknown and the plan says the ETA leaves it out. Off a GPU the
-    plan says CUDA graphs are not used."""
+@pytest.mark.parametrize("case", ["all-warmed", "capped", "one-shape"])
+def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, case):  # noqa: F811
+    """With CUDA graphs (faked on the CPU) the probe collates micro-batches of every padded length epoch 0
+    holds, up to PROBE_MAX_SHAPES, so its warm-up pays the shapes the run would meet mid-run; the ETA adds one
+    compilation per shape beyond the probe's, at the warm-up's measured cost per further shape; where the probe
+    met one shape that cost is unknown and the plan says the ETA leaves it out. Off a GPU the plan says CUDA
+    graphs are not used. Rows padded to 1 token here: the tiny captions then give several shapes."""
     from jpcap_helpers.train import session as session_module
 
-    params = make_params(project, f"probe-cg-{multiple}", cudagraphs=True, group_by_grid=True, eval_images=0,
+    params = make_params(project, f"probe-cg-{case}", cudagraphs=True, group_by_grid=True, eval_images=0,
                          micro_batch_size=2, effective_batch_size=4, max_steps=60, eval_every=0)
-    monkeypatch.setattr(session_module, "CUDAGRAPH_PAD_MULTIPLE", multiple)   # the tiny rows: several shapes
-    if multiple == 1:
+    monkeypatch.setattr(session_module, "CUDAGRAPH_PAD_MULTIPLE", 1)
+    if case == "all-warmed":
         info = T.plan(params, session_hours=None)
         assert info["cudagraphs_requested"] and not info["cudagraphs"] and "new_batch_shapes" not in info
         assert "train.cudagraphs: not used here" in T.format_plan(info)
-
+    cap = {"all-warmed": 64, "capped": 3, "one-shape": 1}[case]
+    monkeypatch.setattr(planning, "PROBE_MAX_SHAPES", cap)
+    if case == "one-shape":   # e.g. epoch 0 of one length, later epochs of others
+        monkeypatch.setattr(planning, "probe_slots", lambda *a, **k: [0] * planning.PROBE_DISTINCT_BATCHES)
+    monkeypatch.setattr(planning, "PROBE_MAX_WARMUP", cap + 4)
     monkeypatch.setattr(planning, "_cudagraphs_used", lambda session: True)
-    _slow_start(monkeypatch, {1: 1.0, 2: 0.6})
+    _slow_start(monkeypatch, {1: 1.0, 2: 0.6, 3: 0.6})
     info = T.plan(params, session_hours=None)
     probe, run, new = info["batch_shapes_probe"], info["batch_shapes_run"], info["new_batch_shapes"]
-    assert run > probe >= 1 and new >= run - probe
     text = T.format_plan(info)
     assert "CUDA graphs: language layers replayed per batch shape" in text and f"{run} in the run" in text
-    if multiple == 8:
-        assert probe == 1 and info["new_shape_s_each"] is None and info["new_shapes_s"] is None
+    assert run > 3 and new == run - probe
+    if case == "all-warmed":   # every shape of this run is in epoch 0
+        assert probe == run and new == 0 and info["new_shapes_s"] == 0.0
         assert info["eta_s"] == pytest.approx(info["steady_s"] + info["probe_warmup_extra_s"])
-        assert "its cost was not measured" in text
+        assert info["probe_warmup_micro_batches"] >= run and "new batch shapes" not in text
         return
-    assert probe >= 2 and info["new_shape_s_each"] > 0.5 / (probe - 1)
+    assert probe == cap
+    if case == "one-shape":
+        assert info["new_shape_s_each"] is None and info["new_shapes_s"] is None
+        assert info["eta_s"] == pytest.approx(info["steady_s"] + info["probe_warmup_extra_s"])
+        assert "1 shape warmed by the probe" in text and "its cost was not measured" in text
+        return
+    assert info["new_shape_s_each"] > 1.0 / (probe - 1)
     assert info["new_shapes_s"] == pytest.approx(new * info["new_shape_s_each"])
     assert info["eta_s"] == pytest.approx(info["steady_s"] + info["probe_warmup_extra_s"] + info["new_shapes_s"])
     assert f"+ {new} new batch shapes ×" in text

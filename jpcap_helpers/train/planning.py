@@ -22,11 +22,11 @@ from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
 from .lora import causal_lm
 from .rng import rng_state, set_rng_state
 from .session import TrainSession, open_session, peak_memory, precision_name
-from .shapes import run_shapes, sample_tokens
+from .shapes import micro_batch_lengths, run_shapes, sample_tokens
 from .steps import count_step, forward_backward, zero_gradients
 
 __all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
-           "PROBE_STABLE_RATIO", "probe_slots", "probe", "fit_check", "plan", "format_plan"]
+           "PROBE_STABLE_RATIO", "PROBE_MAX_SHAPES", "probe_slots", "probe", "fit_check", "plan", "format_plan"]
 
 # A free Colab session ends after at most ~12 h; a free T4 is often reclaimed much earlier, so plan
 # for 3 usable hours (resume from the last checkpoint in the next session for longer runs).
@@ -35,6 +35,7 @@ COLAB_FREE_T4_USABLE_HOURS = 3.0
 PROBE_MICRO_BATCHES = 3          # timed micro-batches, after the warm-up
 PROBE_DISTINCT_BATCHES = 3       # distinct micro-batches collated (warm-up meets each one's shapes)
 PROBE_SCAN_MICRO_BATCHES = 50    # grouped by grid: epoch 0's first micro-batches searched for other grids
+PROBE_MAX_SHAPES = 8             # train.cudagraphs: padded lengths the warm-up meets at most (the rest: costed)
 PROBE_MAX_WARMUP = 10            # warm-up micro-batches at most
 PROBE_STABLE_RATIO = 1.3         # warm once two consecutive micro-batches differ by less than this factor
 EVAL_PROBE_TOKENS = 4            # tokens of the timed generate that estimates validation time
@@ -68,22 +69,33 @@ def training_state_restored(session: TrainSession) -> Iterator[dict]:
 
 
 def probe_slots(n_samples: int, micro_batch: int, grids: Optional[np.ndarray] = None,
-                k: int = PROBE_DISTINCT_BATCHES, scan: int = PROBE_SCAN_MICRO_BATCHES) -> list[int]:
+                lengths: Optional[np.ndarray] = None, k: int = PROBE_DISTINCT_BATCHES,
+                scan: int = PROBE_SCAN_MICRO_BATCHES, max_lengths: Optional[int] = None) -> list[int]:
     """Which of epoch 0's micro-batches (by position) the probe collates: the first ``k``; or, with the
     samples' visual ``grids`` in epoch order (``train.group_by_grid``, whose micro-batches mostly hold one
     grid), first those of the first ``scan`` that bring a grid not met yet, then the first others — so the
-    warm-up compiles for more than one shape, as the run will, and its timing is not one grid's."""
+    warm-up compiles for more than one shape, as the run will, and its timing is not one grid's. With each
+    micro-batch's padded ``lengths`` (``train.cudagraphs``: each new length is one more compiled, recorded
+    shape), first those that bring a length not met yet, up to ``max_lengths`` (:data:`PROBE_MAX_SHAPES`) of
+    them: the warm-up then pays the shapes the run would otherwise pay mid-run, and measures what one costs."""
     n = max(1, math.ceil(n_samples / micro_batch))
+    max_lengths = PROBE_MAX_SHAPES if max_lengths is None else max_lengths
     chosen: list[int] = []
+    if lengths is not None:
+        met: set = set()
+        for j, length in enumerate(lengths[:n].tolist()):
+            if length not in met and len(chosen) < max_lengths:
+                chosen.append(j)
+                met.add(length)
     if grids is not None:
-        seen: set = set()
+        seen = {tuple(g) for j in chosen for g in grids[j * micro_batch:(j + 1) * micro_batch]}
         for j in range(min(n, scan)):
             new = {tuple(g) for g in grids[j * micro_batch:(j + 1) * micro_batch]} - seen
-            if new and len(chosen) < k:
+            if new and j not in chosen and len(chosen) < k:
                 chosen.append(j)
                 seen |= new
     picked = chosen + [j for j in range(n) if j not in chosen]
-    return [picked[j % len(picked)] for j in range(k)]
+    return [picked[j % len(picked)] for j in range(max(k, len(chosen)))]
 
 
 def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[float], list[list[int]]]:
@@ -93,13 +105,21 @@ def _collate_probe_batches(session: TrainSession) -> tuple[list[dict], list[floa
     order = session.sample_order(0)
     grids = session.data.epoch_grids(0)[order] if session.data.grids is not None else None
     dataset, collator = session.data.epoch_dataset(0), session.data.train_collator
-    batches, seconds, samples = [], [], []
-    for slot in probe_slots(len(order), m, grids):
+
+    def collate(slot: int) -> tuple[dict, float, list[int]]:
         idx = [int(i) for i in order[(slot * m) % len(order):][:m]]
         t0 = time.perf_counter()
-        batches.append(collator([dataset[i] for i in idx]))
-        seconds.append(time.perf_counter() - t0)
-        samples.append(idx)
+        batch = collator([dataset[i] for i in idx])
+        return batch, time.perf_counter() - t0, idx
+
+    first = collate(0)
+    lengths = None
+    if _cudagraphs_used(session):   # the padded length of each micro-batch, where it can be counted
+        tokens = sample_tokens(session, first[0], first[2])
+        if tokens is not None:
+            lengths = micro_batch_lengths(tokens, order, m, session.data.collator.pad_multiple)
+    collated = [first if slot == 0 else collate(slot) for slot in probe_slots(len(order), m, grids, lengths)]
+    batches, seconds, samples = (list(x) for x in zip(*collated))
     return batches, seconds, samples
 
 
@@ -343,8 +363,8 @@ def plan(params: Any, *, session_hours: Optional[float] = None) -> dict:
 
 
 def _format_shapes(info: dict) -> str:
-    line = (f"CUDA graphs: language layers replayed per batch shape · {info.get('batch_shapes_probe')} shapes "
-            "warmed by the probe")
+    n = info.get("batch_shapes_probe")
+    line = f"CUDA graphs: language layers replayed per batch shape · {n} shape{'' if n == 1 else 's'} warmed by the probe"
     if info.get("batch_shapes_run") is None:
         return line + "; the run's shapes could not be counted (packed captions or ungrouped grids): each new one " \
                       "pays a compilation once, not in the ETA"

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["sample_tokens", "run_shapes"]
+__all__ = ["sample_tokens", "micro_batch_lengths", "run_shapes"]
 
 
 def sample_tokens(session: Any, batch: dict, indices: Sequence[int]) -> Optional[np.ndarray]:
@@ -33,6 +33,14 @@ def sample_tokens(session: Any, batch: dict, indices: Sequence[int]) -> Optional
     return tokens + offsets.pop() if len(offsets) == 1 else None
 
 
+def micro_batch_lengths(tokens: np.ndarray, order: np.ndarray, micro: int, pad_multiple: int) -> np.ndarray:
+    """The padded length of each whole micro-batch of samples ``order``: its longest row rounded up to
+    ``pad_multiple``, as the collator pads."""
+    n = len(order) // micro
+    longest = tokens[np.asarray(order[:n * micro], dtype=np.int64)].reshape(n, micro).max(axis=1)
+    return -(-longest // pad_multiple) * pad_multiple
+
+
 def run_shapes(session: Any, tokens: np.ndarray, start_step: int, pad_multiple: int) -> set[tuple[int, int]]:
     """(rows, padded tokens) of every micro-batch of steps ``start_step``… of the run (one process): each
     micro-batch padded to its longest row, rounded up to ``pad_multiple``, as the collator pads."""
@@ -42,8 +50,6 @@ def run_shapes(session: Any, tokens: np.ndarray, start_step: int, pad_multiple: 
     for epoch in range(start_step // per_epoch, math.ceil(session.total_steps / per_epoch)):
         first = max(0, start_step - epoch * per_epoch)
         last = min(per_epoch, session.total_steps - epoch * per_epoch)
-        order = session.sample_order(epoch)[first * effective:last * effective]
-        longest = tokens[order].reshape(-1, micro).max(axis=1)   # steps hold whole micro-batches
-        padded = -(-longest // pad_multiple) * pad_multiple
-        shapes |= {(micro, int(n)) for n in np.unique(padded)}
+        order = session.sample_order(epoch)[first * effective:last * effective]   # whole micro-batches
+        shapes |= {(micro, int(n)) for n in np.unique(micro_batch_lengths(tokens, order, micro, pad_multiple))}
     return shapes
