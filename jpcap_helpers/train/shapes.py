@@ -1,6 +1,7 @@
 """The batch shapes a run meets, for ``train.cudagraphs``: the compiled language layers are specialised, so
-every new micro-batch shape (rows × padded tokens) costs one compilation and CUDA-graph recording. The plan
-counts the shapes of the whole run beyond those its probe met (docs/training.md, "CUDA graphs for the step").
+every new micro-batch shape (rows × padded tokens) costs one compilation and CUDA-graph recording. The plan's
+probe warms the padded lengths epoch 0 holds, and counts the shapes of the whole run beyond those it met
+(docs/training.md, "CUDA graphs for the step").
 
 A sample's tokens are its caption's tokens plus its image's (resized pixels ÷ (patch × merge)²) plus a constant
 (system prompt, user prompt, chat template), the constant read off one collated batch."""
