@@ -43,6 +43,9 @@ PROMPT_TOKENS, CAPTION_TOKENS = 30, 25
 H200_TRAIN_CAPTIONS_PER_S = 341.98   # run X2-2: `jpcap train` end to end, packed QLoRA at the h100.yaml
                                      # defaults (micro-batch 16 images ≈ 5 captions each), median step rate
 H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): the training step alone
+H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S = 447.16  # run G9 (2026-11-30-h200.jsonl): the same recipe with the opt-in
+                                     # train.cudagraphs (one GPU, no in-training validation), COCO-like mix, 1.30× the
+                                     # same call's default (342.75); three sizes 445.81 vs 374.11 (1.19×, run G5)
 TRAIN_SPEEDUP = {1: 1.0, 2: 1.87}    # median of runs X2-10…X2-13 on four hosts (1.91, 1.83, 1.60, 2.14): the same
                                      # command on 2 GPUs against the same call's one GPU, DDP without its per-forward
                                      # buffer broadcast (the trainer's default since X2-10; with it 1.55–1.80×)
@@ -106,7 +109,7 @@ class Row:
 
 def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: float = DEFAULT_USD_PER_T4_HOUR,
          gpu_counts: tuple[int, ...] = (1, 2, 4, 8)) -> list[Row]:
-    """The table's rows: a T4, then H200 machines of ``gpu_counts`` GPUs."""
+    """The table's rows: a T4, then H200 machines of ``gpu_counts`` GPUs (one GPU also with ``train.cudagraphs``)."""
     captions = EPOCHS * STAIR_TRAIN_CAPTIONS
     out = [Row("T4", 1, "ESTIMATED: cost model (train/costs.py, 12 TFLOP/s effective) and ≈ 2.5 images/s captioning",
                captions / t4_train_captions_per_s() / 3600, CAPTION_IMAGES / T4_CAPTION_IMAGES_PER_S / 3600,
@@ -126,6 +129,12 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
                                                  ("captioning", caption_x, caption_projected, CAPTION_RUNS)))
         out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * train_x) / 3600,
                        CAPTION_IMAGES / (H200_CAPTION_IMAGES_PER_S * caption_x) / 3600, usd_per_gpu_hour))
+        if gpus == 1:
+            out.append(Row("1× H200, `train.cudagraphs`", 1,
+                           "MEASURED: `jpcap train` with the opt-in `train.cudagraphs` (one GPU, no validation during "
+                           "training), packed QLoRA, COCO-like mix (run G9: 1.30× the same call's default); captioning "
+                           "as above", captions / H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S / 3600,
+                           CAPTION_IMAGES / H200_CAPTION_IMAGES_PER_S / 3600, usd_per_gpu_hour))
     return out
 
 
@@ -158,7 +167,10 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "`jpcap train` end to end — data loading, logging, the step — packed QLoRA at the `h100.yaml` defaults, "
         "micro-batch 16 images, random weights of the Qwen2-VL-2B shape, jp-shapes captions on three COCO sizes, "
         f"median step rate after 8 steps; the step alone ran {H200_STEP_ALONE_CAPTIONS_PER_S} captions/s, run "
-        f"pack-2). 2× H200: the same command under `accelerate launch`, {TRAIN_SPEEDUP[2]:.2f}× the same call's "
+        f"pack-2). With the opt-in `train.cudagraphs` (one GPU only; refused under DDP and with validation during "
+        f"training): {H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S} captions/s (run G9, `results/2026-11-30-h200.jsonl`, the "
+        "COCO-like mix, 342.75 without it in the same call). 2× H200: the same command under `accelerate launch`, "
+        f"{TRAIN_SPEEDUP[2]:.2f}× the same call's "
         "one-GPU run: the median of four hosts (runs X2-10…X2-13: 1.91, 1.83, 1.60 and 2.14×), DDP without its "
         "per-forward buffer broadcast, the trainer's default since X2-10 (with it 1.55–1.80×, runs X2-3, "
         "X2-9–X2-11). 4 and 8 GPUs are "

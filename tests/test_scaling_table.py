@@ -19,17 +19,19 @@ spec.loader.exec_module(st)
 
 def test_hours_gpu_hours_and_cost_follow_from_the_rates():
     table = st.rows(usd_per_gpu_hour=2.0, usd_per_t4_hour=0.5)
-    t4, one, two, four, eight = table
+    t4, one, one_cg, two, four, eight = table
     captions, images = 3 * 413_915, 5_000 + 5_000 + 26_500
     assert one.train_h == pytest.approx(captions / 341.98 / 3600)            # ≈ 1.01 h
     assert one.caption_h == pytest.approx(images / 174.50 / 3600)
+    assert one_cg.train_h == pytest.approx(captions / 447.16 / 3600) and one_cg.caption_h == one.caption_h
+    assert one_cg.gpus == 1 and "train.cudagraphs" in one_cg.hardware and "run G9" in one_cg.basis
     assert two.train_h * 1.87 == pytest.approx(one.train_h) and two.caption_h * 1.94 == pytest.approx(one.caption_h)
     assert "PROJECTED" not in two.basis and "MEASURED" not in eight.basis
     assert four.basis.startswith("training 3.50× PROJECTED") and "captioning 3.50× MEASURED" in four.basis
     assert four.caption_h * 3.50 == pytest.approx(one.caption_h)
     assert eight.train_h < four.train_h < two.train_h and eight.caption_h < four.caption_h < two.caption_h
     assert four.train_h * st.projected_speedup(4)[0] == pytest.approx(one.train_h)
-    for row, price in zip(table, (0.5, 2.0, 2.0, 2.0, 2.0)):
+    for row, price in zip(table, (0.5, 2.0, 2.0, 2.0, 2.0, 2.0)):
         assert row.total_h == pytest.approx(row.train_h + row.caption_h)
         assert row.gpu_hours == pytest.approx(row.gpus * row.total_h)
         assert row.usd == pytest.approx(row.gpu_hours * price)
@@ -56,6 +58,7 @@ def test_markdown_states_assumptions_and_results_markers(tmp_path):
     text = st.markdown(st.rows(), 3.5, 0.35)
     for needed in ("ESTIMATED", "MEASURED", "PROJECTED", "$3.50", "--usd-per-gpu-hour", "36,500", "upper bound"):
         assert needed in text, needed
+    assert "{" not in text and "}" not in text   # every placeholder formatted
     doc = tmp_path / "R.md"
     doc.write_text(f"# head\n{st.START}\nold\n{st.END}\ntail\n", encoding="utf-8")
     st.write_results("new table", doc)
