@@ -64,9 +64,11 @@ def test_probe_warm_up_is_bounded(project, monkeypatch):  # noqa: F811
 def test_probe_warm_up_stops_once_stable(project, monkeypatch):  # noqa: F811
     params = make_params(project, "probe-stable", max_steps=10, eval_every=0)
     _slow_start(monkeypatch, {})
+    monkeypatch.setattr(planning, "_compiled", lambda session: True)   # as on a GPU of capability ≥ 8.0
     info = T.plan(params, session_hours=None)
     # no slow start: every distinct probe batch once, then stop as soon as two agree
     assert planning.PROBE_DISTINCT_BATCHES <= info["probe_warmup_micro_batches"] < planning.PROBE_MAX_WARMUP
+    assert info["cudagraphs_tip"] and info["cudagraphs_tip"] in T.format_plan(info)   # the plan prints the tip
 
 
 def test_probe_slots_meet_other_grids_when_grouped():
@@ -172,3 +174,23 @@ def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, cas
     assert info["new_shapes_s"] == pytest.approx(new * info["new_shape_s_each"])
     assert info["eta_s"] == pytest.approx(info["steady_s"] + info["probe_warmup_extra_s"] + info["new_shapes_s"])
     assert f"+ {new} new batch shapes ×" in text
+
+
+def test_plan_suggests_cudagraphs_for_a_compiled_one_gpu_run_at_a_small_micro_batch(monkeypatch):
+    """The tip names the overrides that turn train.cudagraphs on (and what it needs: grouped grids, no
+    validation during training); none when uncompiled (CPU, T4), under DDP, at large micro-batches or when on."""
+    from types import SimpleNamespace
+
+    def session(micro=8, world=1, cudagraphs=False, group=False, evals=True):
+        t = SimpleNamespace(micro_batch_size=micro, cudagraphs=cudagraphs, group_by_grid=group)
+        return SimpleNamespace(params=SimpleNamespace(train=t), world=world, eval_enabled=evals)
+
+    compiled = {"on": True}
+    monkeypatch.setattr(planning, "_compiled", lambda s: compiled["on"])
+    tip = planning.cudagraphs_tip(session())
+    assert "train.cudagraphs=true train.group_by_grid=true train.eval_every=0" in tip and "micro-batch 8" in tip
+    assert "train.cudagraphs=true replays" in planning.cudagraphs_tip(session(16, group=True, evals=False))
+    for s in (session(32), session(world=2), session(cudagraphs=True)):
+        assert planning.cudagraphs_tip(s) is None
+    compiled["on"] = False
+    assert planning.cudagraphs_tip(session()) is None
