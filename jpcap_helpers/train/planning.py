@@ -26,7 +26,8 @@ from .shapes import micro_batch_lengths, run_shapes, sample_tokens
 from .steps import count_step, forward_backward, zero_gradients
 
 __all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
-           "PROBE_STABLE_RATIO", "PROBE_MAX_SHAPES", "probe_slots", "cudagraphs_tip", "probe", "fit_check", "plan", "format_plan"]
+           "PROBE_STABLE_RATIO", "PROBE_MAX_SHAPES", "probe_slots", "cudagraphs_tip", "probe", "fit_check", "plan",
+           "format_plan"]
 
 # A free Colab session ends after at most ~12 h; a free T4 is often reclaimed much earlier, so plan
 # for 3 usable hours (resume from the last checkpoint in the next session for longer runs).
@@ -382,7 +383,8 @@ def plan(params: Any, *, session_hours: Optional[float] = None) -> dict:
 
 def _format_shapes(info: dict) -> str:
     n = info.get("batch_shapes_probe")
-    line = f"CUDA graphs: language layers replayed per batch shape · {n} shape{'' if n == 1 else 's'} warmed by the probe"
+    line = (f"CUDA graphs: language layers replayed per batch shape · {n} shape{'' if n == 1 else 's'} warmed by "
+            "the probe")
     if info.get("batch_shapes_run") is None:
         return line + "; the run's shapes could not be counted (packed captions or ungrouped grids): each new one " \
                       "pays a compilation once, not in the ETA"
