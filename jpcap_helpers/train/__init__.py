@@ -53,7 +53,8 @@ __all__ = [
     "KEEP_CHECKPOINTS", "MAX_CONSECUTIVE_NONFINITE", "COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS",
     # data
     "read_pairs", "read_val_records", "truncate_captions", "PairDataset", "CaptionCollator", "chat_messages",
-    "epoch_order", "StepBatchSampler", "IGNORE_INDEX", "PAD_MULTIPLE", "CUDAGRAPH_PAD_MULTIPLE", "ASSISTANT_HEADER", "END_TOKEN", "grouped_order",
+    "epoch_order", "StepBatchSampler", "IGNORE_INDEX", "PAD_MULTIPLE", "CUDAGRAPH_PAD_MULTIPLE", "ASSISTANT_HEADER",
+    "END_TOKEN", "grouped_order",
     "group_window", "pair_grids",
     # model and loss
     "prepare_model", "lora_target_modules", "projector_modules", "text_layer_count", "count_parameters", "causal_lm",

@@ -20,7 +20,8 @@ from ..io import read_jsonl
 from .errors import TrainError
 from .positions import rope_positions
 
-__all__ = ["IGNORE_INDEX", "PAD_MULTIPLE", "CUDAGRAPH_PAD_MULTIPLE", "ASSISTANT_HEADER", "END_TOKEN", "MISSING_IMAGE", "chat_messages", "read_pair_rows",
+__all__ = ["IGNORE_INDEX", "PAD_MULTIPLE", "CUDAGRAPH_PAD_MULTIPLE", "ASSISTANT_HEADER", "END_TOKEN", "MISSING_IMAGE",
+           "chat_messages", "read_pair_rows",
            "select_pairs", "read_pairs", "pairs_at_rows", "pairs_digest", "missing_image_files",
            "read_val_records", "truncate_captions", "PairDataset", "CaptionCollator", "epoch_order",
            "StepBatchSampler"]
