@@ -95,6 +95,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cudagraphs", default="off", choices=["off", "on", "both"],
                     help="one-GPU runs with train.cudagraphs (compiled blocks as CUDA graphs; needs --group-by-grid "
                          "on; refused under DDP); both: each one-GPU run without, then with (variant cg)")
+    ap.add_argument("--ddp-cudagraphs", action="store_true",
+                    help="experiment: --cudagraphs for the DDP runs too (train_variant.py --ddp-cudagraphs lifts "
+                         "the trainer's refusal)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a further params override for every run (e.g. train.lora_dropout=0.05), after the bench's")
     ap.add_argument("--cpu-threads", type=int, default=None,
@@ -117,9 +120,9 @@ def main(argv=None) -> None:
           "mix": args.mix, "pack_captions": args.pack, "cpu_threads": args.cpu_threads, "image_sizes": sorted({tuple(s) for s in image_sizes(args.mix)})})
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates, variant_rates = {}, {}
-    multi = ([None] + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
+    single = {"off": [None], "on": ["cg"], "both": [None, "cg"]}[args.cudagraphs]
+    multi = ((single if args.ddp_cudagraphs else [None]) + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
              + (["noddpopt"] if args.no_ddp_optimizer else []))
-    single = {"off": [None], "on": ["cg"], "both": [None, "cg"]}[args.cudagraphs]   # DDP refuses cudagraphs
     variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else single))
     for gpus, grouped, variant in variants:
         same = variant == "same"
@@ -127,6 +130,7 @@ def main(argv=None) -> None:
         launch, extra_env = launch_prefix(gpus, args.cpu_threads)
         patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
                                           ("--broadcast-buffers", variant == "buf"), ("--no-ddp-optimizer", variant == "noddpopt"),
+                                          ("--ddp-cudagraphs", variant == "cg" and gpus > 1),
                                           ("--trace", args.trace)) if on]
         entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]

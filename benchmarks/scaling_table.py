@@ -46,7 +46,8 @@ H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): t
 H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S = 447.16  # run G9 (2026-11-30-h200.jsonl): the same recipe with the opt-in
                                      # train.cudagraphs (one GPU, no in-training validation), COCO-like mix, 1.30× the
                                      # same call's default (342.75); three sizes 445.81 vs 374.11 (1.19×, run G5)
-TRAIN_SPEEDUP = {1: 1.0, 2: 1.87}    # median of runs X2-10…X2-13 on four hosts (1.91, 1.83, 1.60, 2.14): the same
+TRAIN_SPEEDUP = {1: 1.0, 2: 1.83}    # median of runs X2-10…X2-13 and Y1 on five hosts (1.91, 1.83, 1.60, 2.14, 1.70;
+                                     # Y1 in 2026-11-30-x2.jsonl): the same
                                      # command on 2 GPUs against the same call's one GPU, DDP without its per-forward
                                      # buffer broadcast (the trainer's default since X2-10; with it 1.55–1.80×)
 H200_CAPTION_IMAGES_PER_S = 174.50   # run X2-8: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
@@ -55,7 +56,7 @@ CAPTION_SPEEDUP = {1: 1.0, 2: 1.94, 4: 3.50}  # 2: run X2-8, sharded over 2 GPUs
                                      # warmed on the whole run's shapes), 337.74 images/s (mean of 3 runs:
                                      # 334.75–340.91); 4: run X4-2 (2026-11-29-x4.jsonl), a 4×H200 host, 615.94
                                      # images/s against the same call's warm one-GPU run, 176.14
-TRAIN_RUNS = {2: "median of runs X2-10…X2-13, four hosts"}   # the runs behind each measured speed-up
+TRAIN_RUNS = {2: "median of runs X2-10…X2-13 and Y1, five hosts"}   # the runs behind each measured speed-up
 CAPTION_RUNS = {2: "run X2-8", 4: "run X4-2"}
 X4_LORA_SPEEDUP = 3.45               # run X4-2: bf16 LoRA unpacked, micro-batch 8, 185.27 against 53.68 samples/s
                                      # (the packed QLoRA recipe on 4 GPUs: not measured, cut by the call's limit)
@@ -171,7 +172,8 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         f"training): {H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S} captions/s (run G9, `results/2026-11-30-h200.jsonl`, the "
         "COCO-like mix, 342.75 without it in the same call). 2× H200: the same command under `accelerate launch`, "
         f"{TRAIN_SPEEDUP[2]:.2f}× the same call's "
-        "one-GPU run: the median of four hosts (runs X2-10…X2-13: 1.91, 1.83, 1.60 and 2.14×), DDP without its "
+        "one-GPU run: the median of five hosts (runs X2-10…X2-13: 1.91, 1.83, 1.60 and 2.14×; run Y1, "
+        "`results/2026-11-30-x2.jsonl`: 1.70×), DDP without its "
         "per-forward buffer broadcast, the trainer's default since X2-10 (with it 1.55–1.80×, runs X2-3, "
         "X2-9–X2-11). 4 and 8 GPUs are "
         f"projections for this recipe, not measurements (its 4-GPU run was cut by the call's time limit); bf16 LoRA "

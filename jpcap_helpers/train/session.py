@@ -244,7 +244,8 @@ def _check_batch_split(params: Any, world: int) -> None:
 
 def _check_cudagraphs(params: Any, world: int) -> None:
     if params.train.cudagraphs and world > 1:
-        raise TrainError(f"train.cudagraphs was measured on one GPU only, not under DDP ({world} processes): "
+        raise TrainError("train.cudagraphs is checked on one GPU only; its loss curve under DDP is not yet "
+                         f"verified ({world} processes): "
                          "set train.cudagraphs: false for a multi-GPU run")
 
 
