@@ -95,6 +95,10 @@ def main(argv=None) -> None:
     ap.add_argument("--cudagraphs", default="off", choices=["off", "on", "both"],
                     help="one-GPU runs with train.cudagraphs (compiled blocks as CUDA graphs; needs --group-by-grid "
                          "on; refused under DDP); both: each one-GPU run without, then with (variant cg)")
+    ap.add_argument("--cpu-affinity", action="store_true",
+                    help="also: each GPU count > 1 again under `accelerate launch --enable_cpu_affinity` (each "
+                         "process pinned to its GPU's NUMA-local cores; needs nvidia-ml-py), right after the same "
+                         "count's default run (variant aff)")
     ap.add_argument("--ddp-cudagraphs", action="store_true",
                     help="experiment: --cudagraphs for the DDP runs too (train_variant.py --ddp-cudagraphs lifts "
                          "the trainer's refusal)")
@@ -122,12 +126,12 @@ def main(argv=None) -> None:
     rates, variant_rates = {}, {}
     single = {"off": [None], "on": ["cg"], "both": [None, "cg"]}[args.cudagraphs]
     multi = ((single if args.ddp_cudagraphs else [None]) + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
-             + (["noddpopt"] if args.no_ddp_optimizer else []))
+             + (["noddpopt"] if args.no_ddp_optimizer else []) + (["aff"] if args.cpu_affinity else []))
     variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else single))
     for gpus, grouped, variant in variants:
         same = variant == "same"
         run = f"ddp-bench-{args.method}-{gpus}" + ("-grouped" if grouped else "") + ("-pack" if args.pack else "") + ("-static" if args.compile_static else "") + (f"-{variant}" if variant else "")
-        launch, extra_env = launch_prefix(gpus, args.cpu_threads)
+        launch, extra_env = launch_prefix(gpus, args.cpu_threads, cpu_affinity=variant == "aff")
         patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
                                           ("--broadcast-buffers", variant == "buf"), ("--no-ddp-optimizer", variant == "noddpopt"),
                                           ("--ddp-cudagraphs", variant == "cg" and gpus > 1),
@@ -158,7 +162,7 @@ def main(argv=None) -> None:
         emit({"bench": "ddp", "method": args.method, "mix": args.mix, "group_by_grid": grouped, "pack_captions": args.pack,
               "micro_per_gpu": args.micro, "gpus": gpus, "same_batches_on_every_rank": same,
               "broadcast_buffers": variant == "buf", "ddp_optimizer": variant != "noddpopt",
-              "compile": "static (before ETA-2's fix)" if args.compile_static else
+              "cpu_affinity": variant == "aff", "compile": "static (before ETA-2's fix)" if args.compile_static else
               ("blocks as CUDA graphs (train.cudagraphs)" if variant == "cg" else "default"), "set": args.extra,
               "samples_per_s": round(rate, 2),
               # all samples over all seconds of the steps after --skip: slow steps (a recompilation) count
