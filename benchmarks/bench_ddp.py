@@ -93,15 +93,12 @@ def main(argv=None) -> None:
                     help="also: as many plain one-GPU runs as the largest --gpus, at once, one per GPU, each the "
                          "one-GPU run's work (do processes slow each other down on this host without DDP?)")
     ap.add_argument("--cudagraphs", default="off", choices=["off", "on", "both"],
-                    help="one-GPU runs with train.cudagraphs (compiled blocks as CUDA graphs; needs --group-by-grid "
-                         "on; refused under DDP); both: each one-GPU run without, then with (variant cg)")
+                    help="runs with train.cudagraphs (compiled blocks as CUDA graphs; needs --group-by-grid on), "
+                         "on every GPU count; both: each GPU count without, then with (variant cg)")
     ap.add_argument("--cpu-affinity", action="store_true",
                     help="also: each GPU count > 1 again under `accelerate launch --enable_cpu_affinity` (each "
                          "process pinned to its GPU's NUMA-local cores; needs nvidia-ml-py), right after the same "
                          "count's default run (variant aff)")
-    ap.add_argument("--ddp-cudagraphs", action="store_true",
-                    help="experiment: --cudagraphs for the DDP runs too (train_variant.py --ddp-cudagraphs lifts "
-                         "the trainer's refusal)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a further params override for every run (e.g. train.lora_dropout=0.05), after the bench's")
     ap.add_argument("--cpu-threads", type=int, default=None,
@@ -125,7 +122,7 @@ def main(argv=None) -> None:
     groupings = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_grid]
     rates, variant_rates = {}, {}
     single = {"off": [None], "on": ["cg"], "both": [None, "cg"]}[args.cudagraphs]
-    multi = ((single if args.ddp_cudagraphs else [None]) + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
+    multi = (single + (["same"] if args.same_batches else []) + (["buf"] if args.broadcast_buffers else [])
              + (["noddpopt"] if args.no_ddp_optimizer else []) + (["aff"] if args.cpu_affinity else []))
     variants = ((g, b, v) for g in args.gpus for b in groupings for v in (multi if g > 1 else single))
     for gpus, grouped, variant in variants:
@@ -134,7 +131,6 @@ def main(argv=None) -> None:
         launch, extra_env = launch_prefix(gpus, args.cpu_threads, cpu_affinity=variant == "aff")
         patches = [flag for flag, on in (("--compile-static", args.compile_static), ("--same-batches", same),
                                           ("--broadcast-buffers", variant == "buf"), ("--no-ddp-optimizer", variant == "noddpopt"),
-                                          ("--ddp-cudagraphs", variant == "cg" and gpus > 1),
                                           ("--trace", args.trace)) if on]
         entry = [str(ROOT / "benchmarks/train_variant.py"), *patches, "train"] if patches else ["-m", "jpcap_helpers.cli", "train"]
         cmd = launch + entry + [str(ROOT / "params/smoke.yaml"), "--no-resume", "--run-name", run]

@@ -1,7 +1,7 @@
 """`jpcap train` with measurement patches, for `bench_ddp.py` (a script file: `accelerate launch` runs
 scripts, not ``-c``). Flags before the ``train`` command:
 
-    python benchmarks/train_variant.py [--same-batches] [--trace] [--compile-static] [--ddp-cudagraphs] train params/... --set ...
+    python benchmarks/train_variant.py [--same-batches] [--trace] [--compile-static] train params/... --set ...
 
 ``--same-batches``: every rank draws rank 0's micro-batches — equal work on every GPU (the loss curve is not
 the run's; only the rate is compared).
@@ -16,8 +16,6 @@ turns it off since run X2-10: the buffers are constant rotary frequencies) — t
 ``--no-ddp-optimizer``: dynamo's DDP optimizer off (torch's default, which the trainer keeps, is on: inside a
 DDP forward each compiled graph is split at DDP's gradient-bucket sizes, whose first holds 1 MB — less than one
 LoRA layer's fp32 adapters). Tried in run X2-13 and not kept: it did not pay.
-``--ddp-cudagraphs``: lifts the trainer's refusal of ``train.cudagraphs`` under DDP (an experiment: the
-trainer refuses it until a run shows DDP's loss curve and rate with it).
 ``--compile-static``: the language layers compiled as before run ETA-2's fix (specialised on the first
 shapes, recompiled when they change) with dynamo's recompile limit 8.
 """
@@ -172,16 +170,9 @@ def no_ddp_optimizer() -> None:
     fastpath.compile_blocks = compile_blocks
 
 
-def ddp_cudagraphs() -> None:
-    from jpcap_helpers.train import session
-
-    session._check_cudagraphs = lambda params, world: None
-
-
 def main(argv: list[str]) -> int:
     flags = {"--same-batches": same_batches, "--trace": trace, "--compile-static": compile_static,
-             "--broadcast-buffers": broadcast_buffers, "--no-ddp-optimizer": no_ddp_optimizer,
-             "--ddp-cudagraphs": ddp_cudagraphs}
+             "--broadcast-buffers": broadcast_buffers, "--no-ddp-optimizer": no_ddp_optimizer}
     while argv and argv[0] in flags:
         flags[argv.pop(0)]()
     from jpcap_helpers.cli import main as cli_main

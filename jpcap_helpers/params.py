@@ -173,7 +173,7 @@ class TrainParams:
     captions_per_image: int = _f(0, ge=0, le=1000)   # with pack_captions: captions per packed sample (0: all)
     group_by_grid: bool = False           # micro-batches grouped by visual grid within shuffled windows
     cudagraphs: bool = False              # compiled language layers replay as CUDA graphs, one per batch shape (opt-in:
-                                          # docs/training.md "CUDA graphs"; one GPU, no validation, grouped grids)
+                                          # docs/training.md "CUDA graphs"; no validation, grouped grids)
     eval_every: int = _f(200, ge=0)       # optimizer steps between validations (0: off)
     eval_images: int = _f(200, ge=0)
     save_every: int = _f(200, ge=0)       # 0: only the final adapter, no checkpoints

@@ -178,7 +178,7 @@ def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, cas
 
 def test_plan_suggests_cudagraphs_for_a_compiled_one_gpu_run_at_a_small_micro_batch(monkeypatch):
     """The tip names the overrides that turn train.cudagraphs on (and what it needs: grouped grids, no
-    validation during training); none when uncompiled (CPU, T4), under DDP, at large micro-batches or when on."""
+    validation during training), also under DDP; none when uncompiled (CPU, T4), at large micro-batches or when on."""
     from types import SimpleNamespace
 
     def session(micro=8, world=1, cudagraphs=False, group=False, evals=True):
@@ -190,7 +190,8 @@ def test_plan_suggests_cudagraphs_for_a_compiled_one_gpu_run_at_a_small_micro_ba
     tip = planning.cudagraphs_tip(session())
     assert "train.cudagraphs=true train.group_by_grid=true train.eval_every=0" in tip and "micro-batch 8" in tip
     assert "train.cudagraphs=true replays" in planning.cudagraphs_tip(session(16, group=True, evals=False))
-    for s in (session(32), session(world=2), session(cudagraphs=True)):
+    assert "2-GPU DDP" in planning.cudagraphs_tip(session(world=2))
+    for s in (session(32), session(cudagraphs=True)):
         assert planning.cudagraphs_tip(s) is None
     compiled["on"] = False
     assert planning.cudagraphs_tip(session()) is None

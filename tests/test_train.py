@@ -314,15 +314,10 @@ def test_cudagraph_training_compiles_every_block_per_shape_and_marks_each_forwar
     assert len(marks) == (2 if cudagraphs else 0) and counter.frame_count > 0
 
 
-def test_cudagraph_training_pads_rows_coarser_and_refuses_ddp(project):
+def test_cudagraph_training_pads_rows_coarser(project):
     """Fewer row lengths, fewer graphs: rows padded to T.CUDAGRAPH_PAD_MULTIPLE (the loss is unchanged, as
-    for PAD_MULTIPLE); several processes are refused with the fix (measured on one GPU only)."""
-    from jpcap_helpers.train.session import _check_cudagraphs
-
-    params = make_params(project, "cg-ddp", cudagraphs=True, group_by_grid=True, eval_images=0)
-    _check_cudagraphs(params, 1)
-    with pytest.raises(T.TrainError, match=r"train\.cudagraphs .* one GPU only.*2 processes.*cudagraphs: false"):
-        _check_cudagraphs(params, 2)
+    for PAD_MULTIPLE)."""
+    params = make_params(project, "cg-pad", cudagraphs=True, group_by_grid=True, eval_images=0)
     model, processor, entry = models.load_model(params, for_training=True)
     pairs = samples(params, 3)
     coarse = T.CaptionCollator(processor, entry.prompt, "right", pad_multiple=T.CUDAGRAPH_PAD_MULTIPLE)(pairs)
@@ -864,16 +859,9 @@ if os.environ.get("RANK") == "0":
     print("RESULT " + json.dumps(result.losses))
 """
 
-# the trainer refuses train.cudagraphs under DDP until this script's run matches one GPU (RESULTS.md, run Y4)
-DDP_CUDAGRAPHS_SCRIPT = DDP_SCRIPT.replace(
-    "from jpcap_helpers import train as T\n",
-    "from jpcap_helpers import train as T\nfrom jpcap_helpers.train import session\n"
-    "session._check_cudagraphs = lambda params, world: None\n")
-
 
 def _ddp_losses_match_one_process(project, tmp_path, name: str, launcher: list[str], env: dict, tol: float,
-                                  load_in_4bit: bool = False, processes: int = 2, script_text: str = DDP_SCRIPT,
-                                  **extra) -> None:
+                                  load_in_4bit: bool = False, processes: int = 2, **extra) -> None:
     """``launcher`` (``processes`` processes, 2 or 4) trains the same 3 steps as one process accumulating
     each step's 4 micro-batches of 2: the same loss curve within ``tol``. ``extra``: more train params."""
     import subprocess
@@ -888,7 +876,7 @@ def _ddp_losses_match_one_process(project, tmp_path, name: str, launcher: list[s
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), allow_unicode=True), encoding="utf-8")
     script = tmp_path / "ddp_train.py"
-    script.write_text(script_text, encoding="utf-8")
+    script.write_text(DDP_SCRIPT, encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(launcher + [str(script), str(path)], capture_output=True, text=True, env=env, timeout=1200)
@@ -931,27 +919,15 @@ def test_gpu_ddp_gpus_match_one_gpu(project, tmp_path, load_in_4bit, gpus):
 @pytest.mark.slow
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
 def test_gpu_ddp_cudagraphs_match_one_gpu(project, tmp_path, load_in_4bit):
-    """Not yet a feature: ``train.cudagraphs`` under DDP with the trainer's refusal lifted (as
-    ``bench_ddp.py --ddp-cudagraphs``) on 2 GPUs gives one GPU's loss curve with graphs. What must pass
-    before the refusal goes; not run on a GPU yet."""
+    """``train.cudagraphs`` under DDP on 2 GPUs: one GPU's loss curve with graphs (the trainer refused it until
+    this passed on 2× H200, run Z1 — then through a patch lifting that refusal, the code path now taken)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
     _ddp_losses_match_one_process(
         project, tmp_path, "ddp-cg-" + ("qlora" if load_in_4bit else "lora"),
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
          "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"], {}, tol=1e-3,
-        load_in_4bit=load_in_4bit, script_text=DDP_CUDAGRAPHS_SCRIPT, cudagraphs=True, group_by_grid=True)
-
-
-def test_ddp_cudagraphs_script_lifts_only_the_refusal(monkeypatch):
-    """The GPU test above runs the trainer's code with one patch: the DDP refusal of train.cudagraphs."""
-    from jpcap_helpers.train import session
-
-    assert DDP_CUDAGRAPHS_SCRIPT.replace(
-        "from jpcap_helpers.train import session\nsession._check_cudagraphs = lambda params, world: None\n", "") == DDP_SCRIPT
-    monkeypatch.setattr(session, "_check_cudagraphs", session._check_cudagraphs)   # restored after the test
-    exec(DDP_CUDAGRAPHS_SCRIPT.split("result =")[0], {})   # the imports and the patch, no training
-    assert session._check_cudagraphs(None, 2) is None
+        load_in_4bit=load_in_4bit, cudagraphs=True, group_by_grid=True)
 
 
 def test_cli_plan_only_and_bad_params(project, tmp_path, capsys):

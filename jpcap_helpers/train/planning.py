@@ -278,16 +278,16 @@ def _compiled(session: TrainSession) -> bool:
 
 
 def cudagraphs_tip(session: TrainSession) -> Optional[str]:
-    """For a compiled one-GPU run at a small micro-batch without ``train.cudagraphs``: the overrides that
-    would turn it on and what it gave (docs/training.md, "CUDA graphs for the step"); None otherwise."""
+    """For a compiled run (one GPU or DDP) at a small micro-batch without ``train.cudagraphs``: the overrides
+    that would turn it on and what it gave (docs/training.md, "CUDA graphs for the step"); None otherwise."""
     t = session.params.train
-    if t.cudagraphs or session.world > 1 or t.micro_batch_size > CUDAGRAPHS_TIP_MAX_MICRO or not _compiled(session):
+    if t.cudagraphs or t.micro_batch_size > CUDAGRAPHS_TIP_MAX_MICRO or not _compiled(session):
         return None
     overrides = ["train.cudagraphs=true"] + (["train.group_by_grid=true"] if not t.group_by_grid else []) \
         + (["train.eval_every=0"] if session.eval_enabled else [])
     return (f"tip: at micro-batch {t.micro_batch_size} the step is launch-bound; {' '.join(overrides)} replays the "
-            "language layers as CUDA graphs — 1.5–2.1× the samples/s at micro-batch 8, 1.2–1.3× the captions/s "
-            "packed at 16 (one H200, same losses; docs/training.md \"CUDA graphs for the step\")")
+            "language layers as CUDA graphs — 1.5–2.1× the samples/s at micro-batch 8, 1.2–1.4× the captions/s "
+            "packed at 16 (H200, one GPU and 2-GPU DDP, same losses; docs/training.md \"CUDA graphs for the step\")")
 
 
 def _new_shapes(session: TrainSession, batches: list[dict], samples: list[list[int]], warm_times: list[float],

@@ -242,13 +242,6 @@ def _check_batch_split(params: Any, world: int) -> None:
                          f"train.micro_batch_size × processes ({t.micro_batch_size} × {world})")
 
 
-def _check_cudagraphs(params: Any, world: int) -> None:
-    if params.train.cudagraphs and world > 1:
-        raise TrainError("train.cudagraphs is checked on one GPU only; its loss curve under DDP is not yet "
-                         f"verified ({world} processes): "
-                         "set train.cudagraphs: false for a multi-GPU run")
-
-
 def _check_constant_buffers(model: Any, world: int) -> None:
     """DDP runs without its per-forward buffer broadcast (:func:`_new_accelerator`): refused for a model
     whose buffers change while it trains (batch-norm running statistics), which would then drift apart
@@ -345,7 +338,6 @@ def open_session(params: Any, resume_from: Optional[Checkpoint] = None,
     _refuse_merge_of_4bit(params)
     acc, dtype = _new_accelerator(params)
     _check_batch_split(params, acc.num_processes)
-    _check_cudagraphs(params, acc.num_processes)
     model, processor, entry = _load_model_with_lora(params, acc)
     _check_constant_buffers(model, acc.num_processes)
     prompt = params.generation.prompt or entry.prompt
