@@ -46,8 +46,8 @@ H200_STEP_ALONE_CAPTIONS_PER_S = 367.23  # run pack-2 (2026-11-28-pack.jsonl): t
 H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S = 447.16  # run G9 (2026-11-30-h200.jsonl): the same recipe with the opt-in
                                      # train.cudagraphs (one GPU, no in-training validation), COCO-like mix, 1.30× the
                                      # same call's default (342.75); three sizes 445.81 vs 374.11 (1.19×, run G5)
-TRAIN_SPEEDUP = {1: 1.0, 2: 1.83}    # median of runs X2-10…X2-13 and Y1 on five hosts (1.91, 1.83, 1.60, 2.14, 1.70;
-                                     # Y1 in 2026-11-30-x2.jsonl): the same
+TRAIN_SPEEDUP = {1: 1.0, 2: 1.855}   # median of runs X2-10…X2-13, Y1 and Z3 on six hosts (1.91, 1.83, 1.60, 2.14,
+                                     # 1.70, 1.88; Y1, Z3 in 2026-11-30-x2.jsonl): the same
                                      # command on 2 GPUs against the same call's one GPU, DDP without its per-forward
                                      # buffer broadcast (the trainer's default since X2-10; with it 1.55–1.80×)
 H200_CAPTION_IMAGES_PER_S = 174.50   # run X2-8: engine, 1 GPU, warm, COCO-like mix of 4,096 files, batch 256,
@@ -56,7 +56,10 @@ CAPTION_SPEEDUP = {1: 1.0, 2: 1.94, 4: 3.50}  # 2: run X2-8, sharded over 2 GPUs
                                      # warmed on the whole run's shapes), 337.74 images/s (mean of 3 runs:
                                      # 334.75–340.91); 4: run X4-2 (2026-11-29-x4.jsonl), a 4×H200 host, 615.94
                                      # images/s against the same call's warm one-GPU run, 176.14
-TRAIN_RUNS = {2: "median of runs X2-10…X2-13 and Y1, five hosts"}   # the runs behind each measured speed-up
+CUDAGRAPH_TRAIN_SPEEDUP = {1: 1.0, 2: 174.73 / 89.32}   # run Z4 (2026-11-30-x2.jsonl), one host: the packed recipe
+                                     # with train.cudagraphs under DDP on 2 GPUs against the same call's one GPU with
+                                     # it (three COCO sizes, grouped grids; 1.44× the next call's 2-GPU default)
+TRAIN_RUNS = {2: "median of runs X2-10…X2-13, Y1 and Z3, six hosts"}   # the runs behind each measured speed-up
 CAPTION_RUNS = {2: "run X2-8", 4: "run X4-2"}
 X4_LORA_SPEEDUP = 3.45               # run X4-2: bf16 LoRA unpacked, micro-batch 8, 185.27 against 53.68 samples/s
                                      # (the packed QLoRA recipe on 4 GPUs: not measured, cut by the call's limit)
@@ -86,6 +89,11 @@ def t4_train_captions_per_s() -> float:
     return cost_estimate(flops, 1)["samples_per_s"]
 
 
+def _measured(x: float) -> str:
+    """A measured speed-up as written: two decimals, three where a median of an even count needs them."""
+    return f"{x:.2f}" if abs(x - round(x, 2)) < 1e-9 else f"{x:.3f}"
+
+
 @dataclass
 class Row:
     hardware: str
@@ -110,7 +118,8 @@ class Row:
 
 def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: float = DEFAULT_USD_PER_T4_HOUR,
          gpu_counts: tuple[int, ...] = (1, 2, 4, 8)) -> list[Row]:
-    """The table's rows: a T4, then H200 machines of ``gpu_counts`` GPUs (one GPU also with ``train.cudagraphs``)."""
+    """The table's rows: a T4, then H200 machines of ``gpu_counts`` GPUs (1 and 2 GPUs also with
+    ``train.cudagraphs``)."""
     captions = EPOCHS * STAIR_TRAIN_CAPTIONS
     out = [Row("T4", 1, "ESTIMATED: cost model (train/costs.py, 12 TFLOP/s effective) and ≈ 2.5 images/s captioning",
                captions / t4_train_captions_per_s() / 3600, CAPTION_IMAGES / T4_CAPTION_IMAGES_PER_S / 3600,
@@ -122,20 +131,24 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
             basis = ("MEASURED: `jpcap train` end to end, packed QLoRA (run X2-2); the engine on the COCO-like mix "
                      "(run X2-8)")
         else:
-            basis = "; ".join(
-                f"{what} {x:.2f}× " + ("PROJECTED (each doubling of GPUs multiplies the parallel efficiency as the "
-                                       "last measured one did)" if projected else
-                                       f"MEASURED on {gpus} GPUs of one host ({runs[gpus]})")
-                for what, x, projected, runs in (("training", train_x, train_projected, TRAIN_RUNS),
-                                                 ("captioning", caption_x, caption_projected, CAPTION_RUNS)))
+            parts = []
+            for what, x, projected, runs in (("training", train_x, train_projected, TRAIN_RUNS),
+                                             ("captioning", caption_x, caption_projected, CAPTION_RUNS)):
+                parts.append(f"{what} {x:.2f}× PROJECTED (each doubling of GPUs multiplies the parallel efficiency "
+                             "as the last measured one did)" if projected else
+                             f"{what} {_measured(x)}× MEASURED on {gpus} GPUs of one host ({runs[gpus]})")
+            basis = "; ".join(parts)
         out.append(Row(f"{gpus}× H200", gpus, basis, captions / (H200_TRAIN_CAPTIONS_PER_S * train_x) / 3600,
                        CAPTION_IMAGES / (H200_CAPTION_IMAGES_PER_S * caption_x) / 3600, usd_per_gpu_hour))
-        if gpus == 1:
-            out.append(Row("1× H200, `train.cudagraphs`", 1,
-                           "MEASURED: `jpcap train` with the opt-in `train.cudagraphs` (one GPU, no validation during "
-                           "training), packed QLoRA, COCO-like mix (run G9: 1.30× the same call's default); captioning "
-                           "as above", captions / H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S / 3600,
-                           CAPTION_IMAGES / H200_CAPTION_IMAGES_PER_S / 3600, usd_per_gpu_hour))
+        if gpus in CUDAGRAPH_TRAIN_SPEEDUP:
+            cg_x = CUDAGRAPH_TRAIN_SPEEDUP[gpus]
+            basis = ("MEASURED: `jpcap train` with the opt-in `train.cudagraphs` (no validation during training), "
+                     "packed QLoRA, COCO-like mix (run G9: 1.30× the same call's default)" if gpus == 1 else
+                     f"training {cg_x:.2f}× the row above, MEASURED on 2 GPUs of one host (run Z4, three COCO sizes; "
+                     "one host only)")
+            out.append(Row(f"{gpus}× H200, `train.cudagraphs`", gpus, basis + "; captioning as above",
+                           captions / (H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S * cg_x) / 3600,
+                           CAPTION_IMAGES / (H200_CAPTION_IMAGES_PER_S * caption_x) / 3600, usd_per_gpu_hour))
     return out
 
 
@@ -168,12 +181,14 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "`jpcap train` end to end — data loading, logging, the step — packed QLoRA at the `h100.yaml` defaults, "
         "micro-batch 16 images, random weights of the Qwen2-VL-2B shape, jp-shapes captions on three COCO sizes, "
         f"median step rate after 8 steps; the step alone ran {H200_STEP_ALONE_CAPTIONS_PER_S} captions/s, run "
-        f"pack-2). With the opt-in `train.cudagraphs` (one GPU only; refused under DDP and with validation during "
+        f"pack-2). With the opt-in `train.cudagraphs` (refused with validation during "
         f"training): {H200_CUDAGRAPH_TRAIN_CAPTIONS_PER_S} captions/s (run G9, `results/2026-11-30-h200.jsonl`, the "
-        "COCO-like mix, 342.75 without it in the same call). 2× H200: the same command under `accelerate launch`, "
-        f"{TRAIN_SPEEDUP[2]:.2f}× the same call's "
-        "one-GPU run: the median of five hosts (runs X2-10…X2-13: 1.91, 1.83, 1.60 and 2.14×; run Y1, "
-        "`results/2026-11-30-x2.jsonl`: 1.70×), DDP without its "
+        "COCO-like mix, 342.75 without it in the same call); on 2 GPUs "
+        f"{CUDAGRAPH_TRAIN_SPEEDUP[2]:.2f}× that (run Z4, one host: 174.73 against 89.32 samples/s with graphs on one "
+        "GPU in the same call). 2× H200: the same command under `accelerate launch`, "
+        f"{TRAIN_SPEEDUP[2]:.3f}× the same call's "
+        "one-GPU run: the median of six hosts (runs X2-10…X2-13: 1.91, 1.83, 1.60 and 2.14×; runs Y1 and Z3, "
+        "`results/2026-11-30-x2.jsonl`: 1.70 and 1.88×), DDP without its "
         "per-forward buffer broadcast, the trainer's default since X2-10 (with it 1.55–1.80×, runs X2-3, "
         "X2-9–X2-11). 4 and 8 GPUs are "
         f"projections for this recipe, not measurements (its 4-GPU run was cut by the call's time limit); bf16 LoRA "
