@@ -176,7 +176,7 @@ def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, cas
     assert f"+ {new} new batch shapes ×" in text
 
 
-def test_plan_suggests_cudagraphs_for_a_compiled_one_gpu_run_at_a_small_micro_batch(monkeypatch):
+def test_plan_suggests_cudagraphs_for_a_compiled_run_at_a_small_micro_batch(monkeypatch):
     """The tip names the overrides that turn train.cudagraphs on (and what it needs: grouped grids, no
     validation during training), also under DDP; none when uncompiled (CPU, T4), at large micro-batches or when on."""
     from types import SimpleNamespace
