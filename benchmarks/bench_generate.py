@@ -156,7 +156,9 @@ def stage_times(model, processor, entry, prompt, images, bs, **decoder_options) 
 def first_pass(args, model_dir: Path, adapter) -> None:
     """The engine's first (cold) and second (warm) pass over one image mix, one setting: rows with
     images/s after any warm-up, the first pass's images/s including its warm-up, warmup_seconds,
-    n_grids (distinct visual grids met) and n_resized."""
+    n_grids (distinct visual grids met) and n_resized. With ``--fp8 SCOPE ...``: per scope a second model
+    loaded with ``generation.fp8`` (cold pass, then warm), then the bf16 model warm again (A B A: drift
+    shows); every row counts the captions equal to the bf16 first pass's."""
     from jpcap_helpers import models
 
     folder = write_images(Path("/tmp/jpcap-bench") / f"mix-{args.mix}-{args.images}", args.images, args.mix)
@@ -167,30 +169,43 @@ def first_pass(args, model_dir: Path, adapter) -> None:
     setting = {"mix": args.mix, "batch": bs, "images": len(records), "warmup": args.warmup,
                "grid_buckets": args.grid_buckets}
     from jpcap_helpers.engine import EngineOptions, caption_records
-    phases = [("first pass (cold)", EngineOptions()), ("second pass (warm)", EngineOptions())]
-    for lever in args.lever_off:  # warm passes with one lever off, then on again (A B A: drift shows)
-        phases += [(f"warm, lever off: {lever}", EngineOptions(**{lever: False})),
-                   (f"warm, lever on again: {lever}", EngineOptions())]
-    captions = {}
-    for k, (phase, options) in enumerate(phases):
+    from jpcap_helpers.io import read_jsonl
+    captions: dict[int, dict] = {}
+
+    def run_pass(m, phase: str, options: EngineOptions, warm_up: bool) -> None:
+        k = len(captions)
         out = Path(f"/tmp/jpcap-bench/pred-firstpass-{k}.jsonl")
         out.unlink(missing_ok=True)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        s = caption_records(model, processor, entry, records, folder, out, batch_size=bs, max_new_tokens=NEW_TOKENS,
-                            progress=False, grid_buckets=args.grid_buckets, warmup=args.warmup and k == 0,
-                            options=options)
+        s = caption_records(m, processor, entry, records, folder, out, batch_size=bs, max_new_tokens=NEW_TOKENS,
+                            progress=False, grid_buckets=args.grid_buckets, warmup=warm_up, options=options)
         wall = time.perf_counter() - t
-        from jpcap_helpers.io import read_jsonl
         captions[k] = {r["image_id"]: r["caption"] for r in read_jsonl(out)}
         same = sum(captions[0].get(i) == c for i, c in captions[k].items())
         emit({"bench": "generate-first-pass", "row": phase, **setting, "decoder": s["decoder"],
-              "same_captions_as_first_pass": same,
+              "weights": getattr(m, "jpcap_weights", None), "same_captions_as_first_pass": same,
               "images_per_s": s["images_per_s"], "seconds": s["seconds"], "warmup_seconds": s["warmup_seconds"],
               "first_pass_images_per_s": round(s["n_done"] / (s["seconds"] + s["warmup_seconds"]), 2),
+              "fill_seconds": s.get("fill_seconds"), "slowest_batches": s.get("slowest_batches"),
               "call_wall_s": round(wall, 2), "n_grids": s["n_grids"], "n_resized": s["n_resized"],
               "canonical_grids": s["canonical_grids"], "n_errors": s["n_errors"],
               "peak_gib": s.get("peak_gpu_gib")})
+
+    run_pass(model, "first pass (cold)", EngineOptions(), args.warmup)
+    run_pass(model, "second pass (warm)", EngineOptions(), False)
+    for lever in args.lever_off:  # warm passes with one lever off, then on again (A B A: drift shows)
+        run_pass(model, f"warm, lever off: {lever}", EngineOptions(**{lever: False}), False)
+        run_pass(model, f"warm, lever on again: {lever}", EngineOptions(), False)
+    for scope in args.fp8:
+        m8, _, _ = models.load_model(params_for(model_dir, **{"generation.fp8": scope}),
+                                     adapter=str(adapter) if adapter else None)
+        run_pass(m8, f"fp8 {scope}: first pass (cold)", EngineOptions(), args.warmup)
+        run_pass(m8, f"fp8 {scope}: warm", EngineOptions(), False)
+        del m8
+        gc.collect()
+        torch.cuda.empty_cache()
+        run_pass(model, f"bf16 again after fp8 {scope} (warm)", EngineOptions(), False)
 
 
 def compile_ab(args, model_dir: Path, adapter) -> None:
@@ -297,6 +312,8 @@ def main(argv=None):
     ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
+    ap.add_argument("--fp8", nargs="*", default=[], choices=["language", "all"],
+                    help="--first-pass: also a model per generation.fp8 scope (cold, warm), then bf16 warm again")
     ap.add_argument("--qlora", action="store_true",
                     help="only captioning with a QLoRA adapter: 4-bit + separate adapter vs dequantized + merged")
     args = ap.parse_args(argv)

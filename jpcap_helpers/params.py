@@ -142,6 +142,7 @@ class GenerationParams:
     grid_buckets: int = _f(0, ge=0, le=64)  # K > 0: images moved to K canonical visual grids; 0: off
     warmup: bool = False                  # one blank batch per (grid, batch bucket) before the timed run
     merge_qlora_adapter: bool = True      # adapter trained on a 4-bit base: dequantize the base, merge the adapter
+    fp8: Literal["off", "language", "all"] = "off"  # FP8 products for captioning (not exact; GPUs of capability ≥ 8.9)
     constraints: ConstraintParams = _f(factory=ConstraintParams)
 
 

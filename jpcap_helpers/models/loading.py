@@ -281,6 +281,8 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     from transformers import AutoModelForImageTextToText
 
     from .fastpath import compile_blocks, compile_supported, use_batched_vision_attention, use_linear_patch_embed
+    from .fp8 import FAMILIES as FP8_FAMILIES
+    from .fp8 import fp8_refusal, to_fp8
 
     name = name or params.model.name
     entry = resolve(name)
@@ -288,6 +290,13 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
         raise ModelError(f"{entry.key} runs in its own pinned environment (model.loads / the registry): it "
                          "captions through the engine's runs (02/04, `jpcap caption`), and cannot be loaded "
                          "into this process or fine-tuned")
+    fp8 = "off" if for_training else params.generation.fp8
+    if fp8 != "off":   # before any weights load
+        refusal = fp8_refusal() or (None if entry.family in FP8_FAMILIES else
+                                    f"generation.fp8 covers {', '.join(FP8_FAMILIES)}, not {entry.key} "
+                                    f"({entry.family}): set generation.fp8: off")
+        if refusal:
+            raise ModelError(refusal)
     override = path  # a local folder in the hub layout instead of the hub id
     entry, path, kwargs = _source(params, name, override)
     dtype = choose_dtype(params.model.precision)
@@ -334,6 +343,8 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
         if merge:
             model = model.merge_and_unload()
         weights += ", adapter merged" if merge else " + adapter"
+    if fp8 != "off":   # after the merge: the adapter's update is in the weights it quantizes
+        weights += f", fp8 {fp8} ({to_fp8(model, fp8)} layers)"
     if not for_training:
         model.eval()
     model.jpcap_commit = getattr(model.config, "_commit_hash", None)

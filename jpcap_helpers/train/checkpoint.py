@@ -48,7 +48,7 @@ RESUME_FREE_KEYS = (
     "train.eval_every", "train.eval_images", "train.save_every", "train.merge_adapter",
     # how validation captions are decoded (generation.prompt stays: every training sample holds it)
     "generation.batch_size", "generation.max_new_tokens", "generation.num_beams", "generation.decoder",
-    "generation.grid_buckets", "generation.warmup", "generation.merge_qlora_adapter",
+    "generation.grid_buckets", "generation.warmup", "generation.merge_qlora_adapter", "generation.fp8",
     # other stages
     "zero_shot", "evaluate", "ablation",
     # where files live (the training pairs themselves are checked by their digest)
