@@ -82,8 +82,8 @@ def test_scopes_convert_the_language_layers_then_the_vision_blocks(tiny):
 
 def test_the_converted_model_still_runs_and_stays_near_the_original(tiny):
     root, model_dir = tiny
-    from transformers import AutoProcessor
     from PIL import Image
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
     image = Image.open(next((root / "data" / "val2014").glob("*.jpg"))).convert("RGB")
