@@ -188,12 +188,20 @@ def first_pass(args, model_dir: Path, adapter) -> None:
               "images_per_s": s["images_per_s"], "seconds": s["seconds"], "warmup_seconds": s["warmup_seconds"],
               "first_pass_images_per_s": round(s["n_done"] / (s["seconds"] + s["warmup_seconds"]), 2),
               "fill_seconds": s.get("fill_seconds"), "slowest_batches": s.get("slowest_batches"),
+              "loader_threads": s.get("loader_threads"),
               "call_wall_s": round(wall, 2), "n_grids": s["n_grids"], "n_resized": s["n_resized"],
               "canonical_grids": s["canonical_grids"], "n_errors": s["n_errors"],
               "peak_gib": s.get("peak_gpu_gib")})
 
+    def thread_passes(m, label: str) -> None:  # warm passes per loader-thread count, then the default again
+        for n in args.loader_threads:
+            run_pass(m, f"{label}warm, {n} loader threads", EngineOptions(loader_threads=n), False)
+        if args.loader_threads:
+            run_pass(m, f"{label}warm again, default loader threads", EngineOptions(), False)
+
     run_pass(model, "first pass (cold)", EngineOptions(), args.warmup)
     run_pass(model, "second pass (warm)", EngineOptions(), False)
+    thread_passes(model, "")
     for lever in args.lever_off:  # warm passes with one lever off, then on again (A B A: drift shows)
         run_pass(model, f"warm, lever off: {lever}", EngineOptions(**{lever: False}), False)
         run_pass(model, f"warm, lever on again: {lever}", EngineOptions(), False)
@@ -202,6 +210,7 @@ def first_pass(args, model_dir: Path, adapter) -> None:
                                      adapter=str(adapter) if adapter else None)
         run_pass(m8, f"fp8 {scope}: first pass (cold)", EngineOptions(), args.warmup)
         run_pass(m8, f"fp8 {scope}: warm", EngineOptions(), False)
+        thread_passes(m8, f"fp8 {scope}: ")
         del m8
         gc.collect()
         torch.cuda.empty_cache()
@@ -312,6 +321,8 @@ def main(argv=None):
     ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
+    ap.add_argument("--loader-threads", type=int, nargs="*", default=[],
+                    help="--first-pass: after each model's warm pass, warm passes with these loader-thread counts")
     ap.add_argument("--fp8", nargs="*", default=[], choices=["language", "all"],
                     help="--first-pass: also a model per generation.fp8 scope (cold, warm), then bf16 warm again")
     ap.add_argument("--qlora", action="store_true",

@@ -600,3 +600,19 @@ def copy_processor(processor, max_pixels: int):
     proc = copy.deepcopy(processor)
     proc.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
     return proc
+
+
+def test_loader_threads_are_an_engine_option(project, tmp_path):
+    """``EngineOptions.loader_threads`` sets how many threads read the JPEGs (0: the default, one fewer than
+    the cores, at most 8); the summary says how many ran, and the captions do not depend on it."""
+    import os
+
+    kw = dict(batch_size=4, max_new_tokens=6, progress=False)
+    records = project["records"][:6]
+    two = engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
+                                 tmp_path / "two.jsonl", options=EngineOptions(loader_threads=2), **kw)
+    auto = engine.caption_records(project["model"], project["processor"], ENTRY, records, project["data"],
+                                  tmp_path / "auto.jsonl", **kw)
+    assert two["loader_threads"] == 2 and auto["loader_threads"] == max(1, min(8, (os.cpu_count() or 2) - 1))
+    assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "two.jsonl")}
+            == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "auto.jsonl")})

@@ -13,7 +13,6 @@ is prepared (tokenised, its images preprocessed — on the GPU for the fast deco
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -324,11 +323,10 @@ class BatchPipeline:
     """Runs the batches: images decoded in threads two batches ahead; with ``pipelined``, while the
     GPU works on batch i, batch i-1's rows are written and batch i+1 is prepared."""
 
-    def __init__(self, batches: list[list[Item]], captioner: BatchCaptioner, pipelined: bool):
+    def __init__(self, batches: list[list[Item]], captioner: BatchCaptioner, pipelined: bool, loader_threads: int = 1):
         self.batches, self.captioner, self.pipelined = batches, captioner, pipelined
         self.writer: Optional[RowWriter] = None
-        self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                                       thread_name_prefix="jpcap-load")
+        self.pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="jpcap-load")
         self.loads: dict[int, list[Future]] = {}
         self.upcoming: Optional[PreparedBatch] = None
         self.finished: list[dict] = []  # rows of the last batch, written while the GPU works on the next
@@ -430,7 +428,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     n_grids (distinct visual grids of the images captioned now), n_resized (of them, moved to a
     canonical grid), n_batches, slowest_batches (the three slowest: [seconds, images, grid]),
     fill_seconds (of ``seconds``, those before the first batch could start: its images read and prepared —
-    with ``warmup`` their reading overlaps the warm-up),
+    with ``warmup`` their reading overlaps the warm-up), loader_threads,
     grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit, constraints (their
     provenance record, or None).
     """
@@ -472,7 +470,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     warmup_seconds, bar = 0.0, None
-    pipeline = BatchPipeline(batches, captioner, options.pipeline)
+    pipeline = BatchPipeline(batches, captioner, options.pipeline, options.n_loader_threads())
     try:   # the loader threads are closed however the warm-up or the run ends
         if warmup and batches:
             if run_decoder.fast is not None:   # the first batches' JPEGs are read while the warm-up runs (run X4-2)
@@ -496,7 +494,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                        warmup_seconds=warmup_seconds, n_grids=len({it.key for it in ready}),
                        n_resized=sum(it.size is not None for it in ready),
                        n_batches=len(batches), slowest_batches=_slowest(batches, pipeline.batch_seconds),
-                       fill_seconds=round(pipeline.fill_seconds, 3),
+                       fill_seconds=round(pipeline.fill_seconds, 3), loader_threads=options.n_loader_threads(),
                        batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                        grid_buckets=grid_buckets or (len(grids.grids) if grids is not None else 0),
                        canonical_grids=grids.as_list() if grids is not None else None, warmup=warmup,
