@@ -1,6 +1,6 @@
 """Scaling table (issue 18): time and cost to fine-tune Qwen2-VL-2B for 3 epochs on the full STAIR train
 split with caption packing and to caption STAIR val + test and YJ Captions, on a T4 (ESTIMATED from the
-cost model), one and two H200s (MEASURED on one host), four (captioning MEASURED on one 4-GPU host;
+cost model), one H100 (captioning MEASURED, training ESTIMATED from the step's H100/H200 ratio), one and two H200s (MEASURED on one host), four (captioning MEASURED on one 4-GPU host;
 training PROJECTED) and 8 (PROJECTED from the largest measured doubling).
 Arithmetic only: every input is a named constant below with its source, or a flag.
 
@@ -64,6 +64,12 @@ CAPTION_RUNS = {2: "run X2-8", 4: "run X4-2"}
 X4_LORA_SPEEDUP = 3.45               # run X4-2: bf16 LoRA unpacked, micro-batch 8, 185.27 against 53.68 samples/s
                                      # (the packed QLoRA recipe on 4 GPUs: not measured, cut by the call's limit)
 D1_LORA_SPEEDUP = {2: 1.85, 4: 3.29}  # run D1 (2026-11-28-x4.jsonl): bf16 LoRA, unpacked, micro-batch 8 (context)
+# one H100 (2026-12-07-h100.jsonl): runs F1 and H2, two calls on H100 hosts
+H100_CAPTION_IMAGES_PER_S = (190.35 + 164.83) / 2   # the engine on the COCO-like mix (2,048 files, batch 256,
+                                     # merged adapter, warm-up + 4 canonical grids, its seconds apart), the pass
+                                     # after the warm-up: run F1 190.35, run H2 164.83 (the mean; hosts differ)
+H100_STEP_RATIO = 145.45 / 152.74    # the QLoRA training step at micro-batch 96 (compute-bound): H100 run H2
+                                     # against H200 run POS-2 (other hosts and commits, same benchmark)
 T4_CAPTION_IMAGES_PER_S = 2.5        # ESTIMATE (docs/training.md, params/colab_t4.yaml: "≈ 2–3 images/s")
 
 DEFAULT_USD_PER_GPU_HOUR = 3.50      # ASSUMPTION: one H200 on demand (no quote; pass --usd-per-gpu-hour)
@@ -118,12 +124,17 @@ class Row:
 
 def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: float = DEFAULT_USD_PER_T4_HOUR,
          gpu_counts: tuple[int, ...] = (1, 2, 4, 8)) -> list[Row]:
-    """The table's rows: a T4, then H200 machines of ``gpu_counts`` GPUs (1 and 2 GPUs also with
+    """The table's rows: a T4, one H100, then H200 machines of ``gpu_counts`` GPUs (1 and 2 GPUs also with
     ``train.cudagraphs``)."""
     captions = EPOCHS * STAIR_TRAIN_CAPTIONS
     out = [Row("T4", 1, "ESTIMATED: cost model (train/costs.py, 12 TFLOP/s effective) and ≈ 2.5 images/s captioning",
                captions / t4_train_captions_per_s() / 3600, CAPTION_IMAGES / T4_CAPTION_IMAGES_PER_S / 3600,
                usd_per_t4_hour)]
+    out.append(Row("1× H100", 1, f"training ESTIMATED: the 1× H200 rate × {H100_STEP_RATIO:.3f} (the QLoRA step at "
+                   "micro-batch 96 on an H100, run H2, over an H200's, run POS-2); captioning MEASURED on the COCO-like "
+                   "mix (runs F1, H2: the mean of two hosts)",
+                   captions / (H200_TRAIN_CAPTIONS_PER_S * H100_STEP_RATIO) / 3600,
+                   CAPTION_IMAGES / H100_CAPTION_IMAGES_PER_S / 3600, usd_per_gpu_hour))
     for gpus in gpu_counts:
         train_x, train_projected = projected_speedup(gpus, TRAIN_SPEEDUP)
         caption_x, caption_projected = projected_speedup(gpus, CAPTION_SPEEDUP)
@@ -163,7 +174,7 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "`yj_test` drops every training image, and YJ appears to reuse COCO train images, so with the full train "
         "split far fewer may remain). Validation during training is not counted.",
         "",
-        f"Price per GPU-hour (assumptions, not quotes): H200 ${usd_per_gpu_hour:.2f} (`--usd-per-gpu-hour`), "
+        f"Price per GPU-hour (assumptions, not quotes): H200 and H100 ${usd_per_gpu_hour:.2f} (`--usd-per-gpu-hour`), "
         f"T4 ${usd_per_t4_hour:.2f} (`--usd-per-t4-hour`; a free Colab T4 costs nothing but gives ≈ 3 usable hours "
         "per session). A machine's every GPU counts while it captions.",
         "",
@@ -208,7 +219,11 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "QLoRA recipe's adapter since it is merged into its dequantized base (run QL-1: 150.2 images/s against "
         "149.0 for a bf16 base with a merged adapter, same run; the 4-bit base with the adapter kept separate ran "
         "28.2–44.9). "
-        f"T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured).",
+        f"T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured). 1× H100: "
+        f"{H100_CAPTION_IMAGES_PER_S:.1f} images/s, the mean of the pass after the warm-up on two H100 hosts (runs F1 "
+        "190.35 and H2 164.83, `results/2026-12-07-h100.jsonl`; their second passes 183.53 and 173.89; with the opt-in, "
+        "not exact `generation.fp8: all` 218.08 and 210.91); its training time is an estimate (no `jpcap train` run on "
+        "an H100; no 2-GPU H100 machine was lent).",
     ]
     return "\n".join(lines)
 

@@ -19,10 +19,12 @@ spec.loader.exec_module(st)
 
 def test_hours_gpu_hours_and_cost_follow_from_the_rates():
     table = st.rows(usd_per_gpu_hour=2.0, usd_per_t4_hour=0.5)
-    t4, one, one_cg, two, two_cg, four, eight = table
+    t4, h100, one, one_cg, two, two_cg, four, eight = table
     captions, images = 3 * 413_915, 5_000 + 5_000 + 26_500
     assert one.train_h == pytest.approx(captions / 341.98 / 3600)            # ≈ 1.01 h
     assert one.caption_h == pytest.approx(images / 174.50 / 3600)
+    assert h100.gpus == 1 and h100.train_h == pytest.approx(one.train_h * 152.74 / 145.45)
+    assert h100.caption_h == pytest.approx(images / ((190.35 + 164.83) / 2) / 3600) and "ESTIMATED" in h100.basis
     assert one_cg.train_h == pytest.approx(captions / 447.16 / 3600) and one_cg.caption_h == one.caption_h
     assert one_cg.gpus == 1 and "train.cudagraphs" in one_cg.hardware and "run G9" in one_cg.basis
     assert two.train_h * 1.855 == pytest.approx(one.train_h) and two.caption_h * 1.94 == pytest.approx(one.caption_h)
@@ -33,7 +35,7 @@ def test_hours_gpu_hours_and_cost_follow_from_the_rates():
     assert four.caption_h * 3.50 == pytest.approx(one.caption_h)
     assert eight.train_h < four.train_h < two.train_h and eight.caption_h < four.caption_h < two.caption_h
     assert four.train_h * st.projected_speedup(4)[0] == pytest.approx(one.train_h)
-    for row, price in zip(table, (0.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0), strict=True):
+    for row, price in zip(table, (0.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0), strict=True):
         assert row.total_h == pytest.approx(row.train_h + row.caption_h)
         assert row.gpu_hours == pytest.approx(row.gpus * row.total_h)
         assert row.usd == pytest.approx(row.gpu_hours * price)
