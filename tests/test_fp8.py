@@ -113,6 +113,12 @@ def test_fp8_is_validated_and_refused_before_any_weights_load(tiny, monkeypatch)
         monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", must_not_load)
         with pytest.raises(models.ModelError, match=r"generation.fp8 needs .*set generation.fp8: off"):
             models.load_model(params, path=str(model_dir))
+    # a 4-bit base that stays 4-bit (no adapter merged into its dequantized weights) has nothing to convert
+    monkeypatch.setattr(fp8, "fp8_refusal", lambda device=None: None)
+    with pytest.raises(models.ModelError, match="stays 4-bit: set model.load_in_4bit: false"):
+        models.load_model(params.with_overrides({"model.load_in_4bit": True}), path=str(model_dir))
+    with pytest.raises(models.ModelError, match="covers qwen2_vl, qwen2_5_vl, qwen3_vl, not paligemma-3b"):
+        models.load_model(params, "paligemma-3b")
     monkeypatch.undo()
     # training ignores it: the trainer's model (and its validation captions) stay in full precision
     model, _, _ = models.load_model(params, for_training=True, path=str(model_dir))

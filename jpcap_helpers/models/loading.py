@@ -304,6 +304,9 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
         quant = load_in_4bit
     else:
         quant = adapter_load_in_4bit(params, adapter) if adapter else params.model.load_in_4bit
+    if fp8 != "off" and quant and not (adapter and params.generation.merge_qlora_adapter):
+        raise ModelError("generation.fp8 converts full-precision layers, and this 4-bit (NF4) model stays 4-bit: set "
+                         "model.load_in_4bit: false, or (a QLoRA adapter) generation.merge_qlora_adapter: true")
     kwargs["dtype"] = dtype
     if params.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = params.model.attn_implementation
