@@ -2,6 +2,7 @@
 benchmarks/RESULTS.md). Benchmarks switch one off at a time; tests pick what they compare."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,5 @@ class EngineOptions:
     loader_threads: int = 0
 
     def n_loader_threads(self) -> int:
-        import os
-
+        """The loader threads a run uses (``loader_threads``, or the default where 0)."""
         return self.loader_threads if self.loader_threads > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
