@@ -139,9 +139,9 @@ def test_fp8_model_is_recorded_in_the_weights_field(tiny, monkeypatch):
 
 @pytest.mark.skipif(not FP8_GPU, reason="needs a GPU of compute capability ≥ 8.9")
 @pytest.mark.gpu
-def test_gpu_fp8_engine_captions_with_graphs(tiny, tmp_path):
-    """On an H100/H200 the FP8 model goes through the fast decoder's whole path (compiled prefill, CUDA-graph
-    steps): every image captioned, no error row."""
+def test_gpu_fp8_engine_captions_with_the_fast_decoder(tiny, tmp_path):
+    """On an H100/H200 the FP8 model (weights on the GPU) captions through the fast decoder: every image
+    captioned, no error row."""
     from jpcap_helpers import engine
 
     root, model_dir = tiny
