@@ -488,8 +488,6 @@ CUDAGRAPH_NEEDS = {   # why train.cudagraphs needs each setting (docs/training.m
     "train.gradient_checkpointing": "compiled blocks are not used with train.gradient_checkpointing: set it false",
     "train.group_by_grid": "records one graph per batch shape: needs train.group_by_grid: true (a micro-batch of "
                            "one visual grid, so few shapes)",
-    "train.eval_images": "validation captions through the engine, which captures CUDA graphs of its own: set "
-                         "train.eval_images: 0 (or train.eval_every: 0)",
 }
 
 
@@ -508,7 +506,7 @@ def _check_consistency(p: Params, source: str) -> None:
              "(or eager/auto), not flash_attention_2")
     if t.cudagraphs:
         why = {"model.compile": not p.model.compile, "train.gradient_checkpointing": t.gradient_checkpointing,
-               "train.group_by_grid": not t.group_by_grid, "train.eval_images": t.eval_every > 0 and t.eval_images > 0}
+               "train.group_by_grid": not t.group_by_grid}
         for key, bad in why.items():
             if bad:
                 fail("train.cudagraphs", CUDAGRAPH_NEEDS[key] + " (or set train.cudagraphs: false)")

@@ -177,19 +177,20 @@ def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, cas
 
 
 def test_plan_suggests_cudagraphs_for_a_compiled_run_at_a_small_micro_batch(monkeypatch):
-    """The tip names the overrides that turn train.cudagraphs on (and what it needs: grouped grids, no
-    validation during training), also under DDP; none when uncompiled (CPU, T4), at large micro-batches or when on."""
+    """The tip names the overrides that turn train.cudagraphs on (and what it needs: grouped grids; validation
+    during training stays on), also under DDP; none when uncompiled (CPU, T4), at large micro-batches or when on."""
     from types import SimpleNamespace
 
-    def session(micro=8, world=1, cudagraphs=False, group=False, evals=True):
+    def session(micro=8, world=1, cudagraphs=False, group=False):
         t = SimpleNamespace(micro_batch_size=micro, cudagraphs=cudagraphs, group_by_grid=group)
-        return SimpleNamespace(params=SimpleNamespace(train=t), world=world, eval_enabled=evals)
+        return SimpleNamespace(params=SimpleNamespace(train=t), world=world, eval_enabled=True)
 
     compiled = {"on": True}
     monkeypatch.setattr(planning, "_compiled", lambda s: compiled["on"])
     tip = planning.cudagraphs_tip(session())
-    assert "train.cudagraphs=true train.group_by_grid=true train.eval_every=0" in tip and "micro-batch 8" in tip
-    assert "train.cudagraphs=true replays" in planning.cudagraphs_tip(session(16, group=True, evals=False))
+    assert "train.cudagraphs=true train.group_by_grid=true replays" in tip and "micro-batch 8" in tip
+    assert "eval_every" not in tip
+    assert "train.cudagraphs=true replays" in planning.cudagraphs_tip(session(16, group=True))
     assert "2-GPU DDP" in planning.cudagraphs_tip(session(world=2))
     for s in (session(32), session(cudagraphs=True)):
         assert planning.cudagraphs_tip(s) is None

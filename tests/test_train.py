@@ -314,6 +314,38 @@ def test_cudagraph_training_compiles_every_block_per_shape_and_marks_each_forwar
     assert len(marks) == (2 if cudagraphs else 0) and counter.frame_count > 0
 
 
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_validation_runs_the_graphed_blocks_eagerly(project, monkeypatch, cudagraphs):
+    """train.cudagraphs: validation (its loss, the engine's captions) and the plan's estimate of it run the
+    compiled blocks eagerly — no frame is compiled or recorded for validation's shapes, and the engine's own
+    CUDA graphs never hold cudagraph trees' replays; without graphs they run compiled. CPU, counting backend:
+    this checks the wiring (the GPU test below runs the graphs)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from jpcap_helpers.models import fastpath
+    from jpcap_helpers.train import planning
+    from jpcap_helpers.train.session import open_session
+    from jpcap_helpers.train.validation import validate
+
+    counter, real = CompileCounter(), fastpath.compile_blocks
+    monkeypatch.setattr(fastpath, "compile_supported", lambda model_type: True)   # as on a GPU ≥ 8.0
+    monkeypatch.setattr(fastpath, "compile_blocks",    # mode and backend exclude each other
+                        lambda blocks, mode=None, **kw: real(blocks, backend=counter, **kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    params = make_params(project, f"val-cg-{cudagraphs}", cudagraphs=cudagraphs, group_by_grid=True, eval_every=1,
+                         eval_images=2)
+    torch._dynamo.reset()
+    try:
+        session = open_session(params)
+        assert T.causal_lm(session.model).jpcap_cudagraphs is cudagraphs
+        eval_s = planning.estimate_eval_seconds(session, micro_s=0.1)
+        result = validate(session, 1)
+    finally:
+        torch._dynamo.reset()
+    assert eval_s > 0 and math.isfinite(result["val_loss"]) and result["val_CIDEr"] is not None
+    assert (counter.frame_count == 0) is cudagraphs, counter.frame_count
+
+
 def test_cudagraph_training_pads_rows_coarser(project):
     """Fewer row lengths, fewer graphs: rows padded to T.CUDAGRAPH_PAD_MULTIPLE (the loss is unchanged, as
     for PAD_MULTIPLE)."""
@@ -1020,15 +1052,20 @@ def test_tiny_on_cuda_resume_matches(project, method):
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_gpu_cudagraph_training_follows_the_default_loss_curve(project, method):
     """train.cudagraphs on a GPU (compiled blocks replayed as CUDA graphs, one per shape): the plan's probe
-    (warm-up micro-batches accumulate gradients) and six steps of two accumulated micro-batches run, and
-    give the default trainer's losses (bf16 rounding apart)."""
+    (warm-up micro-batches accumulate gradients) and six steps of two accumulated micro-batches run with
+    validation (loss and engine captions, blocks run eagerly) after steps 3 and 6, and give the default
+    trainer's losses, validation included (bf16 rounding apart)."""
     kw = dict(load_in_4bit=method == "qlora", max_steps=6, micro_batch_size=2, effective_batch_size=4,
-              group_by_grid=True, eval_images=0)
+              group_by_grid=True, eval_every=3, eval_images=4)
     ref = T.train(make_params(project, f"cuda-cg-ref-{method}", **kw), resume=False)
     cg = T.train(make_params(project, f"cuda-cg-{method}", cudagraphs=True, **kw), resume=False)
     assert sorted(cg.losses) == sorted(ref.losses) and len(ref.losses) == 6
     for step in ref.losses:
         assert cg.losses[step] == pytest.approx(ref.losses[step], rel=2e-2, abs=1e-3), (step, cg.losses, ref.losses)
+    assert cg.final_val_loss == pytest.approx(ref.final_val_loss, rel=2e-2, abs=1e-3)
+    for run in (ref, cg):   # the engine's captions (CIDEr only where the scorer is installed: not on every GPU box)
+        rows = list(read_jsonl(Path(run.adapter_dir).parent / "val_predictions" / "step-6.jsonl"))
+        assert len(rows) == 4 and all(isinstance(r["caption"], str) for r in rows), rows
 
 
 def perturbed_with_reference(params, scale: float = 0.01):

@@ -20,10 +20,12 @@ from ..data import load_image, resolve_image_path
 from .batches import CaptionCollator
 from .costs import T4_EFFECTIVE_TFLOPS, cost_estimate, model_flops_per_sample
 from .lora import causal_lm
+from .loss import caption_loss
 from .rng import rng_state, set_rng_state
 from .session import TrainSession, open_session, peak_memory, precision_name
 from .shapes import micro_batch_lengths, run_shapes, sample_tokens
 from .steps import count_step, forward_backward, zero_gradients
+from .validation import validation_batches, validation_stance
 
 __all__ = ["COLAB_SESSION_MAX_HOURS", "COLAB_FREE_T4_USABLE_HOURS", "PROBE_MICRO_BATCHES", "PROBE_MAX_WARMUP",
            "PROBE_STABLE_RATIO", "PROBE_MAX_SHAPES", "probe_slots", "cudagraphs_tip", "probe", "fit_check", "plan",
@@ -175,21 +177,24 @@ def _time_optimizer_step(session: TrainSession) -> tuple[float, bool]:
 
 
 def estimate_eval_seconds(session: TrainSession, micro_s: float) -> float:
-    """Validation time: loss forwards (≈ a third of forward+backward) + a short timed generate."""
+    """Validation time: its loss forwards + a short timed generate, both as validation runs them
+    (:func:`validation_stance`). A loss forward is ≈ a third of a training micro-batch (forward + backward);
+    with ``train.cudagraphs`` validation runs eagerly beside graphed steps, so one is timed instead."""
     import torch
 
     t, g = session.params.train, session.params.generation
     records = session.data.val_records
     n_pairs = sum(len(r["captions"]) for r in records)
-    loss_s = math.ceil(n_pairs / t.micro_batch_size) * micro_s / 3
     n = min(len(records), g.batch_size, 8)
     samples = [{"image": load_image(resolve_image_path(session.params.images_dir, r["file_name"]))}
                for r in records[:n]]
     batch = session.to_device(CaptionCollator(session.processor, session.prompt, "left", prompt_only=True)(samples))
     model, rng = session.model, rng_state()
+    graphed = bool(getattr(causal_lm(model), "jpcap_cudagraphs", False))
     model.eval()
     try:
-        with torch.no_grad(), session.accelerator.autocast():
+        with torch.no_grad(), session.accelerator.autocast(), validation_stance(model):
+            forward_s = _timed_loss_forward(session) if graphed and n_pairs else micro_s / 3
             t0 = time.perf_counter()
             model.generate(**batch, max_new_tokens=EVAL_PROBE_TOKENS, min_new_tokens=EVAL_PROBE_TOKENS,
                            do_sample=False)
@@ -199,7 +204,18 @@ def estimate_eval_seconds(session: TrainSession, micro_s: float) -> float:
         model.train()
         set_rng_state(rng)
     per_batch = gen_s / EVAL_PROBE_TOKENS * g.max_new_tokens   # a batch of up to g.batch_size images
-    return loss_s + math.ceil(len(records) / max(n, 1)) * per_batch
+    return math.ceil(n_pairs / t.micro_batch_size) * forward_s + math.ceil(len(records) / max(n, 1)) * per_batch
+
+
+def _timed_loss_forward(session: TrainSession) -> float:
+    """Seconds of one validation micro-batch's loss forward (its second call: the first warms up)."""
+    batch = next(validation_batches(session))
+    caption_loss(session.model, batch)
+    _sync(session)
+    t0 = time.perf_counter()
+    caption_loss(session.model, batch)
+    _sync(session)
+    return time.perf_counter() - t0
 
 
 def _count_evals(total_steps: int, start_step: int, every: int) -> int:
@@ -283,8 +299,7 @@ def cudagraphs_tip(session: TrainSession) -> Optional[str]:
     t = session.params.train
     if t.cudagraphs or t.micro_batch_size > CUDAGRAPHS_TIP_MAX_MICRO or not _compiled(session):
         return None
-    overrides = ["train.cudagraphs=true"] + (["train.group_by_grid=true"] if not t.group_by_grid else []) \
-        + (["train.eval_every=0"] if session.eval_enabled else [])
+    overrides = ["train.cudagraphs=true"] + (["train.group_by_grid=true"] if not t.group_by_grid else [])
     return (f"tip: at micro-batch {t.micro_batch_size} the step is launch-bound; {' '.join(overrides)} replays the "
             "language layers as CUDA graphs — 1.5–2.1× the samples/s at micro-batch 8, 1.2–1.4× the captions/s "
             "packed at 16 (H200, one GPU and 2-GPU DDP, same losses; docs/training.md \"CUDA graphs for the step\")")

@@ -1,39 +1,44 @@
 """Validation during training: the loss over the validation captions (fast path, no dropout) and
 corpus CIDEr of greedy captions from the caption engine. RNG is restored, so validating does not
-change training."""
+change training. With ``train.cudagraphs`` validation runs the compiled blocks eagerly (:func:`validate`)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from ..io import read_jsonl
 from .batches import PairDataset
+from .lora import causal_lm
 from .loss import caption_loss
 from .rng import rng_state, set_rng_state
 from .session import TrainSession
 
-__all__ = ["validation_loss", "validation_cider", "validate"]
+__all__ = ["validation_batches", "validation_loss", "validation_cider", "validation_stance", "validate"]
+
+
+def validation_batches(session: TrainSession) -> Iterator[dict]:
+    """Every caption of the validation records as (image, caption) rows, in device micro-batches."""
+    pairs = [{"row": i, "image_id": r["image_id"], "file_name": r["file_name"], "caption": c}
+             for i, r in enumerate(session.data.val_records) for c in r["captions"]]
+    ds = PairDataset(pairs, session.params.images_dir)
+    m = session.params.train.micro_batch_size
+    for i in range(0, len(pairs), m):
+        yield session.to_device(session.data.collator([ds[j] for j in range(i, min(i + m, len(pairs)))]))
 
 
 def validation_loss(session: TrainSession) -> Optional[float]:
     """Mean token cross-entropy over every caption of the validation records."""
     import torch
 
-    pairs = [{"row": i, "image_id": r["image_id"], "file_name": r["file_name"], "caption": c}
-             for i, r in enumerate(session.data.val_records) for c in r["captions"]]
-    if not pairs:
-        return None
-    ds = PairDataset(pairs, session.params.images_dir)
-    m = session.params.train.micro_batch_size
     total = n = 0.0
     with torch.no_grad(), session.accelerator.autocast():
-        for i in range(0, len(pairs), m):
-            batch = session.to_device(session.data.collator([ds[j] for j in range(i, min(i + m, len(pairs)))]))
+        for batch in validation_batches(session):
             s, k = caption_loss(session.model, batch)
             total += float(s)
             n += float(k)
-    return total / max(n, 1.0)
+    return total / n if n else None
 
 
 def validation_cider(session: TrainSession, step: int) -> Optional[float]:
@@ -65,12 +70,27 @@ def validation_cider(session: TrainSession, step: int) -> Optional[float]:
     return float(result["CIDEr"])
 
 
+def validation_stance(model: Any) -> contextlib.AbstractContextManager:
+    """Where validation's forwards run: as trained, or — with ``train.cudagraphs`` — the compiled blocks
+    eagerly (``torch.compiler.set_stance("force_eager")``). Each validation batch shape would otherwise be
+    compiled and recorded as a CUDA graph of its own, and the caption engine and ``generate`` capture CUDA
+    graphs of their own, which cannot hold cudagraph trees' replays. Training's recorded graphs stay as
+    they are and replay after it."""
+    import torch
+
+    if getattr(causal_lm(model), "jpcap_cudagraphs", False):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
 def validate(session: TrainSession, step: int) -> dict:
-    """``{"val_loss", "val_CIDEr"}`` at ``step``, with the model back in train mode and the RNG as before."""
+    """``{"val_loss", "val_CIDEr"}`` at ``step`` (in :func:`validation_stance`), with the model back in train
+    mode and the RNG as before."""
     model, rng = session.model, rng_state()
     model.eval()
     try:
-        return {"val_loss": validation_loss(session), "val_CIDEr": validation_cider(session, step)}
+        with validation_stance(model):
+            return {"val_loss": validation_loss(session), "val_CIDEr": validation_cider(session, step)}
     finally:
         model.train()
         set_rng_state(rng)
