@@ -190,11 +190,10 @@ def estimate_eval_seconds(session: TrainSession, micro_s: float) -> float:
                for r in records[:n]]
     batch = session.to_device(CaptionCollator(session.processor, session.prompt, "left", prompt_only=True)(samples))
     model, rng = session.model, rng_state()
-    graphed = bool(getattr(causal_lm(model), "jpcap_cudagraphs", False))
     model.eval()
     try:
         with torch.no_grad(), session.accelerator.autocast(), validation_stance(model):
-            forward_s = _timed_loss_forward(session) if graphed and n_pairs else micro_s / 3
+            forward_s = _timed_loss_forward(session) if _cudagraphs_used(session) and n_pairs else micro_s / 3
             t0 = time.perf_counter()
             model.generate(**batch, max_new_tokens=EVAL_PROBE_TOKENS, min_new_tokens=EVAL_PROBE_TOKENS,
                            do_sample=False)

@@ -73,9 +73,9 @@ def validation_cider(session: TrainSession, step: int) -> Optional[float]:
 def validation_stance(model: Any) -> contextlib.AbstractContextManager:
     """Where validation's forwards run: as trained, or — with ``train.cudagraphs`` — the compiled blocks
     eagerly (``torch.compiler.set_stance("force_eager")``). Each validation batch shape would otherwise be
-    compiled and recorded as a CUDA graph of its own, and the caption engine and ``generate`` capture CUDA
-    graphs of their own, which cannot hold cudagraph trees' replays. Training's recorded graphs stay as
-    they are and replay after it."""
+    compiled and recorded as a CUDA graph of its own (``generate``: each new token's), and the caption engine
+    captures CUDA graphs of its own, which cannot hold cudagraph trees' replays. Training's recorded graphs
+    stay as they are and replay after it."""
     import torch
 
     if getattr(causal_lm(model), "jpcap_cudagraphs", False):
