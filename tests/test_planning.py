@@ -3,7 +3,7 @@ torch.compile and CUDA-graph capture cause on a GPU; faked here on the CPU) and 
 step are left out of the steady step time, reported as ``probe_warmup_s`` and counted once in the ETA."""
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,16 +13,22 @@ from jpcap_helpers.train import planning
 from tests.test_train import make_params, project  # noqa: F401  (fixture)
 
 SLOW = {1: 1.5, 2: 0.8}     # the first micro-batches: compile, then the dynamic-shape recompile
+BASE = 0.1                  # a steady micro-batch's seconds on the fake clock
 
 
 def _slow_start(monkeypatch, slow: dict[int, float], opt_slow: float = 0.0) -> dict:
-    calls = {"micro": 0, "opt": 0}
+    """The probe reads a fake clock that only the (real) micro-batches and optimizer steps advance — ``BASE``
+    seconds each, plus ``slow``'s for the first micro-batches and ``opt_slow`` for the first optimizer
+    step — so the machine's speed and load do not enter (a busy 2-core runner once took 0.36 s a step)."""
+    calls, clock = {"micro": 0, "opt": 0}, {"now": 0.0}
     real_fb, real_opt = planning.forward_backward, planning._time_optimizer_step
+    monkeypatch.setattr(planning, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
 
     def forward_backward(session, micro, n_tokens):
         calls["micro"] += 1
-        time.sleep(slow.get(calls["micro"], 0.0))
-        return real_fb(session, micro, n_tokens)
+        out = real_fb(session, micro, n_tokens)
+        clock["now"] += BASE + slow.get(calls["micro"], 0.0)
+        return out
 
     def optimizer_step(session):
         calls["opt"] += 1
