@@ -185,8 +185,6 @@ def test_plan_counts_new_batch_shapes_under_cudagraphs(project, monkeypatch, cas
 def test_plan_suggests_cudagraphs_for_a_compiled_run_at_a_small_micro_batch(monkeypatch):
     """The tip names the overrides that turn train.cudagraphs on (and what it needs: grouped grids; validation
     during training stays on), also under DDP; none when uncompiled (CPU, T4), at large micro-batches or when on."""
-    from types import SimpleNamespace
-
     def session(micro=8, world=1, cudagraphs=False, group=False):
         t = SimpleNamespace(micro_batch_size=micro, cudagraphs=cudagraphs, group_by_grid=group)
         return SimpleNamespace(params=SimpleNamespace(train=t), world=world, eval_enabled=True)
