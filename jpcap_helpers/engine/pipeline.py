@@ -323,7 +323,7 @@ class BatchPipeline:
     """Runs the batches: images decoded in threads two batches ahead; with ``pipelined``, while the
     GPU works on batch i, batch i-1's rows are written and batch i+1 is prepared."""
 
-    def __init__(self, batches: list[list[Item]], captioner: BatchCaptioner, pipelined: bool, loader_threads: int = 1):
+    def __init__(self, batches: list[list[Item]], captioner: BatchCaptioner, pipelined: bool, loader_threads: int):
         self.batches, self.captioner, self.pipelined = batches, captioner, pipelined
         self.writer: Optional[RowWriter] = None
         self.pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="jpcap-load")
