@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts
-from common import consecutive_vision_runs, emit, random_model_dir, synthetic_images, versions, write_images  # noqa: E402
+from common import (  # noqa: E402
+    consecutive_vision_runs,
+    emit,
+    inductor_options,
+    random_model_dir,
+    synthetic_images,
+    versions,
+    write_images,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 24
@@ -167,7 +175,7 @@ def first_pass(args, model_dir: Path, adapter) -> None:
     model, processor, entry = models.load_model(params_for(model_dir), adapter=str(adapter) if adapter else None)
     bs = max(args.batch)
     setting = {"mix": args.mix, "batch": bs, "images": len(records), "warmup": args.warmup,
-               "grid_buckets": args.grid_buckets}
+               "grid_buckets": args.grid_buckets, "inductor_options": args.inductor}
     from jpcap_helpers.engine import EngineOptions, caption_records
     from jpcap_helpers.io import read_jsonl
     captions: dict[int, dict] = {}
@@ -325,9 +333,16 @@ def main(argv=None):
                     help="--first-pass: after each model's warm pass, warm passes with these loader-thread counts")
     ap.add_argument("--fp8", nargs="*", default=[], choices=["language", "all"],
                     help="--first-pass: also a model per generation.fp8 scope (cold, warm), then bf16 warm again")
+    ap.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="inductor options for every compile of this process (e.g. coordinate_descent_tuning=True; "
+                         "lever probe: compare with a process without)")
     ap.add_argument("--qlora", action="store_true",
                     help="only captioning with a QLoRA adapter: 4-bit + separate adapter vs dequantized + merged")
     args = ap.parse_args(argv)
+    args.inductor = inductor_options(args.inductor)
+    import torch._inductor.config
+    for key, value in args.inductor.items():  # process-wide: the ViT blocks and the decoder's layer functions
+        setattr(torch._inductor.config, key, value)
     if args.first_pass:  # a cold process: compiled kernels from an empty inductor cache
         cache = tempfile.mkdtemp(prefix="jpcap-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache, os.path.join(cache, "triton")

@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     consecutive_vision_runs,
     emit,
     flops_per_sample,
+    inductor_options,
     peak_tflops,
     random_model_dir,
     synthetic_batch,
@@ -116,8 +117,9 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
         opt.zero_grad(set_to_none=True)
         step.loss = float(loss)
 
+    warmup_seconds: list[float] = []
     try:
-        sec = timed_steps(step, steps=steps, warmup=warmup or (4 if cudagraphs else 2))
+        sec = timed_steps(step, steps=steps, warmup=warmup or (4 if cudagraphs else 2), warmup_seconds=warmup_seconds)
     except torch.OutOfMemoryError:
         opt = None  # free the optimizer state before the next size
         free()
@@ -130,6 +132,7 @@ def measure(name, model, loss_fn, arch, bs, max_pixels, steps, extra=None, autoc
     row = {"bench": "train", "arch": arch, "row": name, "micro_batch": bs, "seq": seq, "image_tokens": n_img,
            "step_s": round(sec, 4), "samples_per_s": round(bs / sec, 2), "peak_gib": round(peak, 2),
            "mfu": round(flops * bs / sec / (peak_tflops() * 1e12), 4), "loss": round(step.loss, 3),
+           "warmup_s": [round(w, 2) for w in warmup_seconds],
            **(extra or {})}
     if cudagraphs:
         row["cudagraph_skips"] = cudagraph_skips()  # counted since the last dynamo reset (compiles are lazy)
@@ -163,6 +166,26 @@ def cudagraph_blocks(variant: str = "dynamic", reset: bool = True):
         yield
     finally:
         fastpath.compile_blocks = real
+
+
+@contextlib.contextmanager
+def tuned_blocks(options: dict):
+    """Lever probe: every block compiled by ``fastpath.compile_blocks`` while the model loads is compiled with
+    these inductor ``options`` (e.g. ``coordinate_descent_tuning``: each fused element-wise/reduction kernel's
+    launch configuration tuned by benchmarking on first use). Dynamo's caches are reset first."""
+    import torch._dynamo
+
+    from jpcap_helpers.models import fastpath
+
+    real = fastpath.compile_blocks
+    torch._dynamo.reset()
+    fastpath.compile_blocks = lambda blocks, dynamic=None, **kw: real(blocks, dynamic=dynamic,
+                                                                      **{**kw, "options": options})
+    try:
+        yield
+    finally:
+        fastpath.compile_blocks = real
+        torch._dynamo.reset()  # the next rows compile as the trainer does
 
 
 def cudagraph_ab(path, key, label, variant, args) -> None:
@@ -223,6 +246,9 @@ def main(argv=None):
     ap.add_argument("--ab-rounds", type=int, default=0,
                     help="with --cudagraphs: both models loaded in one process, rows alternating default / "
                          "CUDA graphs this many rounds (launch-bound rows differ by up to 30%% between processes)")
+    ap.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="after each model's default rows: rows whose compiled blocks use these inductor options "
+                         "(e.g. coordinate_descent_tuning=True), then the default again (A B A; lever probe)")
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="use regional torch.compile for this arch even if its model type is not in "
                          "fastpath.COMPILE_MEASURED (with --compile-off: measure whether it pays)")
@@ -259,6 +285,21 @@ def main(argv=None):
             for bs in args.batch:
                 measure(label + ", positions in the forward (previous default)", m, fast, args.arch, bs,
                         p.model.max_pixels, args.steps, autocast=torch.bfloat16, positions=False)
+        if args.inductor:  # A B A, the last model stays for the rows below
+            del m
+            free()
+            options = inductor_options(args.inductor)
+            with tuned_blocks(options):
+                m, p = jpcap_model(path, "params/h100.yaml", key)
+                for bs in args.batch:
+                    measure(label + f", compiled blocks with inductor options {options}", m, fast, args.arch, bs,
+                            p.model.max_pixels, args.steps, {"inductor_options": options}, autocast=torch.bfloat16)
+                del m
+                free()
+            m, p = jpcap_model(path, "params/h100.yaml", key)
+            for bs in args.batch:
+                measure(label + " (again, after the inductor-options rows)", m, fast, args.arch, bs,
+                        p.model.max_pixels, args.steps, autocast=torch.bfloat16)
         if args.lean_off:
             n = undo_lean_activations(m)
             for bs in args.batch:

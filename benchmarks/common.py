@@ -232,17 +232,37 @@ def flops_per_sample(model, seq_len: int, n_patches: int) -> float:
     return model_flops_per_sample(model, seq_len, n_patches)
 
 
-def timed_steps(step_fn, steps: int = 6, warmup: int = 2) -> float:
-    """Median seconds of ``steps`` calls after ``warmup`` calls (CUDA synchronised)."""
+def timed_steps(step_fn, steps: int = 6, warmup: int = 2, warmup_seconds: list | None = None) -> float:
+    """Median seconds of ``steps`` calls after ``warmup`` calls (CUDA synchronised); the warm-up calls'
+    seconds (compilation included) are appended to ``warmup_seconds`` when given."""
     times = []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         step_fn()
         torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
         if i >= warmup:
-            times.append(time.perf_counter() - t)
+            times.append(seconds)
+        elif warmup_seconds is not None:
+            warmup_seconds.append(seconds)
     return statistics.median(times)
+
+
+def inductor_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings (``coordinate_descent_tuning=True``) as a dict of inductor config values,
+    each key checked against ``torch._inductor.config`` (lever probes)."""
+    import ast
+
+    import torch._inductor.config as config
+
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(config, key.split(".")[0]):
+            raise SystemExit(f"--inductor {pair}: torch._inductor.config has no {key!r}")
+        out[key] = ast.literal_eval(value)
+    return out
 
 
 def launch_prefix(gpus: int, cpu_threads: int | None = None, cpu_affinity: bool = False) -> tuple[list[str], dict]:
