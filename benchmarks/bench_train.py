@@ -161,7 +161,7 @@ def cudagraph_blocks(variant: str = "dynamic", reset: bool = True):
         torch._dynamo.reset()
     choose = {"dynamic": lambda d: d, "static": lambda d: None, "never-dynamic": lambda d: False}[variant]
     fastpath.compile_blocks = lambda blocks, dynamic=None, **kw: real(blocks, dynamic=choose(dynamic),
-                                                                      **{**kw, "mode": "reduce-overhead"})
+                                                                      **{**kw, "tuned": False, "mode": "reduce-overhead"})
     try:
         yield
     finally:

@@ -116,6 +116,8 @@ class ModelParams:
     load_in_4bit: bool = False            # THE 4-bit switch: QLoRA training and 4-bit captioning
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     compile: bool = True                  # regional torch.compile on GPUs of compute capability ≥ 8.0
+    compile_tuning: Literal["off", "training", "all"] = "training"  # compiled kernels' launch configs tuned on
+                                          # first use: for training; "all": captioning too (docs/params.md)
     min_pixels: int = _f(56 * 56, ge=28 * 28)
     max_pixels: int = _f(448 * 448, ge=28 * 28, le=4096 * 4096)
     models_dir: str = _f("outputs/models", path=True)  # where the tiny model is built

@@ -555,7 +555,8 @@ def test_gpu_fast_engine_equals_hf_on_tiny_model(project, tmp_path):
 
 def check_graph_decoder_tokens(model, inputs, ref, new_tokens: int = 12):
     """The CUDA-graph decoder (one capture) and its variants — the compiled layer-function prefill, the
-    model-forward prefill, the compiled step — give exactly ``ref``'s tokens; returns the decoder."""
+    model-forward prefill, the compiled step, both compiled with tuned kernels — give exactly ``ref``'s tokens;
+    returns the decoder."""
     dec = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8)
     assert dec.cuda_graphs
     got = dec.generate(inputs, new_tokens).cpu()
@@ -564,6 +565,13 @@ def check_graph_decoder_tokens(model, inputs, ref, new_tokens: int = 12):
     for options in ({"compile_prefill": True}, {"prefill": "model"}, {"compile_step": True}):
         other = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, **options).generate(inputs, new_tokens).cpu()
         assert torch.equal(other, ref), (options, other, ref)
+    untuned = getattr(model, "jpcap_compile_tuning", False)
+    model.jpcap_compile_tuning = True   # as model.compile_tuning: all loads it (tuned kernel launch configurations)
+    try:
+        tuned = decode.GreedyDecoder(model, eos_ids=[], pad_id=0, max_batch=8, compile_prefill=True, compile_step=True)
+        assert torch.equal(tuned.generate(inputs, new_tokens).cpu(), ref)
+    finally:
+        model.jpcap_compile_tuning = untuned
     return dec
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -309,3 +309,47 @@ def test_rmsnorm_function_gradcheck_and_bit_identical_forward():
         norm.to(dtype)
         xs = torch.randn(4, 5, 8, dtype=dtype, generator=gen) * 3
         assert torch.equal(fastpath.RMSNormFunction.apply(xs, norm.weight, norm.variance_epsilon), norm(xs))
+
+
+def test_compile_blocks_tuned_passes_the_tuning_options():
+    """``tuned=True`` compiles each block with fastpath.TUNING_OPTIONS (inductor's coordinate-descent tuning);
+    untuned, with none; a mode (CUDA graphs) and tuning are refused together, before anything compiles."""
+    seen = []
+
+    def backend(gm, example_inputs, options=None):   # a custom backend receives torch.compile's options
+        seen.append(options)
+        return gm.forward
+
+    x = torch.randn(2, 4)
+    for tuned in (True, False):
+        block = torch.nn.Linear(4, 4)
+        assert fastpath.compile_blocks([block], tuned=tuned, backend=backend) == 1
+        block(x)
+    torch._dynamo.reset()
+    assert seen == [fastpath.TUNING_OPTIONS, None]
+    with pytest.raises(ValueError, match="tuned=True and a mode"):
+        fastpath.compile_blocks([torch.nn.Linear(4, 4)], tuned=True, mode="reduce-overhead")
+
+
+@pytest.mark.parametrize("tuning", ["off", "training", "all"])
+def test_compile_tuning_reaches_the_blocks_it_names(tiny_model_dir, monkeypatch, tuning):
+    """model.compile_tuning: ``training`` tunes the ViT blocks of a model loaded for training (and prepare_model
+    its language layers: test_train), ``all`` also the captioning model's ViT and the caption engine's compiled
+    layer functions, ``off`` none. CPU: compile_blocks and torch.compile recorded, nothing compiled."""
+    from jpcap_helpers import models
+    from jpcap_helpers.engine import decode
+    from jpcap_helpers.params import Params
+
+    vit_tuned, compiled_with = [], []
+    monkeypatch.setattr(fastpath, "compile_supported", lambda model_type: True)   # as on a GPU ≥ 8.0
+    monkeypatch.setattr(fastpath, "compile_blocks", lambda blocks, tuned=False, **kw: vit_tuned.append(tuned))
+    monkeypatch.setattr(decode, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_with.append(kw.get("options")) or fn)
+    params = Params.from_dict({"model": {"name": str(tiny_model_dir), "compile_tuning": tuning}}, check_paths=False)
+    for for_training in (True, False):
+        model, _, _ = models.load_model(params, for_training=for_training)
+    assert vit_tuned == [tuning != "off", tuning == "all"]
+    assert model.jpcap_compile_tuning is (tuning == "all")
+    decode.GreedyDecoder(model, eos_ids=[0], pad_id=0, max_batch=2, cuda_graphs=False, compile_prefill=True,
+                         compile_step=True)
+    assert compiled_with == [fastpath.TUNING_OPTIONS if tuning == "all" else None] * 3

@@ -120,12 +120,16 @@ def _step_layer_out(layer: Any, h: torch.Tensor, o: torch.Tensor) -> torch.Tenso
 _COMPILED: dict[str, Any] = {}
 
 
-def _compiled(fn: Any) -> Any:
+def _compiled(fn: Any, tuned: bool = False) -> Any:
     """One ``torch.compile`` of a layer function per process (dynamic shapes: every batch size and
-    prompt length, every layer), shared by all decoders so that each engine run does not recompile."""
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn.__name__]
+    prompt length, every layer), shared by all decoders so that each engine run does not recompile;
+    ``tuned``: its kernels' launch configurations tuned on first use (``fastpath.TUNING_OPTIONS``)."""
+    from ..models.fastpath import TUNING_OPTIONS
+
+    key = (fn.__name__, tuned)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True, **({"options": dict(TUNING_OPTIONS)} if tuned else {}))
+    return _COMPILED[key]
 
 
 class GreedyDecoder:
@@ -162,11 +166,12 @@ class GreedyDecoder:
         # (1.39x faster prefill on an H100: benchmarks/RESULTS.md); "model": the model's forward, its
         # KV cache copied into the buffers
         self.prefill = prefill
-        self._prefill_fn = _compiled(_prefill_layer) if compile_prefill else _prefill_layer
+        tuned = bool(getattr(model, "jpcap_compile_tuning", False))  # model.compile_tuning: all
+        self._prefill_fn = _compiled(_prefill_layer, tuned) if compile_prefill else _prefill_layer
         # the decoding step's element-wise work fused by torch.compile (the KV writes and attention stay
         # eager, inside the same CUDA graph)
-        self._step_in = _compiled(_step_layer_in) if compile_step else _step_layer_in
-        self._step_out = _compiled(_step_layer_out) if compile_step else _step_layer_out
+        self._step_in = _compiled(_step_layer_in, tuned) if compile_step else _step_layer_in
+        self._step_out = _compiled(_step_layer_out, tuned) if compile_step else _step_layer_out
         self.capacity = 0
         self._vision_cache: dict[tuple, dict] = {}
         self._graphs: dict[int, Any] = {}

@@ -17,7 +17,9 @@ Under ``torch.compile`` the plan and the attention calls stay out of the traced 
 projections and MLP are compiled around them), so a batch with a new plan compiles nothing.
 
 ``compile_blocks``: regional ``torch.compile`` (each vision block / language layer compiled in place) fuses
-the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used.
+the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used;
+``tuned=True`` also tunes each fused kernel's launch configuration by benchmarking it on first use
+(:data:`TUNING_OPTIONS`, ``model.compile_tuning``).
 
 ``use_lean_activations``: for the language model only, SwiGLU ``silu(gate) * up`` and RMSNorm become
 custom autograd Functions with the same forward ops (bit-identical outputs) that save less for backward:
@@ -283,8 +285,15 @@ def compile_supported(model_type: str) -> bool:
 
 RECOMPILE_LIMIT = 64   # dynamo's per-frame limit (default 8) for the compiled blocks: see compile_blocks
 
+# inductor's coordinate-descent tuning: each fused element-wise/reduction kernel's block sizes and warps are
+# searched by timing on its first call (cached on the machine with the compiled code). Same math, other
+# launch configurations (reductions may sum in another order). On an H100 (run T1, benchmarks/RESULTS.md):
+# the compiled training step's Triton kernels -10% (the ViT's LayerNorms -40%), bf16 LoRA +2%; captioning
+# +2.7% (+5.5% with FP8), its first batches +33 s of tuning; training's first step no slower.
+TUNING_OPTIONS = {"coordinate_descent_tuning": True}
 
-def compile_blocks(blocks, dynamic: Optional[bool] = None, **compile_kwargs) -> int:
+
+def compile_blocks(blocks, dynamic: Optional[bool] = None, tuned: bool = False, **compile_kwargs) -> int:
     """``Module.compile()`` each block in place (same parameters and state_dict keys). Blocks of one class
     share one compiled graph; ``dynamic=None`` specialises on the first shapes and recompiles once when
     they change, ``True`` compiles for any size from the start. Returns the count.
@@ -293,8 +302,14 @@ def compile_blocks(blocks, dynamic: Optional[bool] = None, **compile_kwargs) -> 
     vision blocks and each language-layer variant — with or without LoRA, input requiring grad or not,
     training or validation, static or dynamic — are all entries of that frame; dynamo's default limit
     of 8 entries then falls back to eager code for the rest (run ETA-2: a COCO-like mix hit it at step 12).
-    So the limit is raised to :data:`RECOMPILE_LIMIT` (torch's setting is process-wide)."""
+    So the limit is raised to :data:`RECOMPILE_LIMIT` (torch's setting is process-wide).
+
+    ``tuned``: compiled with :data:`TUNING_OPTIONS` (not with a ``mode``: torch takes one or the other)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if tuned:
+        if "mode" in compile_kwargs:
+            raise ValueError("compile_blocks: tuned=True and a mode cannot be combined (torch.compile takes one)")
+        compile_kwargs["options"] = {**compile_kwargs.get("options", {}), **TUNING_OPTIONS}
     n = 0
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:

@@ -265,6 +265,7 @@ def _load_ported(module: Any, entry: ModelEntry, path: str, revision: Optional[s
     model.eval()
     model.jpcap_commit = getattr(model, "jpcap_commit", None) or revision
     model.jpcap_compile = False
+    model.jpcap_compile_tuning = False
     return model, processor, entry
 
 
@@ -325,8 +326,10 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     use_batched_vision_attention(model)  # one attention call per run of equal-size images
     visual = getattr(getattr(model, "model", None), "visual", None)
     compiled = bool(params.model.compile and compile_supported(model.config.model_type) and hasattr(visual, "blocks"))
+    tuning = params.model.compile_tuning
     if compiled:   # the ViT is frozen: compiled for captioning and training alike (train.cudagraphs too:
-        compile_blocks(visual.blocks)   # its inputs take many sizes, and it is not launch-bound: run G2)
+        # its inputs take many sizes, and it is not launch-bound: run G2)
+        compile_blocks(visual.blocks, tuned=tuning == "all" or (tuning == "training" and for_training))
     if not quant and torch.cuda.is_available():
         model = model.to(f"cuda:{torch.cuda.current_device()}")
     processor = load_processor(params, name, override)
@@ -353,6 +356,7 @@ def load_model(params: Any, name: Optional[str] = None, *, load_in_4bit: Optiona
     model.jpcap_commit = getattr(model.config, "_commit_hash", None)
     model.jpcap_weights = weights  # recorded with the captions (predictions' .meta.json)
     model.jpcap_compile = compiled  # the caption engine compiles its prefill likewise
+    model.jpcap_compile_tuning = compiled and tuning == "all"  # ... and tunes its kernels (fastpath.TUNING_OPTIONS)
     return model, processor, entry
 
 

@@ -138,7 +138,7 @@ def prepare_model(model: Any, params: Any) -> Any:
         # compiled layers inside gradient checkpointing were never measured: those run eagerly. Dynamic
         # from the start: caption batches change their sequence length all the time (validation's last
         # micro-batch its size too); specialised graphs recompiled mid-run (run ETA-2: 19 s at step 5)
-        compile_blocks(base.model.language_model.layers, dynamic=True)
+        compile_blocks(base.model.language_model.layers, dynamic=True, tuned=params.model.compile_tuning != "off")
     base.jpcap_compiled = compiled
     base.jpcap_cudagraphs = compiled and t.cudagraphs   # caption_loss then begins each forward as a new step
     if t.gradient_checkpointing:
