@@ -117,7 +117,7 @@ def _step_layer_out(layer: Any, h: torch.Tensor, o: torch.Tensor) -> torch.Tenso
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-_COMPILED: dict[str, Any] = {}
+_COMPILED: dict[tuple[str, bool], Any] = {}   # (layer function name, tuned) -> compiled
 
 
 def _compiled(fn: Any, tuned: bool = False) -> Any:
