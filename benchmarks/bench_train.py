@@ -6,8 +6,9 @@ same run, same GPU, same synthetic batches (640×480 images, 20 prompt + 24 capt
 Rows: cookbook (prepare_model_for_kbit_training + gradient checkpointing + full-vocabulary loss +
 default max_pixels), jpcap QLoRA with params/h100.yaml defaults (regional torch.compile included),
 jpcap bf16 LoRA, and the T4 recipe (params/colab_t4.yaml: fp16, sdpa, 4-bit, gradient checkpointing,
-no compile) for peak memory. --lean-off / --compile-off add same-run rows with one lever off; --cudagraphs
-adds rows whose compiled blocks replay as CUDA graphs (``torch.compile(mode="reduce-overhead")``).
+no compile) for peak memory. --lean-off / --compile-off / --tuning-off add same-run rows with one lever off;
+--inductor KEY=VALUE rows whose compiled blocks take those inductor options; --cudagraphs rows whose compiled
+blocks replay as CUDA graphs (``torch.compile(mode="reduce-overhead")``).
 Prints one JSON line per measurement (and appends to $BENCH_OUT).
 """
 from __future__ import annotations
@@ -168,6 +169,15 @@ def cudagraph_blocks(variant: str = "dynamic", reset: bool = True):
         fastpath.compile_blocks = real
 
 
+def variant_rows(path, key: str, label: str, args, overrides: dict | None = None, extra: dict | None = None) -> None:
+    """One row per ``args.batch`` of a model loaded with ``overrides`` (then freed)."""
+    m, p = jpcap_model(path, "params/h100.yaml", key, overrides)
+    for bs in args.batch:
+        measure(label, m, fast, args.arch, bs, p.model.max_pixels, args.steps, extra, autocast=torch.bfloat16)
+    del m
+    free()
+
+
 @contextlib.contextmanager
 def tuned_blocks(options: dict):
     """Lever probe: every block compiled by ``fastpath.compile_blocks`` while the model loads is compiled with
@@ -249,6 +259,9 @@ def main(argv=None):
     ap.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                     help="after each model's default rows: rows whose compiled blocks use these inductor options "
                          "(e.g. coordinate_descent_tuning=True), then the default again (A B A; lever probe)")
+    ap.add_argument("--tuning-off", action="store_true",
+                    help="after each model's default rows: rows with model.compile_tuning: off (untuned kernels), "
+                         "then the default again (A B A; lever probe)")
     ap.add_argument("--compile-unmeasured", action="store_true",
                     help="use regional torch.compile for this arch even if its model type is not in "
                          "fastpath.COMPILE_MEASURED (with --compile-off: measure whether it pays)")
@@ -285,20 +298,21 @@ def main(argv=None):
             for bs in args.batch:
                 measure(label + ", positions in the forward (previous default)", m, fast, args.arch, bs,
                         p.model.max_pixels, args.steps, autocast=torch.bfloat16, positions=False)
-        if args.inductor:  # A B A, the last model stays for the rows below
+        if args.inductor or args.tuning_off:  # A B A, the last model stays for the rows below
             del m
             free()
-            options = inductor_options(args.inductor)
-            with tuned_blocks(options):
-                m, p = jpcap_model(path, "params/h100.yaml", key)
-                for bs in args.batch:
-                    measure(label + f", compiled blocks with inductor options {options}", m, fast, args.arch, bs,
-                            p.model.max_pixels, args.steps, {"inductor_options": options}, autocast=torch.bfloat16)
-                del m
-                free()
+            if args.inductor:
+                options = inductor_options(args.inductor)
+                with tuned_blocks(options):
+                    variant_rows(path, key, label + f", compiled blocks with inductor options {options}", args,
+                                 extra={"inductor_options": options})
+            if args.tuning_off:
+                torch._dynamo.reset()   # compiled again, untuned
+                variant_rows(path, key, label + ", model.compile_tuning: off", args, {"model.compile_tuning": "off"})
+                torch._dynamo.reset()
             m, p = jpcap_model(path, "params/h100.yaml", key)
             for bs in args.batch:
-                measure(label + " (again, after the inductor-options rows)", m, fast, args.arch, bs,
+                measure(label + " (again, after the variant rows)", m, fast, args.arch, bs,
                         p.model.max_pixels, args.steps, autocast=torch.bfloat16)
         if args.lean_off:
             n = undo_lean_activations(m)
