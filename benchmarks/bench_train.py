@@ -189,8 +189,7 @@ def tuned_blocks(options: dict):
 
     real = fastpath.compile_blocks
     torch._dynamo.reset()
-    fastpath.compile_blocks = lambda blocks, dynamic=None, **kw: real(blocks, dynamic=dynamic,
-                                                                      **{**kw, "options": options})
+    fastpath.compile_blocks = lambda blocks, **kw: real(blocks, **{**kw, "options": options})
     try:
         yield
     finally:
