@@ -64,10 +64,11 @@ CAPTION_RUNS = {2: "run X2-8", 4: "run X4-2"}
 X4_LORA_SPEEDUP = 3.45               # run X4-2: bf16 LoRA unpacked, micro-batch 8, 185.27 against 53.68 samples/s
                                      # (the packed QLoRA recipe on 4 GPUs: not measured, cut by the call's limit)
 D1_LORA_SPEEDUP = {2: 1.85, 4: 3.29}  # run D1 (2026-11-28-x4.jsonl): bf16 LoRA, unpacked, micro-batch 8 (context)
-# one H100 (2026-12-07-h100.jsonl): runs F1 and H2, two calls on H100 hosts
-H100_CAPTION_IMAGES_PER_S = (190.35 + 164.83) / 2   # the engine on the COCO-like mix (2,048 files, batch 256,
-                                     # merged adapter, warm-up + 4 canonical grids, its seconds apart), the pass
-                                     # after the warm-up: run F1 190.35, run H2 164.83 (the mean; hosts differ)
+# one H100 (2026-12-07-h100.jsonl): runs F1, H2 and T1, three calls on H100 hosts
+H100_CAPTION_IMAGES_PER_S = (190.35 + 164.83 + 190.94) / 3   # the engine on the COCO-like mix (2,048 files,
+                                     # batch 256, merged adapter, warm-up + 4 canonical grids, its seconds apart),
+                                     # the pass after the warm-up: run F1 190.35, run H2 164.83, run T1 190.94
+                                     # (T1's process without kernel tuning, the captioning default; the mean)
 H100_STEP_RATIO = 145.45 / 152.74    # the QLoRA training step at micro-batch 96 (compute-bound): H100 run H2
                                      # against H200 run POS-2 (other hosts and commits, same benchmark)
 T4_CAPTION_IMAGES_PER_S = 2.5        # ESTIMATE (docs/training.md, params/colab_t4.yaml: "≈ 2–3 images/s")
@@ -132,7 +133,7 @@ def rows(usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR, usd_per_t4_hour: fl
                usd_per_t4_hour)]
     out.append(Row("1× H100", 1, f"training ESTIMATED: the 1× H200 rate × {H100_STEP_RATIO:.3f} (the QLoRA step at "
                    "micro-batch 96 on an H100, run H2, over an H200's, run POS-2); captioning MEASURED on the COCO-like "
-                   "mix (runs F1, H2: the mean of two hosts)",
+                   "mix (runs F1, H2, T1: the mean of three hosts)",
                    captions / (H200_TRAIN_CAPTIONS_PER_S * H100_STEP_RATIO) / 3600,
                    CAPTION_IMAGES / H100_CAPTION_IMAGES_PER_S / 3600, usd_per_gpu_hour))
     for gpus in gpu_counts:
@@ -220,9 +221,10 @@ def markdown(table: list[Row], usd_per_gpu_hour: float, usd_per_t4_hour: float) 
         "149.0 for a bf16 base with a merged adapter, same run; the 4-bit base with the adapter kept separate ran "
         "28.2–44.9). "
         f"T4: ≈ {T4_CAPTION_IMAGES_PER_S} images/s, the project's estimate (not measured). 1× H100: "
-        f"{H100_CAPTION_IMAGES_PER_S:.1f} images/s, the mean of the pass after the warm-up on two H100 hosts (runs F1 "
-        "190.35 and H2 164.83, `results/2026-12-07-h100.jsonl`; their second passes 183.53 and 173.89; with the opt-in, "
-        "not exact `generation.fp8: all` 218.08 and 210.91); its training time is an estimate (no `jpcap train` run on "
+        f"{H100_CAPTION_IMAGES_PER_S:.1f} images/s, the mean of the pass after the warm-up on three H100 hosts (runs "
+        "F1 190.35, H2 164.83 and T1 190.94, `results/2026-12-07-h100.jsonl`; their second passes 183.53, 173.89 and "
+        "183.67; with the opt-in, not exact `generation.fp8: all` 218.08, 210.91 and 218.91; T1 with "
+        "`model.compile_tuning: all` 195.32); its training time is an estimate (no `jpcap train` run on "
         "an H100; no 2-GPU H100 machine was lent).",
     ]
     return "\n".join(lines)

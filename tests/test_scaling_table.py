@@ -24,7 +24,7 @@ def test_hours_gpu_hours_and_cost_follow_from_the_rates():
     assert one.train_h == pytest.approx(captions / 341.98 / 3600)            # ≈ 1.01 h
     assert one.caption_h == pytest.approx(images / 174.50 / 3600)
     assert h100.gpus == 1 and h100.train_h == pytest.approx(one.train_h * 152.74 / 145.45)
-    assert h100.caption_h == pytest.approx(images / ((190.35 + 164.83) / 2) / 3600) and "ESTIMATED" in h100.basis
+    assert h100.caption_h == pytest.approx(images / ((190.35 + 164.83 + 190.94) / 3) / 3600) and "ESTIMATED" in h100.basis
     assert one_cg.train_h == pytest.approx(captions / 447.16 / 3600) and one_cg.caption_h == one.caption_h
     assert one_cg.gpus == 1 and "train.cudagraphs" in one_cg.hardware and "run G9" in one_cg.basis
     assert two.train_h * 1.855 == pytest.approx(one.train_h) and two.caption_h * 1.94 == pytest.approx(one.caption_h)
