@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_linear_patch_embed", "use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
+__all__ = ["use_linear_patch_embed", "use_batched_vision_attention", "set_vision_kernel_head_dim", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
            "compile_supported", "compile_blocks"]
 
 # Vision attention classes whose forward was read (transformers 5.24): qkv -> rotary -> per-segment
@@ -155,14 +155,20 @@ def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)                               # (seq, heads, head_dim) each
+    head_dim, padded = q.shape[-1], getattr(self, "_jpcap_kernel_head_dim", 0)
+    if padded > head_dim:                                     # zero columns: the same scores and outputs
+        q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
     dropout = 0.0 if not self.training else self.attention_dropout
     attn_output = _grouped_attention(q, k, v, cu_seqlens, dropout, self.scaling)
+    if attn_output.shape[-1] != self.num_heads * head_dim:
+        attn_output = attn_output.unflatten(-1, (self.num_heads, -1))[..., :head_dim]
     return self.proj(attn_output.reshape(seq_length, -1).contiguous())
 
 
-def use_batched_vision_attention(model: torch.nn.Module) -> int:
+def use_batched_vision_attention(model: torch.nn.Module, kernel_head_dim: int = 0) -> int:
     """Batch the vision tower's per-image SDPA calls (see the module docstring); only modules configured
-    for ``sdpa`` change. Returns how many attention modules were patched."""
+    for ``sdpa`` change. ``kernel_head_dim``: see :func:`set_vision_kernel_head_dim`. Returns how many
+    attention modules were patched."""
     classes = _verified_vision_classes()
     n = 0
     for module in model.modules():
@@ -173,6 +179,20 @@ def use_batched_vision_attention(model: torch.nn.Module) -> int:
         module._jpcap_vision_impl = impl
         module.forward = types.MethodType(_batched_vision_attention_forward, module)
         n += 1
+    set_vision_kernel_head_dim(model, kernel_head_dim)
+    return n
+
+
+def set_vision_kernel_head_dim(model: torch.nn.Module, head_dim: int) -> int:
+    """The patched vision attention hands SDPA its heads zero-padded to ``head_dim`` columns (0: as they
+    are), for GPU kernels faster at that width than at the model's own (Qwen2-VL's 80). Zero
+    columns add nothing to the scores and yield zero output columns, which are dropped: the same math.
+    Returns how many attention modules were set."""
+    n = 0
+    for module in model.modules():
+        if "_jpcap_vision_impl" in module.__dict__:
+            module._jpcap_kernel_head_dim = int(head_dim)
+            n += 1
     return n
 
 
