@@ -129,6 +129,15 @@ def test_padded_kernel_head_dim_gives_the_same_features_and_gradients(tiny_model
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(base.model.visual.named_parameters(), padded.model.visual.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()
+    for block in padded.model.visual.blocks:                       # traced by dynamo, as the GPU compiles it
+        block.compile(backend="aot_eager")
+    with torch.no_grad():
+        widths.clear()
+        compiled = padded.model.visual(pixel_values, grid_thw=grid).pooler_output
+    torch._dynamo.reset()
+    assert set(widths) == {head_dim + 24}
+    torch.testing.assert_close(compiled, outs[0][0], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_vision_blocks_do_not_recompile_for_each_segment_plan(tiny_model_dir, toy_root):
