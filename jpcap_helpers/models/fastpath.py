@@ -15,6 +15,7 @@ call per distinct segment length: one per block for images of one size; Qwen2.5-
 one per window size (4 for a 364×504 grid, where runs of consecutive equal windows gave 8 per image).
 Under ``torch.compile`` the plan and the attention calls stay out of the traced code (the block's
 projections and MLP are compiled around them), so a batch with a new plan compiles nothing.
+``set_vision_kernel_head_dim`` (a benchmark lever, off by default) pads the heads with zero columns for SDPA.
 
 ``compile_blocks``: regional ``torch.compile`` (each vision block / language layer compiled in place) fuses
 the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used;
@@ -165,10 +166,9 @@ def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     return self.proj(attn_output.reshape(seq_length, -1).contiguous())
 
 
-def use_batched_vision_attention(model: torch.nn.Module, kernel_head_dim: int = 0) -> int:
+def use_batched_vision_attention(model: torch.nn.Module) -> int:
     """Batch the vision tower's per-image SDPA calls (see the module docstring); only modules configured
-    for ``sdpa`` change. ``kernel_head_dim``: see :func:`set_vision_kernel_head_dim`. Returns how many
-    attention modules were patched."""
+    for ``sdpa`` change. Returns how many attention modules were patched."""
     classes = _verified_vision_classes()
     n = 0
     for module in model.modules():
@@ -179,7 +179,6 @@ def use_batched_vision_attention(model: torch.nn.Module, kernel_head_dim: int = 
         module._jpcap_vision_impl = impl
         module.forward = types.MethodType(_batched_vision_attention_forward, module)
         n += 1
-    set_vision_kernel_head_dim(model, kernel_head_dim)
     return n
 
 
