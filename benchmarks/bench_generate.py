@@ -196,7 +196,8 @@ def first_pass(args, model_dir: Path, adapter) -> None:
               "images_per_s": s["images_per_s"], "seconds": s["seconds"], "warmup_seconds": s["warmup_seconds"],
               "first_pass_images_per_s": round(s["n_done"] / (s["seconds"] + s["warmup_seconds"]), 2),
               "fill_seconds": s.get("fill_seconds"), "slowest_batches": s.get("slowest_batches"),
-              "loader_threads": s.get("loader_threads"),
+              "loader_threads": s.get("loader_threads"), "graph_captures": s.get("graph_captures"),
+              "graph_capture_seconds": s.get("graph_capture_seconds"),
               "call_wall_s": round(wall, 2), "n_grids": s["n_grids"], "n_resized": s["n_resized"],
               "canonical_grids": s["canonical_grids"], "n_errors": s["n_errors"],
               "peak_gib": s.get("peak_gpu_gib")})
@@ -334,7 +335,7 @@ def main(argv=None):
                     help="allow regional torch.compile for this arch although not yet measured")
     ap.add_argument("--mix", default="coco", choices=["coco", "uniform"], help="--first-pass image sizes")
     ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass (first pass only)")
-    ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step"],
+    ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step", "reuse_decoder"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
     ap.add_argument("--vit-head-dim", type=int, nargs="*", default=[],
                     help="--first-pass: passes with the ViT attention's heads zero-padded to this width for SDPA "

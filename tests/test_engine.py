@@ -624,3 +624,39 @@ def test_loader_threads_are_an_engine_option(project, tmp_path):
     assert two["loader_threads"] == 2 and auto["loader_threads"] == max(1, min(8, (os.cpu_count() or 2) - 1))
     assert ({r["image_id"]: r["caption"] for r in _rows(tmp_path / "two.jsonl")}
             == {r["image_id"]: r["caption"] for r in _rows(tmp_path / "auto.jsonl")})
+
+
+def test_the_fast_decoder_is_kept_for_the_next_call_with_the_same_weights(project, tmp_path):
+    """A second call on the same model reuses the fast decoder (its buffers and captured graphs) and writes
+    the same captions; other settings, swapped or replaced weights, or ``reuse_decoder=False`` get a new one."""
+    import copy
+
+    kw = dict(batch_size=4, max_new_tokens=6, progress=False)
+    records = project["records"][:6]
+    model = copy.deepcopy(project["model"])
+
+    def run(name, m=model, **extra):
+        s = engine.caption_records(m, project["processor"], ENTRY, records, project["data"], tmp_path / name,
+                                   **kw, **extra)
+        kept = m.__dict__.get("_jpcap_greedy_decoder")
+        return s, (kept.decoder if kept else None), {r["image_id"]: r["caption"] for r in _rows(tmp_path / name)}
+
+    first, dec1, caps1 = run("a.jsonl")
+    second, dec2, caps2 = run("b.jsonl")
+    assert dec1 is not None and dec2 is dec1 and caps2 == caps1
+    assert first["graph_captures"] == second["graph_captures"] == 0     # no CUDA graphs on the CPU
+    other = engine.caption_records(model, project["processor"], ENTRY, records, project["data"],
+                                   tmp_path / "c.jsonl", batch_size=2, max_new_tokens=6, progress=False)
+    dec3 = model.__dict__["_jpcap_greedy_decoder"].decoder
+    assert other["n_done"] == 6 and dec3 is not dec1 and dec3.max_batch == 2     # another batch size
+    _, dec4, _ = run("d.jsonl")
+    assert dec4 is not dec3 and dec4.max_batch == 4                          # one decoder kept per model
+    with torch.no_grad():
+        head = model.lm_head
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())   # a replaced weight
+    _, dec5, caps5 = run("e.jsonl")
+    assert dec5 is not dec4 and caps5 == caps1
+    fresh = copy.deepcopy(model)                         # a copy keeps no decoder (no second set of buffers)
+    assert fresh.__dict__["_jpcap_greedy_decoder"].decoder is None
+    _, none, caps6 = run("f.jsonl", m=fresh, options=EngineOptions(reuse_decoder=False))
+    assert none is None and caps6 == caps1               # reuse off: nothing kept

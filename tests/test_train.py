@@ -347,6 +347,7 @@ def test_validation_runs_the_graphed_blocks_eagerly(project, monkeypatch, cudagr
         torch._dynamo.reset()
     assert eval_s > 0 and math.isfinite(result["val_loss"]) and result["val_CIDEr"] is not None
     assert (counter.frame_count == 0) is cudagraphs, counter.frame_count
+    assert "_jpcap_greedy_decoder" not in session.model.__dict__   # no KV buffers kept while training
 
 
 def test_cudagraph_training_pads_rows_coarser(project):

@@ -29,6 +29,7 @@ and on the GPU for the real shape).
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -177,6 +178,7 @@ class GreedyDecoder:
         self._graphs: dict[int, Any] = {}
         self._pool = None
         self.n_graph_captures = 0
+        self.capture_seconds = 0.0  # host seconds in captures (each one synchronises and empties the caches)
         # per-step state, device scalars so that a captured graph reads the current values
         self.slot = torch.zeros((), dtype=torch.long, device=self.device)   # cache position of the fed token
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)    # its rotary (text) position
@@ -235,6 +237,7 @@ class GreedyDecoder:
     def _graph(self, bp: int):
         graph = self._graphs.get(bp)
         if graph is None:
+            start = time.perf_counter()
             # the warm-up step really runs: point it at valid slots (the next batch overwrites them)
             for counter in (self.slot, self.pos, self.step_idx):
                 counter.zero_()
@@ -250,6 +253,7 @@ class GreedyDecoder:
             self._pool = graph.pool()
             self._graphs[bp] = graph
             self.n_graph_captures += 1
+            self.capture_seconds += time.perf_counter() - start
         return graph
 
     # ---- one batch -----------------------------------------------------------------------------

@@ -119,11 +119,13 @@ class Decoder:
             if compile_prefill is None:  # where load_model compiled the vision tower, for a plain model
                 compile_prefill = (bool(getattr(model, "jpcap_compile", False)) and not hasattr(model, "peft_config")
                                    and not decode.has_4bit(model))
-            self.fast = decode.GreedyDecoder(model, eos_ids=eos if isinstance(eos, list) else [eos],
-                                             pad_id=gen_cfg.pad_token_id, max_batch=batch_size,
-                                             compile_prefill=compile_prefill,
-                                             compile_step=compile_prefill and options.compile_step,
-                                             constraints=self.constraints)
+            settings = dict(eos_ids=eos if isinstance(eos, list) else [eos], pad_id=gen_cfg.pad_token_id,
+                            max_batch=batch_size, compile_prefill=compile_prefill,
+                            compile_step=compile_prefill and options.compile_step)
+            if options.reuse_decoder and self.constraints is None:
+                self.fast = _kept_decoder(model, settings)
+            else:
+                self.fast = decode.GreedyDecoder(model, constraints=self.constraints, **settings)
         self.name = "static-cache greedy" if self.fast is not None else "hf generate"
         self.preprocess_device = None
         if self.fast is not None and self.fast.device.type == "cuda" and options.preprocess_on_gpu:
@@ -154,6 +156,36 @@ class Decoder:
         with torch.no_grad():  # not inference_mode: the trainer goes on training this model afterwards
             out = self.model.generate(**moved, generation_config=self.gen_cfg, **extra)
         return out[:, moved["input_ids"].shape[1]:]
+
+
+def _weights_fingerprint(model: Any) -> tuple:
+    """Which modules and which weight storage ``model`` has now: a swapped module (an adapter injected or
+    unloaded), a moved, converted or replaced weight changes it; weights updated in place do not."""
+    return (tuple(id(m) for m in model.modules()), tuple(p.data_ptr() for p in model.parameters()))
+
+
+class _KeptDecoder:
+    """The fast decoder kept on a model (``model._jpcap_greedy_decoder``) with the key it was made for; a
+    copy of the model gets none (no second set of buffers and graphs)."""
+
+    def __init__(self, key: Any = None, decoder: Any = None):
+        self.key, self.decoder = key, decoder
+
+    def __deepcopy__(self, memo: dict) -> "_KeptDecoder":
+        return _KeptDecoder()
+
+
+def _kept_decoder(model: Any, settings: dict) -> "decode.GreedyDecoder":
+    """The fast decoder kept on ``model`` from an earlier call with these settings and the same weights
+    (its buffers and captured graphs reused), else a new one, kept in its place (one per model)."""
+    key = (repr(sorted(settings.items())), _weights_fingerprint(model))
+    kept = model.__dict__.get("_jpcap_greedy_decoder")
+    if kept is not None and kept.key == key:
+        return kept.decoder
+    model.__dict__.pop("_jpcap_greedy_decoder", None)   # its buffers go before new ones are allocated
+    fast = decode.GreedyDecoder(model, **settings)
+    model.__dict__["_jpcap_greedy_decoder"] = _KeptDecoder(key, fast)
+    return fast
 
 
 def generate_batch(processor: Any, inputs: Any, decoder: Decoder,

@@ -24,12 +24,18 @@ class EngineOptions:
       compiled (decoding 256 captions: 105 instead of 132 ms of GPU time; longer captions gain more).
     * ``loader_threads`` — threads that read and decode the JPEGs ahead of the GPU; 0: one fewer than
       the CPU cores, at most 8.
+    * ``reuse_decoder`` — keep the fast decoder (its KV buffers and captured CUDA graphs) on the model
+      for the next call with the same settings and the same weights: every capture synchronises the GPU
+      and empties PyTorch's device and pinned-host caches, so a new decoder per call (per split) paid
+      that inside its first batches. Off where the buffers must not outlive the call (validation
+      during training).
     """
     pipeline: bool = True
     preprocess_on_gpu: bool = True
     compile_prefill: Optional[bool] = None
     compile_step: bool = True
     loader_threads: int = 0
+    reuse_decoder: bool = True
 
     def n_loader_threads(self) -> int:
         """The loader threads a run uses (``loader_threads``, or the default where 0)."""

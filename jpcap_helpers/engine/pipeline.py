@@ -428,8 +428,9 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     n_grids (distinct visual grids of the images captioned now), n_resized (of them, moved to a
     canonical grid), n_batches, slowest_batches (the three slowest: [seconds, images, grid]),
     fill_seconds (of ``seconds``, those before the first batch could start: its images read and prepared —
-    with ``warmup`` their reading overlaps the warm-up), loader_threads,
-    grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit, constraints (their
+    with ``warmup`` their reading overlaps the warm-up), loader_threads, graph_captures and
+    graph_capture_seconds (CUDA graphs of the decoding step captured inside the run, not its warm-up:
+    each synchronises the GPU), grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit, constraints (their
     provenance record, or None).
     """
     import torch
@@ -483,9 +484,13 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
             from tqdm.auto import tqdm
             bar = tqdm(total=len(pending.items), unit="img", desc=f"{entry.key} → {out_path.name}", smoothing=0.1)
         writer = RowWriter(out_path, bar)
+        fast = run_decoder.fast
+        captures = (fast.n_graph_captures, fast.capture_seconds) if fast is not None else (0, 0.0)
         start = time.perf_counter()
         pipeline.run(writer, [captioner.row(item, error=exc) for item, exc in failed])
         seconds = time.perf_counter() - start
+        if fast is not None:   # CUDA graphs captured inside the run (not in its warm-up)
+            captures = (fast.n_graph_captures - captures[0], round(fast.capture_seconds - captures[1], 3))
     finally:
         pipeline.close()
         if bar is not None:
@@ -495,6 +500,7 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
                        n_resized=sum(it.size is not None for it in ready),
                        n_batches=len(batches), slowest_batches=_slowest(batches, pipeline.batch_seconds),
                        fill_seconds=round(pipeline.fill_seconds, 3), loader_threads=options.n_loader_threads(),
+                       graph_captures=captures[0], graph_capture_seconds=captures[1],
                        batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                        grid_buckets=grid_buckets or (len(grids.grids) if grids is not None else 0),
                        canonical_grids=grids.as_list() if grids is not None else None, warmup=warmup,

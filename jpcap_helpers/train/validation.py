@@ -57,7 +57,8 @@ def validation_cider(session: TrainSession, step: int) -> Optional[float]:
         engine.caption_records(session.model, session.processor, session.entry, session.data.val_records,
                                p.images_dir, out_path, batch_size=p.generation.batch_size,
                                max_new_tokens=p.generation.max_new_tokens, prompt=session.prompt, progress=False,
-                               decoder=p.generation.decoder, grid_buckets=p.generation.grid_buckets)
+                               decoder=p.generation.decoder, grid_buckets=p.generation.grid_buckets,
+                               options=engine.EngineOptions(reuse_decoder=False))  # no buffers kept while training
     preds = {int(r["image_id"]): r.get("caption", "") for r in read_jsonl(out_path, tolerate_partial_last=True)}
     refs = {int(r["image_id"]): list(r["captions"]) for r in session.data.val_records}
     try:
