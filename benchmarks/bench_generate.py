@@ -214,14 +214,6 @@ def first_pass(args, model_dir: Path, adapter) -> None:
     for lever in args.lever_off:  # warm passes with one lever off, then on again (A B A: drift shows)
         run_pass(model, f"warm, lever off: {lever}", EngineOptions(**{lever: False}), False)
         run_pass(model, f"warm, lever on again: {lever}", EngineOptions(), False)
-    from jpcap_helpers.models.fastpath import set_vision_kernel_head_dim
-    for width in args.vit_head_dim:  # the ViT's attention heads padded for SDPA: a pass that compiles, a warm one
-        set_vision_kernel_head_dim(model, width)
-        run_pass(model, f"vit kernel head dim {width}: first pass", EngineOptions(), False)
-        run_pass(model, f"vit kernel head dim {width}: warm", EngineOptions(), False)
-    if args.vit_head_dim:
-        set_vision_kernel_head_dim(model, 0)
-        run_pass(model, "vit kernel head dim not padded (default): warm again", EngineOptions(), False)
     for scope in args.fp8:
         m8, _, _ = models.load_model(params_for(model_dir, **{"generation.fp8": scope}),
                                      adapter=str(adapter) if adapter else None)
@@ -337,9 +329,6 @@ def main(argv=None):
     ap.add_argument("--warmup", action="store_true", help="generation.warmup in --first-pass (first pass only)")
     ap.add_argument("--lever-off", nargs="*", default=[], choices=["pipeline", "compile_step", "reuse_decoder"],
                     help="--first-pass: after the warm pass, one with this EngineOptions lever off, then on again")
-    ap.add_argument("--vit-head-dim", type=int, nargs="*", default=[],
-                    help="--first-pass: passes with the ViT attention's heads zero-padded to this width for SDPA "
-                         "(fastpath.set_vision_kernel_head_dim; a pass that compiles, a warm one), then unpadded again")
     ap.add_argument("--grid-buckets", type=int, default=0, help="generation.grid_buckets in --first-pass")
     ap.add_argument("--loader-threads", type=int, nargs="*", default=[],
                     help="--first-pass: after each model's warm pass, warm passes with these loader-thread counts")

@@ -7,7 +7,6 @@ ms per image, TFLOP/s, first-call seconds (compilation/autotuning), the largest 
 merged features from the eager row, and the kernels' time by kind (GEMM, attention, other).
 
     python benchmarks/bench_vit.py [--batch 128] [--modes max-autotune-no-cudagraphs] [--sdpa FLASH_ATTENTION ...]
-                                    [--kernel-head-dim 96 128]
 """
 from __future__ import annotations
 
@@ -93,27 +92,19 @@ def main(argv=None):
                     help="torch.compile modes tried for the vision blocks besides jpcap's default")
     ap.add_argument("--sdpa", nargs="*", default=[], choices=["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"],
                     help="extra rows: jpcap's compiled tower with the attention forced to this SDPA backend")
-    ap.add_argument("--kernel-head-dim", type=int, nargs="*", default=[],
-                    help="extra rows: jpcap's compiled tower with the attention heads zero-padded to this width "
-                         "for SDPA (fastpath.set_vision_kernel_head_dim), then the default again (A B A)")
     ap.add_argument("--cold-cache", action="store_true", help="an empty inductor cache (first-call seconds as a new host)")
     args = ap.parse_args(argv)
     if args.cold_cache:
         cache = tempfile.mkdtemp(prefix="jpcap-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache, os.path.join(cache, "triton")
-    from jpcap_helpers.models.fastpath import compile_blocks, set_vision_kernel_head_dim
+    from jpcap_helpers.models.fastpath import compile_blocks
 
     emit({"bench": "vit", "versions": versions(), "arch": args.arch, "batch": args.batch})
     model_dir = random_model_dir(args.arch)
     reference = None
-    rows = ["eager", "compiled (jpcap default)", *args.modes, *(f"compiled, sdpa {b}" for b in args.sdpa),
-            *(f"compiled, kernel head dim {d}" for d in args.kernel_head_dim)]
-    if args.kernel_head_dim:
-        rows.append("compiled (jpcap default) again")
+    rows = ["eager", "compiled (jpcap default)", *args.modes, *(f"compiled, sdpa {b}" for b in args.sdpa)]
     for row in rows:
         visual, params = vision_tower(model_dir)
-        if "kernel head dim" in row:
-            set_vision_kernel_head_dim(visual, int(row.rsplit(" ", 1)[1]))
         if row != "eager":
             compile_blocks(visual.blocks, **({} if row.startswith("compiled") else {"mode": row}))
         backend = row.split("sdpa ")[1] if "sdpa " in row else None

@@ -15,7 +15,6 @@ call per distinct segment length: one per block for images of one size; Qwen2.5-
 one per window size (4 for a 364×504 grid, where runs of consecutive equal windows gave 8 per image).
 Under ``torch.compile`` the plan and the attention calls stay out of the traced code (the block's
 projections and MLP are compiled around them), so a batch with a new plan compiles nothing.
-``set_vision_kernel_head_dim`` (a benchmark lever, off by default) pads the heads with zero columns for SDPA.
 
 ``compile_blocks``: regional ``torch.compile`` (each vision block / language layer compiled in place) fuses
 the many small element-wise kernels of these blocks; ``compile_supported`` says where it is used;
@@ -39,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_linear_patch_embed", "use_batched_vision_attention", "set_vision_kernel_head_dim", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
+__all__ = ["use_linear_patch_embed", "use_batched_vision_attention", "use_lean_activations", "SwiGLUFunction", "RMSNormFunction",
            "compile_supported", "compile_blocks"]
 
 # Vision attention classes whose forward was read (transformers 5.24): qkv -> rotary -> per-segment
@@ -156,13 +155,8 @@ def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)                               # (seq, heads, head_dim) each
-    head_dim, padded = q.shape[-1], getattr(self, "_jpcap_kernel_head_dim", 0)
-    if padded > head_dim:                                     # zero columns: the same scores and outputs
-        q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
     dropout = 0.0 if not self.training else self.attention_dropout
     attn_output = _grouped_attention(q, k, v, cu_seqlens, dropout, self.scaling)
-    if attn_output.shape[-1] != self.num_heads * head_dim:
-        attn_output = attn_output.unflatten(-1, (self.num_heads, -1))[..., :head_dim]
     return self.proj(attn_output.reshape(seq_length, -1).contiguous())
 
 
@@ -179,19 +173,6 @@ def use_batched_vision_attention(model: torch.nn.Module) -> int:
         module._jpcap_vision_impl = impl
         module.forward = types.MethodType(_batched_vision_attention_forward, module)
         n += 1
-    return n
-
-
-def set_vision_kernel_head_dim(model: torch.nn.Module, head_dim: int) -> int:
-    """The patched vision attention hands SDPA its heads zero-padded to ``head_dim`` columns (0: as they
-    are), for GPU kernels faster at that width than at the model's own (Qwen2-VL's 80). Zero
-    columns add nothing to the scores and yield zero output columns, which are dropped: the same math.
-    Returns how many attention modules were set."""
-    n = 0
-    for module in model.modules():
-        if "_jpcap_vision_impl" in module.__dict__:
-            module._jpcap_kernel_head_dim = int(head_dim)
-            n += 1
     return n
 
 
