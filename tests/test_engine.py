@@ -630,6 +630,8 @@ def test_the_fast_decoder_is_kept_for_the_next_call_with_the_same_weights(projec
     """A second call on the same model reuses the fast decoder (its buffers and captured graphs) and writes
     the same captions; other settings, swapped or replaced weights, or ``reuse_decoder=False`` get a new one."""
     import copy
+    import gc
+    import weakref
 
     kw = dict(batch_size=4, max_new_tokens=6, progress=False)
     records = project["records"][:6]
@@ -660,3 +662,12 @@ def test_the_fast_decoder_is_kept_for_the_next_call_with_the_same_weights(projec
     assert fresh.__dict__["_jpcap_greedy_decoder"].decoder is None
     _, none, caps6 = run("f.jsonl", m=fresh, options=EngineOptions(reuse_decoder=False))
     assert none is None and caps6 == caps1               # reuse off: nothing kept
+    _, dec7, _ = run("g.jsonl", m=fresh)
+    gone = weakref.ref(dec7)
+    del dec7
+    gc.disable()
+    try:                                                 # freed with its model, no collector needed (GPU memory)
+        del fresh
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -144,13 +145,16 @@ class GreedyDecoder:
     def __init__(self, model: Any, *, eos_ids: Sequence[int], pad_id: Optional[int], max_batch: int,
                  cuda_graphs: Optional[bool] = None, prefill: str = "own", compile_prefill: bool = False,
                  compile_step: bool = False, constraints: Any = None):
-        self.model = model
+        # weak: the engine keeps a decoder on its model (EngineOptions.reuse_decoder), and a strong reference
+        # back would make a cycle that only the garbage collector frees (its GPU buffers with it)
+        self._model = weakref.ref(model)
         # constrained decoding (engine/constraints.py): applied to the logits before every argmax
         self.constraints = constraints if constraints is not None and constraints.active else None
-        self.base = unwrap(model)
-        self.inner = self.base.model
+        base = unwrap(model)
+        self.inner = base.model
         self.lm = self.inner.language_model
-        self.head = self.base.lm_head
+        self.head = base.lm_head
+        self.image_token_id = base.config.image_token_id
         self.eos = sorted({int(i) for i in eos_ids})
         self.pad = int(pad_id if pad_id is not None else (self.eos[0] if self.eos else 0))
         self.max_batch = int(max_batch)
@@ -305,7 +309,7 @@ class GreedyDecoder:
             image = self.inner.get_image_features(kwargs["pixel_values"], grid, return_dict=True, **vision)
         features = torch.cat(list(image.pooler_output), dim=0).to(embeds.dtype)
         deepstack = [torch.cat(list(f), dim=0) for f in (getattr(image, "deepstack_features", None) or [])]
-        where = torch.nonzero(ids[0] == self.base.config.image_token_id).squeeze(1)
+        where = torch.nonzero(ids[0] == self.image_token_id).squeeze(1)
         if where.numel() * ids.shape[0] != features.shape[0]:
             raise ValueError(f"{where.numel()} image tokens per prompt but {features.shape[0]} image features "
                              f"for {ids.shape[0]} rows")
@@ -359,8 +363,9 @@ class GreedyDecoder:
                     value = value.to(self.inner.visual.dtype if key == "pixel_values" else compute_dtype)
             kwargs[key] = value
 
-        was_training = self.model.training
-        self.model.eval()
+        model = self._model()
+        was_training = model.training
+        model.eval()
         try:
             bp = _bucket(batch, self.max_batch)
             # under autocast (validation inside training) the step runs eagerly: autocast's cast cache
@@ -404,7 +409,7 @@ class GreedyDecoder:
             tokens = self.out[:batch, :max_new_tokens].clone()
         finally:
             if was_training:
-                self.model.train()
+                model.train()
         if eos is not None:  # pad after each row's first end token, as HF greedy decoding does
             ended = torch.isin(tokens, eos).long().cumsum(1)
             after = (ended - torch.isin(tokens, eos).long()) > 0
