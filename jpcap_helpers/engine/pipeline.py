@@ -430,8 +430,8 @@ def caption_records(model: Any, processor: Any, entry: ModelEntry, records: Iter
     fill_seconds (of ``seconds``, those before the first batch could start: its images read and prepared —
     with ``warmup`` their reading overlaps the warm-up), loader_threads, graph_captures and
     graph_capture_seconds (CUDA graphs of the decoding step captured inside the run, not its warm-up:
-    each synchronises the GPU), grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder, commit, constraints (their
-    provenance record, or None).
+    each synchronises the GPU), grid_buckets, canonical_grids, warmup, peak_gpu_gib (CUDA), decoder,
+    commit, constraints (their provenance record, or None).
     """
     import torch
 
